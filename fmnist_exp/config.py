@@ -1,0 +1,195 @@
+"""Typed config schema (registered in Hydra's ConfigStore) and the range checks that types can't express.
+
+The YAML files in conf/ fill these dataclasses; a typo or a wrong type fails at compose time with Hydra's own
+message, and `validate` turns a bad value into one line that names the key and says what to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "fmnist_exp.models.MLP"
+    hidden: list[int] = field(default_factory=lambda: [128, 64])  # notebook: 784-128-64-10
+    init: str = "default"  # default|he|xavier|zeros|normal
+    init_std: float = 0.01  # std of init=normal
+    batch_norm: bool = False
+    dropout: list[float] = field(default_factory=list)  # one probability per hidden layer; [] = none
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "fmnist_exp.models.CNN"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    init: str = "default"
+    init_std: float = 0.01
+    batch_norm: bool = False
+    dropout: list[float] = field(default_factory=list)  # one probability per hidden Linear layer
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.1  # notebook's SGD
+    momentum: float = 0.0  # notebook: plain SGD
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    _partial_: bool = True
+    lr: float = 1e-3  # Adam's default, as in the notebook
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 1e-2  # AdamW's default (decoupled decay)
+
+
+@dataclass
+class ScheduleConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class ConstantScheduleConfig(ScheduleConfig):
+    _target_: str = "torch.optim.lr_scheduler.ConstantLR"
+    factor: float = 1.0  # keep the optimizer's lr
+    total_iters: int = 0
+
+
+@dataclass
+class StepScheduleConfig(ScheduleConfig):
+    _target_: str = "torch.optim.lr_scheduler.StepLR"
+    step_size: int = 5
+    gamma: float = 0.5
+
+
+@dataclass
+class CosineScheduleConfig(ScheduleConfig):
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    T_max: int = 17
+    eta_min: float = 0.0
+
+
+@dataclass
+class PlateauScheduleConfig(ScheduleConfig):
+    _target_: str = "torch.optim.lr_scheduler.ReduceLROnPlateau"
+    mode: str = "min"  # stepped with valid_loss
+    factor: float = 0.5
+    patience: int = 2
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # looked in first: raw *-ubyte(.gz) files or torchvision's FashionMNIST/raw/
+    system_dir: str = "/usr/share/datasets/fashion-mnist"  # next: Debian's dataset-fashion-mnist package
+    download: bool = True  # last resort: torchvision's download into root
+    batch_size: int = 100  # notebook: 100 (and 16 in its second run)
+    valid_size: int = 10000  # notebook: random_split(60000 -> 50000/10000)
+    split_seed: int = 0  # separate from train.seed so every run of a sweep shares one split
+    eval_batch_size: int = 10000  # evaluation batches; results do not depend on it
+    cache: bool = True  # decoded arrays cached under <root>/cache for fast start-up
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None  # epochs without improvement of train.monitor; null = off
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 17  # notebook: valid loss stopped improving after 17
+    seed: int = 0
+    device: str = "auto"  # auto|cpu|cuda
+    monitor: str = "valid_loss"  # best checkpoint + early stopping: valid_loss (notebook option 1) | valid_acc
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    resume: Optional[str] = None  # an MLflow run id to continue
+    threads: Optional[int] = None  # torch threads; null = all cores shared among parallel jobs
+    progress: str = "auto"  # batch progress bar: auto (when attached to a terminal) | on | off
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # null = sqlite:///<cwd>/mlruns/mlflow.db, artifacts under <cwd>/mlruns/
+    experiment: str = "fmnist"
+    enabled: bool = True  # false = no MLflow and no TensorBoard (benchmarks)
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore; conf/*.yaml extend these nodes."""
+    cs = ConfigStore.instance()
+    cs.store(name="fmnist_schema", node=Config)
+    for group, name, node in [
+        ("model", "mlp_schema", MLPConfig),
+        ("model", "cnn_schema", CNNConfig),
+        ("optimizer", "sgd_schema", SGDConfig),
+        ("optimizer", "adam_schema", AdamConfig),
+        ("optimizer", "adamw_schema", AdamWConfig),
+        ("schedule", "constant_schema", ConstantScheduleConfig),
+        ("schedule", "step_schema", StepScheduleConfig),
+        ("schedule", "cosine_schema", CosineScheduleConfig),
+        ("schedule", "plateau_schema", PlateauScheduleConfig),
+    ]:
+        cs.store(group=group, name=name, node=node)
+
+
+INITS = ("default", "he", "xavier", "zeros", "normal")
+
+
+def _check(ok: bool, key: str, value: Any, need: str, example: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: it must be {need}; pass e.g. {key}={example}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks for every key a run depends on; raises ConfigError naming the first bad key."""
+    d, t, m, o = cfg.data, cfg.train, cfg.model, cfg.optimizer
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer", 100)
+    _check(0 < d.valid_size < 60000, "data.valid_size", d.valid_size, "between 1 and 59999", 10000)
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "a positive integer", 10000)
+    _check(t.epochs > 0, "train.epochs", t.epochs, "a positive integer", 17)
+    _check(t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"), "train.device", t.device,
+           "auto, cpu or cuda", "cpu")
+    _check(t.monitor in ("valid_loss", "valid_acc"), "train.monitor", t.monitor, "valid_loss or valid_acc",
+           "valid_loss")
+    p = t.early_stopping.patience
+    _check(p is None or p > 0, "train.early_stopping.patience", p, "a positive integer or null", 3)
+    _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "a positive integer or null", 2)
+    _check(t.progress in ("auto", "on", "off"), "train.progress", t.progress, "auto, on or off", "off")
+    _check(o.lr > 0, "optimizer.lr", o.lr, "a positive number", 0.001)
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "zero or positive", 0.001)
+    _check(m.init in INITS, "model.init", m.init, "one of " + "|".join(INITS), "he")
+    _check(all(h > 0 for h in m.hidden), "model.hidden", list(m.hidden), "positive layer widths", "[128,64]")
+    for i, q in enumerate(m.dropout):
+        _check(0 <= q < 1, f"model.dropout[{i}]", q, "in [0, 1)", 0.5)
+    _check(len(m.dropout) in (0, len(m.hidden)), "model.dropout", list(m.dropout),
+           f"[] or one probability per hidden layer ({len(m.hidden)})", "[0.5,0.2]")

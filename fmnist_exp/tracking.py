@@ -1,0 +1,176 @@
+"""Experiment tracking: the only module that imports mlflow and tensorboard.
+
+A run logs through `Tracker` (start / log_epoch / log_metrics / log_artifact / finish). A sweep's parent run is
+made once, before its jobs start (see callbacks.py), and each job's child run points at it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 UI: not a GenAI experiment
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store)."""
+    if uri:
+        return uri
+    mlruns = Path.cwd() / "mlruns"
+    mlruns.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlruns / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts beside a SQLite store under mlruns/; a tracking server chooses its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    mlruns = Path(uri.removeprefix("sqlite:///")).parent
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (mlruns / "artifacts" / safe).as_uri()
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Get or create the experiment `name`; safe when two processes race to create it."""
+    from mlflow.exceptions import MlflowException
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=_artifact_location(uri, name), tags=EXPERIMENT_TAGS)
+        except MlflowException:
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the code runs from, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: the resolved config as MLflow params."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: str(tree)}
+
+
+def create_run(uri: str, experiment: str, name: str, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> tuple[str, str]:
+    """Create a RUNNING run (a sweep parent, or a child when `parent_run_id` is given); returns (exp id, run id)."""
+    exp_id = experiment_id(uri, experiment)
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client(uri).create_run(exp_id, run_name=name, tags=tags)
+    return exp_id, run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    """All child runs of a sweep's parent, oldest first."""
+    return client(uri).search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                   order_by=["attributes.start_time ASC"], max_results=10000)
+
+
+class Tracker:
+    """One job's MLflow run plus TensorBoard event files in `log_dir`; every call is a no-op when disabled."""
+
+    def __init__(self, uri: str | None, experiment: str, log_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.uri = resolve_uri(uri) if enabled else None
+        self.experiment = experiment
+        self.log_dir = Path(log_dir)
+        self.run_id: str | None = None
+        self.writer = None
+
+    def start(self, run_name: str, params: dict[str, str], tags: dict[str, str],
+              parent_run_id: str | None = None) -> str | None:
+        """Create the MLflow run (logging params and tags) and open the TensorBoard writer."""
+        if not self.enabled:
+            return None
+        from mlflow.entities import Param
+        from torch.utils.tensorboard import SummaryWriter
+        _, self.run_id = create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client(self.uri).log_batch(self.run_id, params=items[i: i + 100])
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self.run_id
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard."""
+        if not self.enabled:
+            return
+        self.log_metrics(metrics, step=epoch)
+        w = self.writer
+        w.add_scalar("Loss/train", metrics["train_loss"], epoch)
+        w.add_scalar("Loss/valid", metrics["valid_loss"], epoch)
+        w.add_scalars("Loss/train and valid", {"train": metrics["train_loss"], "valid": metrics["valid_loss"]},
+                      epoch)
+        w.add_scalar("Accuracy/valid", metrics["valid_acc"], epoch)
+        w.add_scalar("LR", metrics["lr"], epoch)
+        w.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        client(self.uri).log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, filename: str) -> None:
+        if self.enabled:
+            client(self.uri).log_text(self.run_id, text, filename)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            client(self.uri).set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """Flush TensorBoard and end the MLflow run with `status` (FINISHED, FAILED or KILLED)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        if self.run_id is not None:
+            if error:
+                client(self.uri).set_tag(self.run_id, "error", error[:5000])
+            end_run(self.uri, self.run_id, status)
+
+
+def silence_noisy_loggers() -> None:
+    """MLflow's alembic migrations log at INFO on a new store; keep the run's console to the training lines."""
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,0 +1,143 @@
+"""The training loop, top to bottom: train an epoch, validate, schedule, checkpoint, stop early, test the best."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist_exp.data import FashionMNIST, batches
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 100  # steps between divergence checks: one host sync per 100 steps, not one per step
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    monitor: str = "valid_loss"  # valid_loss | valid_acc
+    patience: int | None = None  # early stopping; None = off
+    min_delta: float = 0.0
+    progress: bool = False  # a batch progress bar (tqdm)
+
+
+@dataclass
+class LoopState:
+    """Everything a resumed run needs to continue exactly where the last completed epoch left off."""
+    epoch: int = 0  # last completed epoch (1-based)
+    best: float | None = None  # best monitored value so far
+    best_epoch: int = 0
+    stale_epochs: int = 0  # epochs without improvement, for early stopping
+    history: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over (x, y) in eval mode (BatchNorm running stats, no dropout)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i: i + batch_size])
+        loss_sum += F.cross_entropy(logits, y[i: i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y[i: i + batch_size]).sum()
+    return loss_sum.item() / len(y), correct.item() / len(y)
+
+
+def _improved(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if monitor == "valid_loss" else value > best + min_delta
+
+
+def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator: torch.Generator,
+                epoch: int, progress: bool) -> float:
+    """One pass over the training split; returns the mean of the batch losses (as the notebook reports)."""
+    model.train()
+    steps = batches(len(data.train_y), batch_size, generator, data.train_x.device)
+    losses = torch.zeros(len(steps), device=data.train_x.device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(steps), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
+    for step, idx in enumerate(steps):
+        loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses[step] = loss.detach()
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(steps):
+            window = losses[max(0, step + 1 - CHECK_EVERY): step + 1]
+            if not torch.isfinite(window).all():
+                bad = max(0, step + 1 - CHECK_EVERY) + int((~torch.isfinite(window)).nonzero()[0])
+                lr = optimizer.param_groups[0]["lr"]
+                raise TrainingDiverged(
+                    f"training diverged: loss is {losses[bad].item()} at epoch {epoch}, step {bad + 1}; "
+                    f"lower optimizer.lr (now {lr:g}) or add regularization=batchnorm")
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return losses.mean().item()
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: FashionMNIST, settings: LoopSettings,
+        generator: torch.Generator, checkpoint_path: Path, on_epoch=None, state: LoopState | None = None) -> dict:
+    """Train for settings.epochs (or until early stopping), keep the best checkpoint, then test it.
+
+    `on_epoch(metrics, state)` is called after every epoch (tracking, full checkpoints). Returns the final metrics.
+    """
+    state = state or LoopState()
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_epoch(model, optimizer, data, settings.batch_size, generator, epoch, settings.progress)
+        valid_loss, valid_acc = evaluate(model, data.valid_x, data.valid_y, settings.eval_batch_size)
+        scheduler.step(valid_loss) if plateau else scheduler.step()
+        epoch_time = time.perf_counter() - start
+        metrics = dict(train_loss=train_loss, valid_loss=valid_loss, valid_acc=valid_acc, lr=lr,
+                       epoch_time=epoch_time)
+        log.info("Epoch %d/%d | train loss %.3f | valid loss %.3f | valid acc %.3f | lr %.2e | %.2f s",
+                 epoch, settings.epochs, train_loss, valid_loss, valid_acc, lr, epoch_time)
+        value = metrics[settings.monitor]
+        if _improved(value, state.best, settings.monitor, settings.min_delta):
+            state.best, state.best_epoch, state.stale_epochs = value, epoch, 0
+            save_atomic(model.state_dict(), checkpoint_path)
+        else:
+            state.stale_epochs += 1
+        state.epoch = epoch
+        state.history.append({"epoch": epoch, **metrics})
+        if on_epoch is not None:
+            on_epoch(metrics, state)
+        if settings.patience is not None and state.stale_epochs >= settings.patience:
+            log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     settings.monitor, settings.patience, state.best, state.best_epoch)
+            break
+    model.load_state_dict(torch.load(checkpoint_path, map_location=data.test_x.device, weights_only=True))
+    test_loss, test_acc = evaluate(model, data.test_x, data.test_y, settings.eval_batch_size)
+    log.info("Test (best checkpoint, epoch %d) | loss %.4f | accuracy %.4f", state.best_epoch, test_loss, test_acc)
+    return dict(test_loss=test_loss, test_acc=test_acc, best_epoch=state.best_epoch,
+                best_valid_loss=min((h["valid_loss"] for h in state.history), default=math.nan),
+                best_valid_acc=max((h["valid_acc"] for h in state.history), default=math.nan),
+                epochs_run=state.epoch)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file, so a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
