@@ -42,8 +42,13 @@ def pick_threads(requested: int | None, hydra_cfg) -> int:
 
 
 def run_name(hydra_cfg) -> str:
-    """The job's overrides, e.g. 'optimizer=adam data.batch_size=16'; 'defaults' when there are none."""
-    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("train.resume=")]
+    """The job's overrides that define the experiment, e.g. 'optimizer=adam data.batch_size=16' ('defaults' if none).
+
+    Keys that say where or how to run rather than what (paths, tracking, resume) are left out, as they are
+    from the job directory names (hydra.job.config.override_dirname.exclude_keys in conf/config.yaml).
+    """
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in excluded]
     return " ".join(overrides) or "defaults"
 
 

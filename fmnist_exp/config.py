@@ -105,7 +105,7 @@ class DataConfig:
     batch_size: int = 100  # notebook: 100 (and 16 in its second run)
     valid_size: int = 10000  # notebook: random_split(60000 -> 50000/10000)
     split_seed: int = 0  # separate from train.seed so every run of a sweep shares one split
-    eval_batch_size: int = 10000  # evaluation batches; results do not depend on it
+    eval_batch_size: int = 1000  # evaluation batches: results do not depend on it, memory does (CNN)
     cache: bool = True  # decoded arrays cached under <root>/cache for fast start-up
 
 

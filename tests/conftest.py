@@ -1,0 +1,92 @@
+"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess."""
+from __future__ import annotations
+
+import gzip
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+REAL_DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+def compose_cfg(*overrides: str, hydra: bool = False):
+    """The config a user gets for these overrides, composed from the real conf/ (with the hydra node if asked)."""
+    from fmnist_exp import config
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def make_tiny_set(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool = True, seed: int = 0) -> dict:
+    """Four small IDX files whose images carry their class (learnable), as Fashion-MNIST lays them out."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, y in enumerate(labels):  # a bright bar whose row encodes the class
+            images[i, 2 + 2 * y: 4 + 2 * y, 4:24] = 250
+        ext = ".gz" if gz else ""
+        write_idx(folder / f"{split}-images-idx3-ubyte{ext}", images, 0x0803)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{ext}", labels, 0x0801)
+        out[split] = (images, labels)
+    return out
+
+
+@pytest.fixture
+def tiny_root(tmp_path) -> Path:
+    root = tmp_path / "data"
+    make_tiny_set(root)
+    return root
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """Point a run at tiny data only (no system copy, no download) with a small valid split."""
+    return [f"data.root={root}", f"data.system_dir={root / 'none'}", "data.download=false",
+            "data.valid_size=100", "train.progress=off"]
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The Debian copy of Fashion-MNIST; required (not skipped) in CI, where .ci/run installs it."""
+    if not (REAL_DATA / "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{REAL_DATA} is missing: .ci/run must 'apt-get install -y dataset-fashion-mnist'")
+        pytest.skip("real Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+    return REAL_DATA
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m fmnist_exp ARGS` in `cwd`, as a user types it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def store_runs(cwd: Path) -> list[dict]:
+    """Every run in ./mlruns/mlflow.db with its status and tags, straight from SQLite."""
+    con = sqlite3.connect(cwd / "mlruns" / "mlflow.db")
+    try:
+        runs = [dict(zip(("run_uuid", "name", "status"), r))
+                for r in con.execute("select run_uuid, name, status from runs")]
+        for r in runs:
+            r["tags"] = dict(con.execute("select key, value from tags where run_uuid=?", (r["run_uuid"],)))
+        return runs
+    finally:
+        con.close()

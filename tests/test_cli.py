@@ -1,0 +1,97 @@
+"""The command a user types, in a subprocess, checked through what it leaves: exit code, output, MLflow store, files."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli, store_runs, tiny_overrides
+from fmnist_exp import data, train
+
+EPOCH_METRICS = {"train_loss", "valid_loss", "valid_acc", "lr", "epoch_time"}
+FINAL_METRICS = {"test_loss", "test_acc", "best_epoch"}
+TB_TAGS = {"Loss/train", "Loss/valid", "Accuracy/valid", "LR"}
+
+
+def mlflow_client(cwd):
+    return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+
+
+def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
+    result = run_cli(*tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 2/2 | train loss" in result.stdout
+    (run,) = store_runs(tmp_path)
+    assert run["status"] == "FINISHED" and "mlflow.parentRunId" not in run["tags"]
+    assert run["name"] == "data.valid_size=100 train.epochs=2 optimizer=sgd"  # paths left out
+    r = mlflow_client(tmp_path).get_run(run["run_uuid"])
+    assert r.data.params["optimizer._target_"] == "torch.optim.SGD" and r.data.params["data.batch_size"] == "100"
+    assert EPOCH_METRICS | FINAL_METRICS <= set(r.data.metrics)
+    history = mlflow_client(tmp_path).get_metric_history(r.info.run_id, "valid_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert r.data.tags["fmnist.job_dir"].startswith(str(tmp_path / "outputs"))
+
+
+def test_bad_value_is_one_line_and_leaves_no_run(tmp_path, tiny_root):
+    result = run_cli(*tiny_overrides(tiny_root), "data.batch_size=0", cwd=tmp_path)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "data.batch_size=0 is invalid" in errors[0] and "Traceback" not in output
+    assert store_runs(tmp_path) == [] if (tmp_path / "mlruns" / "mlflow.db").exists() else True
+
+
+def test_failed_job_stays_in_the_sweep_and_fails_the_sweep(tmp_path, tiny_root):
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,-1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "1 of 2 jobs failed: data.valid_size=100 train.epochs=1 optimizer.lr=-1: optimizer.lr=-1.0 is invalid" in result.stderr
+    runs = store_runs(tmp_path)
+    assert sorted(r["status"] for r in runs) == ["FAILED", "FAILED", "FINISHED"]  # parent, bad job, good job
+    assert "| data.valid_size=100 train.epochs=1 optimizer.lr=-1 " in result.stdout and "FAILED" in result.stdout
+
+
+@pytest.mark.slow
+def test_design_card_sweep(tmp_path, real_data):
+    """python -m fmnist_exp -m optimizer=sgd,adam data.batch_size=16,100 (1 epoch each) on the real data."""
+    result = run_cli("-m", "optimizer=sgd,adam", "data.batch_size=16,100", "train.epochs=1", "train.progress=off",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = store_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(parents) == 1 and len(children) == 4
+    (parent,) = parents
+    assert parent["status"] == "FINISHED" and parent["name"].startswith("multirun/")
+    assert {c["tags"]["mlflow.parentRunId"] for c in children} == {parent["run_uuid"]}
+    assert {c["status"] for c in children} == {"FINISHED"}
+    assert {c["name"] for c in children} == {f"optimizer={o} data.batch_size={b} train.epochs=1"
+                                             for o in ("sgd", "adam") for b in (16, 100)}
+
+    client = mlflow_client(tmp_path)
+    device = torch.device("cpu")
+    dataset = data.load(tmp_path / "data", real_data, False, 10000, 0, device)
+    table_lines = [line for line in result.stdout.splitlines() if line.startswith("| optimizer=")]
+    assert len(table_lines) == 4
+    for child in children:
+        r = client.get_run(child["run_uuid"])
+        assert EPOCH_METRICS | FINAL_METRICS <= set(r.data.metrics)
+        for name in EPOCH_METRICS:
+            assert [m.step for m in client.get_metric_history(r.info.run_id, name)] == [1]
+        assert r.data.metrics["valid_acc"] > 0.7
+        # TensorBoard: the notebook's tags, in the job's Hydra output dir
+        job_dir = r.data.tags["fmnist.job_dir"]
+        tb = EventAccumulator(job_dir).Reload()
+        assert TB_TAGS <= set(tb.Tags()["scalars"])
+        # the checkpoint artifact is a plain state_dict that reproduces the logged test accuracy
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"best_model.pt", "config.yaml", "model_summary.txt"} <= artifacts
+        cfg = yaml.safe_load(open(client.download_artifacts(r.info.run_id, "config.yaml", str(tmp_path))))
+        model = instantiate(cfg["model"])
+        model.load_state_dict(torch.load(client.download_artifacts(r.info.run_id, "best_model.pt", str(tmp_path)),
+                                         weights_only=True))
+        _, test_acc = train.evaluate(model, dataset.test_x, dataset.test_y, cfg["data"]["eval_batch_size"])
+        assert test_acc == pytest.approx(r.data.metrics["test_acc"], abs=1e-9)
+        assert f"{r.data.metrics['test_acc']:.4f}" in next(l for l in table_lines if f"| {child['name']} " in l)

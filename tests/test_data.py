@@ -1,0 +1,128 @@
+"""IDX loading, verification, caching and the train/valid split, on tiny generated files."""
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_cfg, make_tiny_set, write_idx
+from fmnist_exp import data
+
+CPU = torch.device("cpu")
+
+
+def load(root, **kw):
+    args = dict(system_dir=root / "no-system-copy", download=False, valid_size=100, split_seed=0, device=CPU)
+    args.update(kw)
+    return data.load(root, **args)
+
+
+@pytest.mark.parametrize("layout", ["gz", "raw", "torchvision"])
+def test_tiny_files_load_exactly(tmp_path, layout):
+    folder = tmp_path / "FashionMNIST" / "raw" if layout == "torchvision" else tmp_path
+    made = make_tiny_set(folder, n_train=300, n_test=50, gz=layout != "raw")
+    ds = load(tmp_path)
+    assert ds.split_sizes() == {"train": 200, "valid": 100, "test": 50}
+    assert ds.train_x.shape == (200, 1, 28, 28) and ds.train_x.dtype == torch.float32
+    assert float(ds.train_x.min()) >= 0.0 and float(ds.train_x.max()) <= 1.0
+    images, labels = made["t10k"]
+    torch.testing.assert_close(ds.test_x[:, 0], torch.from_numpy(images).float() / 255)
+    assert ds.test_y.tolist() == labels.tolist()
+    # train + valid together are exactly the 300 training examples, each once
+    all_y = torch.cat([ds.train_y, ds.valid_y]).sort().values
+    assert all_y.tolist() == sorted(made["train"][1].tolist())
+    assert ds.source == str(folder.resolve())
+
+
+def test_truncated_file_is_an_error_naming_it(tmp_path):
+    make_tiny_set(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte: truncated.*fetch it again"):
+        load(tmp_path, cache=False)
+
+
+def test_truncated_gzip_is_an_error_naming_it(tmp_path):
+    make_tiny_set(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz: cannot be read or decompressed"):
+        load(tmp_path, cache=False)
+
+
+def test_wrong_magic_is_an_error_naming_it(tmp_path):
+    make_tiny_set(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((600, 28, 28), np.uint8), 0x0803)
+    with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte.gz: wrong IDX magic number 0x00000803"):
+        load(tmp_path, cache=False)
+
+
+def test_labels_out_of_range_are_an_error(tmp_path):
+    make_tiny_set(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(200, 11, np.uint8), 0x0801)
+    with pytest.raises(data.DataError, match="label 11 out of range"):
+        load(tmp_path, cache=False)
+
+
+def test_full_size_file_with_wrong_content_fails_the_checksum(tmp_path):
+    make_tiny_set(tmp_path, n_test=10000)
+    with pytest.raises(data.DataError, match="t10k-.*checksum mismatch"):
+        load(tmp_path, cache=False)
+
+
+def test_nothing_found_names_places_and_both_fixes(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        load(tmp_path / "empty")
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "empty") in message and "no-system-copy" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message and "data.download=true" in message
+
+
+def test_root_comes_before_the_system_copy(tmp_path):
+    make_tiny_set(tmp_path / "root", n_train=300, seed=1)
+    make_tiny_set(tmp_path / "system", n_train=500, seed=2)
+    assert load(tmp_path / "root", system_dir=tmp_path / "system").split_sizes()["train"] == 200
+    assert load(tmp_path / "elsewhere", system_dir=tmp_path / "system").split_sizes()["train"] == 400
+
+
+def test_cache_is_used_and_invalidated_when_a_file_changes(tmp_path, monkeypatch):
+    make_tiny_set(tmp_path)
+    first = load(tmp_path)
+    assert (tmp_path / "cache" / "meta.json").is_file()
+    calls = []
+    monkeypatch.setattr(data, "read_idx", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    again = load(tmp_path)  # served from the cache: read_idx is never called
+    assert calls == [] and torch.equal(first.train_x, again.train_x) and first.digest == again.digest
+    monkeypatch.undo()
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz: truncated"):
+        load(tmp_path)
+
+
+def test_split_depends_on_split_seed_not_train_seed(tiny_root):
+    a, b = (compose_cfg(f"train.seed={s}", f"data.root={tiny_root}") for s in (0, 7))
+    assert a.data == b.data  # train.seed does not reach the data config at all
+    split = lambda seed: load(tiny_root, split_seed=seed).valid_y.tolist()
+    assert split(a.data.split_seed) == split(b.data.split_seed)
+    assert split(0) != split(1)
+
+
+def test_batches_cover_every_index_once_and_keep_the_last_partial_batch():
+    g = torch.Generator().manual_seed(0)
+    parts = data.batches(1050, 100, g, CPU)
+    assert [len(p) for p in parts] == [100] * 10 + [50]
+    assert sorted(torch.cat(parts).tolist()) == list(range(1050))
+    assert torch.cat(parts).tolist() != list(range(1050))
+
+
+@pytest.mark.slow
+def test_real_files_verify(real_data, tmp_path):
+    arrays, digest, source = data.load_arrays(tmp_path, real_data, download=False, cache=False)
+    assert arrays["train_images"].shape == (60000, 28, 28) and arrays["test_labels"].shape == (10000,)
+    assert arrays["train_labels"][:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # Fashion-MNIST's first labels
+    assert np.bincount(arrays["train_labels"]).tolist() == [6000] * 10
+    assert source == str(real_data)
