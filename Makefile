@@ -1,0 +1,37 @@
+# `make sweep` and `make test` set everything up on first use (venv, PyTorch, the project, the data package).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DATA_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data sweep notebook test ui tensorboard
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,launchers]'
+	touch $@
+
+# Debian/Ubuntu ship the real Fashion-MNIST; elsewhere the first run downloads it with torchvision.
+data:
+	@if [ ! -f $(DATA_DIR)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y dataset-fashion-mnist || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }; fi
+
+sweep: setup  ## the design-card sweep: SGD/Adam x batch 16/100
+	$(PY) -m fmnist_exp -m optimizer=sgd,adam data.batch_size=16,100
+
+notebook: setup  ## the notebook's full 16-run grid
+	$(PY) -m fmnist_exp +experiment=notebook
+
+test: setup
+	$(PY) -m pytest
+
+ui:  ## MLflow UI on this store, bound to 127.0.0.1
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+tensorboard:
+	$(VENV)/bin/tensorboard --logdir multirun --host 127.0.0.1 --port 6006
