@@ -52,12 +52,18 @@ def run_name(hydra_cfg) -> str:
     return " ".join(overrides) or "defaults"
 
 
-def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path) -> dict:
-    """Build everything from cfg, train, test the best checkpoint and log it all; returns the final metrics."""
+def load_data(cfg: DictConfig) -> data.FashionMNIST:
+    """The data set on the run's device (before any MLflow run exists, so bad data leaves no run behind)."""
     device = pick_device(cfg.train.device)
     torch.set_num_threads(pick_threads(cfg.train.threads, HydraConfig.get()))
-    dataset = data.load(cfg.data.root, cfg.data.system_dir, cfg.data.download, cfg.data.valid_size,
-                        cfg.data.split_seed, device, cache=cfg.data.cache)
+    return data.load(cfg.data.root, cfg.data.system_dir, cfg.data.download, cfg.data.valid_size,
+                     cfg.data.split_seed, device, cache=cfg.data.cache)
+
+
+def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path, dataset: data.FashionMNIST,
+              resume_from: Path | None, stop: train.StopOnSignal) -> dict:
+    """Build everything from cfg, train (or continue), test the best checkpoint and log it all; returns final metrics."""
+    device = dataset.train_x.device
     torch.manual_seed(cfg.train.seed)
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
@@ -68,62 +74,138 @@ def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path) -> dict
         epochs=cfg.train.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
         monitor=cfg.train.monitor, patience=cfg.train.early_stopping.patience,
         min_delta=cfg.train.early_stopping.min_delta, progress=progress)
+    checkpoint, last = job_dir / "best_model.pt", job_dir / "last.pt"
+    state = None
+    if resume_from is not None:
+        state = train.restore_full_checkpoint(resume_from, model, optimizer, scheduler, generator, checkpoint)
+        log.info("Resuming after epoch %d of %d", state.epoch, cfg.train.epochs)
 
     summary = models.summary(model)
     (job_dir / "model_summary.txt").write_text(summary + "\n")
-    tracker.log_text(summary + "\n", "model_summary.txt")
+    if state is None:
+        tracker.log_text(summary + "\n", "model_summary.txt")
     tracker.set_tag("fmnist.data_source", dataset.source)
     log.info("Data: %s (%s) on %s | model %s, %s params", dataset.source, dataset.split_sizes(), device,
              type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
 
-    checkpoint = job_dir / "best_model.pt"
-    final = train.fit(model, optimizer, scheduler, dataset, settings, generator, checkpoint,
-                      on_epoch=lambda metrics, state: tracker.log_epoch(state.epoch, metrics))
+    final = train.fit(model, optimizer, scheduler, dataset, settings, generator, checkpoint, state=state,
+                      last_path=last, stop=stop,
+                      on_epoch=lambda metrics, st: tracker.log_epoch(st.epoch, metrics))
     tracker.log_metrics(final)
     tracker.log_artifact(checkpoint)
     return final
 
 
+def resume_checkpoint(uri: str, run, job_dir: Path, params: dict[str, str], ignore: set[str]) -> Path | None:
+    """Check that `run` can be continued with this config; its last full checkpoint (None: it never finished
+    an epoch, so it starts over in the same run)."""
+    rid = run.info.run_id
+    if run.info.status == "FINISHED":
+        raise config.ConfigError(f"train.resume={rid}: that run already FINISHED; nothing to resume")
+    for key, old in sorted(run.data.params.items()):
+        if key not in ignore and not key.startswith("sweep.") and params.get(key, old) != old:
+            raise config.ConfigError(f"train.resume={rid}: that run has {key}={old}, this config {params[key]}; "
+                                     f"resume with the run's own overrides ({key}={old})")
+    old_dir = run.data.tags.get("fmnist.job_dir")
+    if old_dir and (Path(old_dir) / "last.pt").is_file():
+        return Path(old_dir) / "last.pt"
+    return tracking.download_artifact(uri, rid, "checkpoints/last.pt", job_dir)
+
+
+def reuse_earlier_run(cfg: DictConfig, tracker: tracking.Tracker, config_hash: str, parent: dict | None):
+    """sweep.skip_finished: ('skip', run) if this exact config FINISHED before, ('resume', run) if it was KILLED."""
+    for run in tracking.runs_with_config(tracker.uri, cfg.tracking.experiment, config_hash):
+        if run.info.status in ("FINISHED", "KILLED"):
+            if parent:
+                tracking.client(tracker.uri).set_tag(run.info.run_id, tracking.sweep_tag(parent["run_id"]), "reused")
+            return ("skip" if run.info.status == "FINISHED" else "resume"), run
+    return None, None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def task(cfg: DictConfig) -> float | None:
-    """One job: a single run, or one child of a sweep. Failures end its MLflow run FAILED, never RUNNING."""
+    """One job: a single run, or one child of a sweep. Failures end its MLflow run FAILED, a signal KILLED
+    (with a full checkpoint to resume from), never RUNNING."""
     tracking.silence_noisy_loggers()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     job_dir = Path(hc.runtime.output_dir)
     parent = callbacks.read_parent(Path(hc.sweep.dir)) if multirun else None
-    tracker = tracking.Tracker(parent["uri"] if parent else cfg.tracking.uri, cfg.tracking.experiment, job_dir,
-                               enabled=cfg.tracking.enabled)
-    error, status = None, "FINISHED"
+    error, status, exit_code = None, "FINISHED", 1
+    tracker = None
+    with train.StopOnSignal() as stop:
+        try:
+            tracker = tracking.Tracker(parent["uri"] if parent else cfg.tracking.uri, cfg.tracking.experiment,
+                                       job_dir, enabled=cfg.tracking.enabled)
+            config.validate(cfg)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            params = tracking.flatten(resolved)
+            ignore = set(hc.job.config.override_dirname.exclude_keys)
+            config_hash = tracking.config_hash(params, ignore)
+            tags = {"fmnist.job_dir": str(job_dir.resolve()), "fmnist.overrides": run_name(hc),
+                    "fmnist.config_hash": config_hash}
+            resume_id = cfg.train.resume
+            if resume_id and not cfg.tracking.enabled:
+                raise config.ConfigError("train.resume needs tracking.enabled=true: checkpoints are found via MLflow")
+            if multirun and cfg.sweep.skip_finished and not resume_id and tracker.enabled:
+                action, earlier = reuse_earlier_run(cfg, tracker, config_hash, parent)
+                if action == "skip":
+                    log.info("Skipped: this config already FINISHED as run %s", earlier.info.run_id)
+                    return earlier.data.metrics.get("test_acc")
+                if action == "resume":
+                    resume_id = earlier.info.run_id
+            (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+            dataset = load_data(cfg)
+            resume_from = None
+            if resume_id:
+                earlier = tracking.get_run(tracker.uri, resume_id)
+                resume_from = resume_checkpoint(tracker.uri, earlier, job_dir, params, ignore)
+                tracker.reopen(resume_id, tags)
+                log.info("Continuing MLflow run %s (%s)", resume_id, earlier.info.run_name)
+            else:
+                tracker.start(run_name(hc), params, tags, parent_run_id=parent["run_id"] if parent else None)
+                tracker.log_artifact(job_dir / "config.yaml")
+            final = train_job(cfg, tracker, job_dir, dataset, resume_from, stop)
+            tracker.finish("FINISHED")
+            return final["test_acc"]
+        except train.Interrupted as e:
+            error, status, exit_code = str(e), "KILLED", 128 + e.signum
+        except (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
+                tracking.TrackingError) as e:
+            error, status = str(e), "FAILED"
+        except Exception as e:  # an unexpected bug: keep its traceback in the job log, record it, fail the run
+            log.exception("job failed")
+            error, status = f"{type(e).__name__}: {e}", "FAILED"
+        finally:
+            if status != "FINISHED":
+                end_failed_job(tracker, hc, parent, job_dir, status, error, multirun)
+    if status == "KILLED":
+        if tracker is not None and tracker.run_id:
+            log.error("Resume with: python -m fmnist_exp %s train.resume=%s", " ".join(hc.overrides.task),
+                      tracker.run_id)
+        if parent:  # the user stopped the sweep: close its parent too
+            tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+        sys.exit(exit_code)
+    if not multirun:
+        sys.exit(exit_code)
+    return None
+
+
+def end_failed_job(tracker, hc, parent, job_dir: Path, status: str, error: str, multirun: bool) -> None:
+    """Record a failed or interrupted job: its run ends FAILED/KILLED with the reason, never RUNNING."""
+    log.error("%s", error)
+    if tracker is None or not tracker.enabled:
+        return
     try:
-        config.validate(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        (job_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        tracker.start(run_name(hc), tracking.flatten(resolved),
-                      tags={"fmnist.job_dir": str(job_dir.resolve()), "fmnist.overrides": run_name(hc)},
-                      parent_run_id=parent["run_id"] if parent else None)
-        tracker.log_artifact(job_dir / "config.yaml")
-        final = train_job(cfg, tracker, job_dir)
-        return final["test_acc"]
-    except (config.ConfigError, data.DataError, train.TrainingDiverged) as e:
-        error, status = str(e), "FAILED"
-    except Exception as e:  # an unexpected bug: keep its traceback in the job log, record it, fail the run
-        log.exception("job failed")
-        error, status = f"{type(e).__name__}: {e}", "FAILED"
-    except KeyboardInterrupt:
-        error, status = "interrupted", "KILLED"
-        raise
-    finally:
-        if tracker.run_id is None and status != "FINISHED" and multirun and cfg.tracking.enabled:
+        if tracker.run_id is None and multirun:
             # the sweep table should show this job too, with its reason
             tracker.start(run_name(hc), {}, tags={"fmnist.job_dir": str(job_dir.resolve())},
                           parent_run_id=parent["run_id"] if parent else None)
+        if (job_dir / "last.pt").is_file():
+            tracker.log_artifact(job_dir / "last.pt", "checkpoints")
         tracker.finish(status, error)
-        if error:
-            log.error("%s", error)
-    if not multirun:
-        sys.exit(1)
-    return None
+    except tracking.TrackingError as e:
+        log.error("%s", e)
 
 
 def main() -> None:

@@ -135,6 +135,11 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    skip_finished: bool = False  # re-running a sweep: reuse jobs whose config FINISHED, resume KILLED ones
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     optimizer: Any = MISSING
@@ -142,6 +147,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register() -> None:

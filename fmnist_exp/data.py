@@ -89,6 +89,7 @@ def locate(root: Path, system_dir: Path, download: bool) -> dict[str, Path]:
         files = _complete_set(place)
         if files:
             return files
+    failure = ""
     if download:
         try:
             from torchvision.datasets import FashionMNIST
@@ -99,11 +100,12 @@ def locate(root: Path, system_dir: Path, download: bool) -> dict[str, Path]:
             if files:
                 return files
         except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variants
-            log.debug("download failed: %s", e)
+            failure = f" (the download failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})"
     tried = ", ".join(str(p) for p in places) + (", torchvision download" if download else "")
-    raise DataError(f"Fashion-MNIST not found (tried {tried}): install it with "
+    last = "or retry where the internet is reachable" if download else "or set data.download=true"
+    raise DataError(f"Fashion-MNIST not found (tried {tried}){failure}: install it with "
                     "'apt-get install -y dataset-fashion-mnist', or put the four IDX files in "
-                    f"data.root={root} (or set data.download=true on a machine with internet)")
+                    f"data.root={root}, {last}")
 
 
 def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tuple[dict[str, np.ndarray], str, str]:

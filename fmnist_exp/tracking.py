@@ -5,6 +5,8 @@ made once, before its jobs start (see callbacks.py), and each job's child run po
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -14,6 +16,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used, or a run asked for is not in it."""
+
+
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 UI: not a GenAI experiment
 
 
@@ -22,8 +28,19 @@ def resolve_uri(uri: str | None) -> str:
     if uri:
         return uri
     mlruns = Path.cwd() / "mlruns"
-    mlruns.mkdir(parents=True, exist_ok=True)
+    try:
+        mlruns.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrackingError(f"cannot create the MLflow store directory {mlruns} ({e.strerror}); "
+                            "make it writable or pass tracking.uri=... (or tracking.enabled=false)")
     return f"sqlite:///{mlruns / 'mlflow.db'}"
+
+
+def store_error(uri: str, e: Exception) -> TrackingError:
+    """One line for a store that refuses us (unwritable SQLite file, unreachable server, ...)."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return TrackingError(f"cannot write to the MLflow store {uri} ({reason}); make it writable or reachable, "
+                         "or pass tracking.uri=... (or tracking.enabled=false)")
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -65,6 +82,12 @@ def git_commit() -> str | None:
         return None
 
 
+def config_hash(params: dict[str, str], ignore: set[str]) -> str:
+    """A stable id of what a run computes: its flattened config without the where/how keys."""
+    kept = sorted((k, v) for k, v in params.items() if k not in ignore and not k.startswith("sweep."))
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16]
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """{'a': {'b': 1}} -> {'a.b': '1'}: the resolved config as MLflow params."""
     if isinstance(tree, dict):
@@ -93,10 +116,48 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+def sweep_tag(parent_run_id: str) -> str:
+    """Tag set on an earlier run that a resumed sweep reused (skipped as FINISHED, or continued)."""
+    return f"fmnist.sweep.{parent_run_id}"
+
+
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
-    """All child runs of a sweep's parent, oldest first."""
-    return client(uri).search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                   order_by=["attributes.start_time ASC"], max_results=10000)
+    """The runs of a sweep, oldest first: its children and the earlier runs it reused."""
+    c = client(uri)
+    own = c.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                        order_by=["attributes.start_time ASC"], max_results=10000)
+    reused = c.search_runs([experiment_id], filter_string=f"tags.`{sweep_tag(parent_run_id)}` = 'reused'",
+                           order_by=["attributes.start_time ASC"], max_results=10000)
+    seen = {r.info.run_id for r in own}
+    return own + [r for r in reused if r.info.run_id not in seen]
+
+
+def get_run(uri: str, run_id: str):
+    """The run `run_id`, or a TrackingError that says where it was looked for."""
+    from mlflow.exceptions import MlflowException
+    try:
+        return client(uri).get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"train.resume={run_id}: no such MLflow run in {uri}; copy the Run ID of a KILLED or "
+                            "FAILED run from mlflow ui (or the sweep table)")
+
+
+def runs_with_config(uri: str, experiment: str, config_hash: str) -> list:
+    """Earlier runs of this exact config (tag fmnist.config_hash), newest first."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`fmnist.config_hash` = '{config_hash}'",
+                         order_by=["attributes.start_time DESC"], max_results=100)
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | None:
+    """Fetch one artifact of a run into dst, or None if the run has no such artifact."""
+    try:
+        return Path(client(uri).download_artifacts(run_id, path, str(dst)))
+    except Exception:  # MLflow raises several types for a missing artifact
+        return None
 
 
 class Tracker:
@@ -116,13 +177,34 @@ class Tracker:
         if not self.enabled:
             return None
         from mlflow.entities import Param
-        from torch.utils.tensorboard import SummaryWriter
-        _, self.run_id = create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            client(self.uri).log_batch(self.run_id, params=items[i: i + 100])
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        try:
+            _, self.run_id = create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
+            items = [Param(k, v[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                client(self.uri).log_batch(self.run_id, params=items[i: i + 100])
+        except TrackingError:
+            raise
+        except Exception as e:
+            raise store_error(self.uri, e) from e
+        self._open_writer()
         return self.run_id
+
+    def reopen(self, run_id: str, tags: dict[str, str]) -> None:
+        """Continue an earlier (KILLED/FAILED) run: RUNNING again, new tags, metrics continue at later steps."""
+        if not self.enabled:
+            return
+        self.run_id = run_id
+        c = client(self.uri)
+        c.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+        if "error" in c.get_run(run_id).data.tags:
+            c.delete_tag(run_id, "error")
+        self._open_writer()
+
+    def _open_writer(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard."""

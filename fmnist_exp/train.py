@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,44 @@ CHECK_EVERY = 100  # steps between divergence checks: one host sync per 100 step
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: the current epoch was abandoned; the last completed one is checkpointed."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the configured model or optimizer."""
+
+
+class StopOnSignal:
+    """While active, SIGINT/SIGTERM only set `signum`; the loop stops between steps. A second signal kills."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():  # a second Ctrl-C is not ignored
+            signal.signal(sig, handler)
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (some launchers): leave the default handlers
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -64,7 +103,7 @@ def _improved(value: float, best: float | None, monitor: str, min_delta: float) 
 
 
 def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator: torch.Generator,
-                epoch: int, progress: bool) -> float:
+                epoch: int, progress: bool, stop: StopOnSignal | None = None) -> float:
     """One pass over the training split; returns the mean of the batch losses (as the notebook reports)."""
     model.train()
     steps = batches(len(data.train_y), batch_size, generator, data.train_x.device)
@@ -74,6 +113,10 @@ def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator
         from tqdm import tqdm
         bar = tqdm(total=len(steps), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
     for step, idx in enumerate(steps):
+        if stop is not None and stop.signum is not None:
+            if bar is not None:
+                bar.close()
+            raise Interrupted(stop.signum)
         loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,17 +138,21 @@ def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: FashionMNIST, settings: LoopSettings,
-        generator: torch.Generator, checkpoint_path: Path, on_epoch=None, state: LoopState | None = None) -> dict:
+        generator: torch.Generator, checkpoint_path: Path, on_epoch=None, state: LoopState | None = None,
+        last_path: Path | None = None, stop: StopOnSignal | None = None) -> dict:
     """Train for settings.epochs (or until early stopping), keep the best checkpoint, then test it.
 
-    `on_epoch(metrics, state)` is called after every epoch (tracking, full checkpoints). Returns the final metrics.
+    After every epoch a full checkpoint goes to `last_path` (if given), then `on_epoch(metrics, state)` is called
+    (tracking). `state` continues a resumed run. A signal caught by `stop` raises Interrupted between steps.
+    Returns the final metrics.
     """
     state = state or LoopState()
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     for epoch in range(state.epoch + 1, settings.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_epoch(model, optimizer, data, settings.batch_size, generator, epoch, settings.progress)
+        train_loss = train_epoch(model, optimizer, data, settings.batch_size, generator, epoch, settings.progress,
+                                 stop)
         valid_loss, valid_acc = evaluate(model, data.valid_x, data.valid_y, settings.eval_batch_size)
         scheduler.step(valid_loss) if plateau else scheduler.step()
         epoch_time = time.perf_counter() - start
@@ -121,6 +168,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Fas
             state.stale_epochs += 1
         state.epoch = epoch
         state.history.append({"epoch": epoch, **metrics})
+        if last_path is not None:
+            save_full_checkpoint(last_path, model, optimizer, scheduler, generator, state, checkpoint_path)
         if on_epoch is not None:
             on_epoch(metrics, state)
         if settings.patience is not None and state.stale_epochs >= settings.patience:
@@ -141,3 +190,43 @@ def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def save_full_checkpoint(path: Path, model, optimizer, scheduler, generator: torch.Generator, state: LoopState,
+                         best_path: Path) -> None:
+    """Everything needed to continue after the last completed epoch: weights, optimizer, scheduler, loop state,
+    the best weights so far and every RNG state. Loads with torch.load(weights_only=True)."""
+    save_atomic({
+        "model": model.state_dict(),
+        "best_model": torch.load(best_path, weights_only=True),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loop": {"epoch": state.epoch, "best": state.best, "best_epoch": state.best_epoch,
+                 "stale_epochs": state.stale_epochs, "history": state.history},
+        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, path)
+
+
+def restore_full_checkpoint(path: Path, model, optimizer, scheduler, generator: torch.Generator,
+                            best_path: Path) -> LoopState:
+    """Load a full checkpoint into the objects built from the config; the best weights go to `best_path`."""
+    device = next(model.parameters()).device
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointMismatch(f"{path}: this checkpoint does not fit the configured model/optimizer ({first}); "
+                                 "resume with the same model and optimizer overrides as the original run")
+    model.to(device)
+    scheduler.load_state_dict(ckpt["scheduler"])
+    save_atomic(ckpt["best_model"], best_path)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["generator"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    loop = ckpt["loop"]
+    return LoopState(epoch=loop["epoch"], best=loop["best"], best_epoch=loop["best_epoch"],
+                     stale_epochs=loop["stale_epochs"], history=list(loop["history"]))

@@ -1,0 +1,211 @@
+"""Failures stay contained, interrupted runs resume exactly, parallel jobs share one store, bad input is one line.
+
+Every test runs the real command in a subprocess and then checks the real SQLite store: no run is left RUNNING.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import make_tiny_set, run_cli, store_runs, tiny_overrides
+from fmnist_exp import train
+from fmnist_exp.models import MLP
+
+
+def client(cwd, uri=None):
+    return MlflowClient(tracking_uri=uri or f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+
+
+def history(c, run_id, key="valid_loss"):
+    return [(m.step, m.value) for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def assert_nothing_running(cwd):
+    runs = store_runs(cwd) if (cwd / "mlruns" / "mlflow.db").exists() else []
+    assert not [r for r in runs if r["status"] == "RUNNING"], runs
+    return runs
+
+
+@pytest.fixture
+def slow_root(tmp_path):
+    """Tiny-format data big enough that an epoch at batch 16 takes about a second: room to interrupt it."""
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)
+    return root
+
+
+def start_cli(*args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def interrupt_after(proc, marker: str, sig: int) -> tuple[int, str]:
+    """Wait for `marker` in the output, send `sig`, and return (exit code, whole output)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_resumes_exactly(tmp_path, slow_root, sig, code):
+    args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=3", "model.dropout=[0.3,0.1]"]
+    straight = run_cli(*args, "tracking.experiment=straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stdout[-2000:]
+
+    rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/3", sig)
+    assert rc == code, out[-2000:]
+    assert f"interrupted by {signal.Signals(sig).name}" in out and "Epoch 2/3" not in out
+    runs = assert_nothing_running(tmp_path)
+    (killed,) = [r for r in runs if r["status"] == "KILLED"]
+    c = client(tmp_path)
+    assert [s for s, _ in history(c, killed["run_uuid"])] == [1]
+    assert "checkpoints/last.pt" in {a.path for a in c.list_artifacts(killed["run_uuid"], "checkpoints")}
+    assert f"train.resume={killed['run_uuid']}" in out  # the message says how to resume
+
+    resumed = run_cli(*args, f"train.resume={killed['run_uuid']}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    assert "Resuming after epoch 1 of 3" in resumed.stdout
+    assert len(store_runs(tmp_path)) == 2  # the same MLflow run continued: no new run
+    r = c.get_run(killed["run_uuid"])
+    assert r.info.status == "FINISHED" and "error" not in r.data.tags
+    (ref,) = c.search_runs([c.get_experiment_by_name("straight").experiment_id])
+    for key in ("valid_loss", "train_loss", "valid_acc", "lr"):
+        assert history(c, killed["run_uuid"], key) == history(c, ref.info.run_id, key)  # exact, no duplicates
+    assert r.data.metrics["test_acc"] == ref.data.metrics["test_acc"]
+
+
+def test_same_config_twice_gives_identical_metrics(tmp_path, tiny_root):
+    args = [*tiny_overrides(tiny_root), "train.epochs=3", "regularization=dropout"]
+    for _ in range(2):
+        assert run_cli(*args, cwd=tmp_path).returncode == 0
+    c = client(tmp_path)
+    a, b = c.search_runs(["1"])
+    for key in ("train_loss", "valid_loss", "valid_acc", "test_acc"):
+        assert history(c, a.info.run_id, key) == history(c, b.info.run_id, key)
+
+
+def test_diverging_job_fails_alone(tmp_path, tiny_root):
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12",
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    out = result.stdout + result.stderr
+    assert "1 of 2 jobs failed" in out and "training diverged: loss is nan at epoch 1" in out
+    assert "lower optimizer.lr (now 1e+12)" in out
+    runs = assert_nothing_running(tmp_path)
+    bad = next(r for r in runs if r["name"].endswith("optimizer.lr=1e12"))
+    assert bad["status"] == "FAILED" and bad["tags"]["error"].startswith("training diverged")
+    good = next(r for r in runs if r["name"].endswith("optimizer.lr=0.1"))
+    assert good["status"] == "FINISHED"
+    assert [s for s, _ in history(client(tmp_path), good["run_uuid"])] == [1, 2]
+
+
+def test_resumed_sweep_skips_finished_jobs(tmp_path, tiny_root):
+    args = [*tiny_overrides(tiny_root), "train.epochs=1"]
+    first = run_cli("-m", *args, "optimizer.lr=0.01,0.001", cwd=tmp_path)
+    assert first.returncode == 0
+    again = run_cli("-m", *args, "optimizer.lr=0.01,0.001,0.003", "sweep.skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert again.stdout.count("Skipped: this config already FINISHED") == 2
+    runs = assert_nothing_running(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 3  # only the new config trained again
+    table = [line for line in again.stdout.splitlines() if line.startswith("| data.valid_size")]
+    assert len(table) == 3  # the new sweep's table covers the reused jobs too
+
+
+def test_resumed_sweep_continues_a_killed_job(tmp_path, slow_root):
+    args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=2"]
+    rc, out = interrupt_after(start_cli("-m", *args, "optimizer.lr=0.001", cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    assert rc == 130
+    runs = assert_nothing_running(tmp_path)
+    assert sorted(r["status"] for r in runs) == ["KILLED", "KILLED"]  # the job and its sweep's parent
+    again = run_cli("-m", *args, "optimizer.lr=0.001", "sweep.skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "Resuming after epoch 1 of 2" in again.stdout
+    runs = assert_nothing_running(tmp_path)
+    job = next(r for r in runs if r["name"].endswith("optimizer.lr=0.001"))
+    assert job["status"] == "FINISHED"
+    assert [s for s, _ in history(client(tmp_path), job["run_uuid"])] == [1, 2]
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    model, other = MLP(hidden=[32, 16]), MLP(hidden=[64])
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0, 0)
+    g = torch.Generator().manual_seed(0)
+    torch.save(model.state_dict(), tmp_path / "best.pt")
+    train.save_full_checkpoint(tmp_path / "last.pt", model, opt, sched, g, train.LoopState(epoch=1),
+                               tmp_path / "best.pt")
+    opt2 = torch.optim.Adam(other.parameters())
+    with pytest.raises(train.CheckpointMismatch, match="does not fit the configured model/optimizer"):
+        train.restore_full_checkpoint(tmp_path / "last.pt", other, opt2,
+                                      torch.optim.lr_scheduler.ConstantLR(opt2, 1.0, 0), g, tmp_path / "b2.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                             "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_parallel_jobs_share_one_store(tmp_path, tiny_root, store, request):
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else None
+    extra = [f"tracking.uri={uri}"] if uri else []
+    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
+                     "train.epochs=3", "optimizer=sgd,adam", "data.batch_size=20,50", "train.seed=0,1", *extra,
+                     cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "database is locked" not in out
+    c = client(tmp_path, uri)
+    (exp,) = [e for e in c.search_experiments() if e.name == "fmnist"]
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 9 and len(children) == 8
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for r in children:
+        for key in ("train_loss", "valid_loss", "valid_acc", "lr", "epoch_time"):
+            assert [s for s, _ in history(c, r.info.run_id, key)] == [1, 2, 3]
+        assert {"test_acc", "test_loss", "best_epoch"} <= set(r.data.metrics)
+        assert r.data.params["train.threads"] == "None"
