@@ -29,7 +29,7 @@ class MLPConfig:
 @dataclass
 class CNNConfig:
     _target_: str = "fmnist_exp.models.CNN"
-    channels: list[int] = field(default_factory=lambda: [32, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32])
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     init: str = "default"
     init_std: float = 0.01

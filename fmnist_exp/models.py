@@ -56,7 +56,7 @@ class MLP(nn.Sequential):
 class CNN(nn.Sequential):
     """[conv3x3 -> (BN) -> ReLU -> maxpool2] per entry of `channels`, then the MLP head."""
 
-    def __init__(self, channels: list[int] = (32, 64), hidden: list[int] = (128, 64), init: str = "default",
+    def __init__(self, channels: list[int] = (16, 32), hidden: list[int] = (128, 64), init: str = "default",
                  init_std: float = 0.01, batch_norm: bool = False, dropout: list[float] = ()):
         layers, c_in, side = OrderedDict(), 1, 28
         for i, c in enumerate(channels, start=1):

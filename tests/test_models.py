@@ -49,7 +49,7 @@ def test_he_init_is_kaiming_normal_fan_out():
 
 def test_summary_lists_layers_shapes_and_counts():
     text = summary(CNN(batch_norm=True))
-    assert "conv1 (Conv2d)" in text and "[1, 32, 28, 28]" in text and "conv_bn1 (BatchNorm2d)" in text
+    assert "conv1 (Conv2d)" in text and "[1, 16, 28, 28]" in text and "conv_bn1 (BatchNorm2d)" in text
     assert f"Total params: {sum(p.numel() for p in CNN(batch_norm=True).parameters()):,}" in text
 
 

@@ -4,6 +4,7 @@ Every test runs the real command in a subprocess and then checks the real SQLite
 """
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import socket
@@ -106,7 +107,7 @@ def test_diverging_job_fails_alone(tmp_path, tiny_root):
     assert "1 of 2 jobs failed" in out and "training diverged: loss is nan at epoch 1" in out
     assert "lower optimizer.lr (now 1e+12)" in out
     runs = assert_nothing_running(tmp_path)
-    bad = next(r for r in runs if r["name"].endswith("optimizer.lr=1e12"))
+    bad = next(r for r in runs if r["name"].endswith("optimizer.lr=1000000000000.0"))  # as Hydra writes it
     assert bad["status"] == "FAILED" and bad["tags"]["error"].startswith("training diverged")
     good = next(r for r in runs if r["name"].endswith("optimizer.lr=0.1"))
     assert good["status"] == "FINISHED"
@@ -209,3 +210,67 @@ def test_parallel_jobs_share_one_store(tmp_path, tiny_root, store, request):
             assert [s for s, _ in history(c, r.info.run_id, key)] == [1, 2, 3]
         assert {"test_acc", "test_loss", "best_epoch"} <= set(r.data.metrics)
         assert r.data.params["train.threads"] == "None"
+
+
+def _truncate(root):
+    path = root / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _wrong_magic(root):
+    path = root / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[3] = 0x03
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _remove_all(root):
+    for p in root.glob("*.gz"):
+        p.unlink()
+
+
+def _mlruns_is_a_file(root):
+    (root.parent / "mlruns").write_text("not a directory")
+
+
+BAD_INPUTS = [
+    # (overrides, prepare, words the message must contain)
+    (["data.batch_size=0"], None, "data.batch_size=0 is invalid: it must be a positive integer"),
+    (["data.batch_size=-5"], None, "data.batch_size=-5 is invalid"),
+    (["data.valid_size=60000"], None, "data.valid_size=60000 is invalid: it must be between 1 and 59999"),
+    (["data.valid_size=0"], None, "data.valid_size=0 is invalid"),
+    (["train.epochs=0"], None, "train.epochs=0 is invalid"),
+    (["optimizer.lr=0"], None, "optimizer.lr=0.0 is invalid: it must be a positive number"),
+    (["optimizer.lr=-0.1"], None, "optimizer.lr=-0.1 is invalid"),
+    (["model.dropout=[1.0,0.2]"], None, "model.dropout[0]=1.0 is invalid: it must be in [0, 1)"),
+    (["model.dropout=[-0.1,0.2]"], None, "model.dropout[0]=-0.1 is invalid"),
+    (["optimizer=rmsprop"], None, "Could not find 'optimizer/rmsprop'"),
+    (["data.batch_size=abc"], None, "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["data.batchsize=16"], None, "Could not override 'data.batchsize'"),
+    ([], _truncate, "train-images-idx3-ubyte.gz: cannot be read or decompressed"),
+    ([], _wrong_magic, "t10k-labels-idx1-ubyte.gz: wrong IDX magic number 0x00000803"),
+    (["data.download=true"], _remove_all, "Fashion-MNIST not found (tried"),
+    ([], _mlruns_is_a_file, "cannot create the MLflow store directory"),
+    (["train.resume=0123456789abcdef"], None, "train.resume=0123456789abcdef: no such MLflow run"),
+    (["train.device=cuda"] if not torch.cuda.is_available() else ["train.device=tpu"], None, "train.device="),
+]
+
+
+@pytest.mark.parametrize("overrides,prepare,message", BAD_INPUTS, ids=[" ".join(b[0]) or b[1].__name__
+                                                                        for b in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, message):
+    if prepare:
+        prepare(tiny_root)
+    # no network: any download attempt goes to a closed local port and fails at once
+    env = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    result = run_cli(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=env, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in out, out[-2000:]
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert len(errors) <= 1  # ours: exactly one line; Hydra's own compose errors log none
+    line = next((l for l in out.splitlines() if message in l), "")
+    assert errors == [] or line in errors
+    if (tmp_path / "mlruns" / "mlflow.db").exists():
+        assert store_runs(tmp_path) == []  # nothing half-written: no RUNNING run, no empty run
