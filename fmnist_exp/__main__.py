@@ -75,15 +75,16 @@ def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path, dataset
         monitor=cfg.train.monitor, patience=cfg.train.early_stopping.patience,
         min_delta=cfg.train.early_stopping.min_delta, progress=progress)
     checkpoint, last = job_dir / "best_model.pt", job_dir / "last.pt"
-    state = None
+    state = train.LoopState()
     if resume_from is not None:
         state = train.restore_full_checkpoint(resume_from, model, optimizer, scheduler, generator, checkpoint)
         log.info("Resuming after epoch %d of %d", state.epoch, cfg.train.epochs)
 
     summary = models.summary(model)
     (job_dir / "model_summary.txt").write_text(summary + "\n")
-    if state is None:
+    if state.epoch == 0:
         tracker.log_text(summary + "\n", "model_summary.txt")
+        tracker.log_dataset("fashion-mnist", dataset.digest, dataset.source, dataset.split_sizes())
     tracker.set_tag("fmnist.data_source", dataset.source)
     log.info("Data: %s (%s) on %s | model %s, %s params", dataset.source, dataset.split_sizes(), device,
              type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
@@ -93,7 +94,53 @@ def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path, dataset
                       on_epoch=lambda metrics, st: tracker.log_epoch(st.epoch, metrics))
     tracker.log_metrics(final)
     tracker.log_artifact(checkpoint)
+    log_run_plots(model, dataset, state, final, cfg, tracker, job_dir)
     return final
+
+
+def log_run_plots(model, dataset: data.FashionMNIST, state: train.LoopState, final: dict, cfg: DictConfig,
+                  tracker: tracking.Tracker, job_dir: Path) -> None:
+    """Once at the end: learning curves, test confusion matrix, the 4x8 sample grid; hparams for TensorBoard."""
+    if not tracker.enabled:
+        return
+    from fmnist_exp import plots
+    y_pred = train.predict(model, dataset.test_x, cfg.data.eval_batch_size).cpu().numpy()
+    y_true = dataset.test_y.cpu().numpy()
+    folder = job_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    tracker.log_figure(plots.learning_curves(state.history, final["best_epoch"], run_name(HydraConfig.get())),
+                       folder / "learning_curves.png")
+    tracker.log_figure(plots.confusion_matrix(y_true, y_pred), folder / "confusion_matrix.png")
+    grid = torch.Generator().manual_seed(0)
+    pick = torch.randperm(len(y_true), generator=grid)[:32].numpy()  # the same 32 images for every run
+    tracker.log_figure(plots.sample_grid(dataset.test_x[pick].cpu().numpy(), y_true[pick], y_pred[pick]),
+                       folder / "test_samples.png", tensorboard_tag="Samples/test")
+    tracker.log_hparams(hparams(cfg, HydraConfig.get()), {k: final[k] for k in ("best_valid_acc", "test_acc")})
+
+
+def hparams(cfg: DictConfig, hydra_cfg) -> dict:
+    """What TensorBoard's HPARAMS tab compares: the core settings plus whatever this job overrode."""
+    out = {"model": cfg.model._target_.rsplit(".", 1)[-1], "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
+           "lr": cfg.optimizer.lr, "batch_size": cfg.data.batch_size, "init": cfg.model.init,
+           "batch_norm": cfg.model.batch_norm, "dropout": str(list(cfg.model.dropout)),
+           "weight_decay": cfg.optimizer.weight_decay, "schedule": cfg.schedule._target_.rsplit(".", 1)[-1],
+           "seed": cfg.train.seed}
+    for override in run_name(hydra_cfg).split():
+        key, _, value = override.lstrip("+~").partition("=")
+        out.setdefault(key, value)
+    return out
+
+
+def instantiate_best(cfg, job_dir: Path):
+    """The configured model with the job's best weights, on the CPU."""
+    model = instantiate(cfg.model)
+    model.load_state_dict(torch.load(job_dir / "best_model.pt", map_location="cpu", weights_only=True))
+    return model
+
+
+def example_input(dataset: data.FashionMNIST):
+    """Two test images as the float32 array an MLflow model takes: (N, 1, 28, 28) in [0, 1]."""
+    return dataset.test_x[:2].cpu().numpy()
 
 
 def resume_checkpoint(uri: str, run, job_dir: Path, params: dict[str, str], ignore: set[str]) -> Path | None:
@@ -132,14 +179,14 @@ def task(cfg: DictConfig) -> float | None:
     job_dir = Path(hc.runtime.output_dir)
     parent = callbacks.read_parent(Path(hc.sweep.dir)) if multirun else None
     error, status, exit_code = None, "FINISHED", 1
-    tracker = None
+    tracker, params = None, {}
     with train.StopOnSignal() as stop:
         try:
             tracker = tracking.Tracker(parent["uri"] if parent else cfg.tracking.uri, cfg.tracking.experiment,
                                        job_dir, enabled=cfg.tracking.enabled)
-            config.validate(cfg)
             resolved = OmegaConf.to_container(cfg, resolve=True)
             params = tracking.flatten(resolved)
+            config.validate(cfg)
             ignore = set(hc.job.config.override_dirname.exclude_keys)
             config_hash = tracking.config_hash(params, ignore)
             tags = {"fmnist.job_dir": str(job_dir.resolve()), "fmnist.overrides": run_name(hc),
@@ -166,6 +213,8 @@ def task(cfg: DictConfig) -> float | None:
                 tracker.start(run_name(hc), params, tags, parent_run_id=parent["run_id"] if parent else None)
                 tracker.log_artifact(job_dir / "config.yaml")
             final = train_job(cfg, tracker, job_dir, dataset, resume_from, stop)
+            if not multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
+                tracking.log_model(tracker.uri, tracker.run_id, instantiate_best(cfg, job_dir), example_input(dataset))
             tracker.finish("FINISHED")
             return final["test_acc"]
         except train.Interrupted as e:
@@ -178,7 +227,7 @@ def task(cfg: DictConfig) -> float | None:
             error, status = f"{type(e).__name__}: {e}", "FAILED"
         finally:
             if status != "FINISHED":
-                end_failed_job(tracker, hc, parent, job_dir, status, error, multirun)
+                end_failed_job(tracker, hc, parent, job_dir, status, error, multirun, params)
     if status == "KILLED":
         if tracker is not None and tracker.run_id:
             log.error("Resume with: python -m fmnist_exp %s train.resume=%s", " ".join(hc.overrides.task),
@@ -191,7 +240,8 @@ def task(cfg: DictConfig) -> float | None:
     return None
 
 
-def end_failed_job(tracker, hc, parent, job_dir: Path, status: str, error: str, multirun: bool) -> None:
+def end_failed_job(tracker, hc, parent, job_dir: Path, status: str, error: str, multirun: bool,
+                   params: dict[str, str]) -> None:
     """Record a failed or interrupted job: its run ends FAILED/KILLED with the reason, never RUNNING."""
     log.error("%s", error)
     if tracker is None or not tracker.enabled:
@@ -199,7 +249,7 @@ def end_failed_job(tracker, hc, parent, job_dir: Path, status: str, error: str, 
     try:
         if tracker.run_id is None and multirun:
             # the sweep table should show this job too, with its reason
-            tracker.start(run_name(hc), {}, tags={"fmnist.job_dir": str(job_dir.resolve())},
+            tracker.start(run_name(hc), params, tags={"fmnist.job_dir": str(job_dir.resolve())},
                           parent_run_id=parent["run_id"] if parent else None)
         if (job_dir / "last.pt").is_file():
             tracker.log_artifact(job_dir / "last.pt", "checkpoints")

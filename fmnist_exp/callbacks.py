@@ -39,14 +39,58 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        parent = read_parent(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent = read_parent(sweep_dir)
         if parent is None:
             return
-        table = report.sweep_table(parent["uri"], parent["experiment_id"], parent["run_id"])
+        uri, parent_id = parent["uri"], parent["run_id"]
+        table = report.sweep_table(uri, parent["experiment_id"], parent_id)
         print("\n" + report.format_table(table), flush=True)
-        failed = table[table["status"] != "FINISHED"] if len(table) else table
-        tracking.end_run(parent["uri"], parent["run_id"], "FAILED" if len(failed) else "FINISHED")
+        c = tracking.client(uri)
+        for path in report.write_table(table, sweep_dir):
+            c.log_artifact(parent_id, str(path))
+        finished = table[table["status"] == "FINISHED"]
+        try:
+            log_sweep_plots(uri, parent_id, finished, sweep_dir)
+            if len(finished) and finished["test_acc"].notna().any():
+                log_winner(uri, parent_id, finished.iloc[0]["run_id"], config)
+        except Exception as e:  # the jobs' results are safe in the store; a plotting failure must not hide them
+            log.error("could not log the sweep's plots or winning model: %s", e)
+        failed = table[table["status"] != "FINISHED"]
+        tracking.end_run(uri, parent_id, "FAILED" if len(failed) else "FINISHED")
         if len(failed):
-            reasons = "; ".join(f"{r.run}: {r.error}" for r in failed.itertuples())
+            reasons = "; ".join(f"{r.name}: {r.error or r.status}" for r in failed.itertuples())
             print(f"{len(failed)} of {len(table)} jobs failed: {reasons}", file=sys.stderr, flush=True)
             sys.exit(1)
+
+
+def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None:
+    """valid_acc curves of every job overlaid, and test accuracy per job, on the parent run."""
+    from fmnist_exp import plots
+    c = tracking.client(uri)
+    curves = {r.name: [(m.step, m.value) for m in sorted(c.get_metric_history(r.run_id, "valid_acc"),
+                                                          key=lambda m: m.step)]
+              for r in finished.itertuples()}
+    for fig, name in ((plots.sweep_curves(curves), "sweep_valid_acc.png"),
+                      (plots.sweep_bars(list(finished["name"]), list(finished["test_acc"])), "sweep_test_acc.png")):
+        plots.save(fig, sweep_dir / name)
+        c.log_artifact(parent_id, str(sweep_dir / name), "plots")
+
+
+def log_winner(uri: str, parent_id: str, run_id: str, config: DictConfig) -> None:
+    """The best job's model, as an MLflow model on the parent run (once per sweep: it is slow)."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from fmnist_exp import data
+    run = tracking.client(uri).get_run(run_id)
+    job_dir = Path(run.data.tags["fmnist.job_dir"])
+    job_cfg = OmegaConf.load(job_dir / "config.yaml")
+    model = instantiate(job_cfg.model)
+    model.load_state_dict(torch.load(job_dir / "best_model.pt", map_location="cpu", weights_only=True))
+    arrays, _, _ = data.load_arrays(Path(job_cfg.data.root), Path(job_cfg.data.system_dir), False,
+                                    job_cfg.data.cache)
+    example = (arrays["test_images"][:2, None].astype("float32") / 255.0)
+    tracking.log_model(uri, parent_id, model, example)
+    tracking.client(uri).set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")

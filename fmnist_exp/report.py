@@ -1,27 +1,141 @@
-"""Sweep review: a table of a sweep's jobs read from the MLflow store (the source of truth)."""
+"""Sweep review: which config won, by how much. Reads the MLflow store (the source of truth), not log files.
+
+    python -m fmnist_exp.report [SWEEP] [--by KEY] [--tracking-uri URI]
+
+SWEEP is a sweep directory (multirun/<date>/<time>), an MLflow parent run id, or omitted (the newest sweep).
+"""
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
 
 import pandas as pd
 
 from fmnist_exp import tracking
 
+METRICS = ["epochs_run", "best_epoch", "best_valid_loss", "best_valid_acc", "test_loss", "test_acc", "train_time"]
+# where/how keys (never "what varies"): mirrors hydra.job.config.override_dirname.exclude_keys in conf/config.yaml
+IGNORED = {"train.resume", "train.progress", "train.threads", "tracking.uri", "tracking.experiment",
+           "tracking.enabled", "data.root", "data.system_dir", "data.download", "data.cache", "sweep.skip_finished"}
+
+
+def _readable(key: str, keys: list[str]) -> str:
+    """'optimizer._target_' -> 'optimizer'; 'data.batch_size' -> 'batch_size' unless that name is taken twice."""
+    if key.endswith("._target_"):
+        return key.removesuffix("._target_")
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def _value(key: str, value: str) -> str:
+    return value.rsplit(".", 1)[-1] if key.endswith("._target_") else value  # torch.optim.SGD -> SGD
+
 
 def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
-    """One row per child run: its overrides, status, best valid accuracy and test accuracy."""
+    """One row per job: the config keys that vary across the sweep, status, epochs, best/test scores, reason."""
+    runs = tracking.child_runs(uri, experiment_id, parent_run_id)
+    params = [{k: v for k, v in r.data.params.items() if k not in IGNORED} for r in runs]
+    keys = sorted({k for p in params for k in p})
+    varying = [k for k in keys if len({p[k] for p in params if k in p}) > 1]
+    columns = {k: _readable(k, varying) for k in varying}
     rows = []
-    for r in tracking.child_runs(uri, experiment_id, parent_run_id):
-        m, t = r.data.metrics, r.data.tags
-        rows.append({"run": t.get("fmnist.overrides", r.info.run_name), "status": r.info.status,
-                     "best_valid_acc": m.get("best_valid_acc"), "test_acc": m.get("test_acc"),
-                     "error": t.get("error", "")})
-    return pd.DataFrame(rows, columns=["run", "status", "best_valid_acc", "test_acc", "error"])
+    for r, p in zip(runs, params):
+        row = {"run_id": r.info.run_id}
+        row.update({columns[k]: _value(k, p[k]) if k in p else None for k in varying})
+        row["status"] = r.info.status
+        row.update({m: r.data.metrics.get(m) for m in METRICS})
+        row["error"] = r.data.tags.get("error", "")
+        row["name"] = r.data.tags.get("fmnist.overrides", r.info.run_name)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["run_id", *columns.values(), "status", *METRICS, "error", "name"])
+    for col in ("epochs_run", "best_epoch"):
+        table[col] = table[col].astype("Int64")
+    table = table.sort_values("test_acc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    table.insert(0, "best", ["★" if i == 0 and pd.notna(table.loc[0, "test_acc"]) else "" for i in range(len(table))])
+    return table
+
+
+def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Mean ± std of the scores per value of `by`, over everything else that varies (seeds, ...)."""
+    options = [c for c in table.columns if c not in ("best", "run_id", "status", "error", "name", *METRICS)]
+    if by not in options:
+        raise SystemExit(f"error: --by {by}: not a key that varies in this sweep; choose one of {options}")
+    done = table[table["status"] == "FINISHED"]
+    out = []
+    for value, g in done.groupby(by, sort=False):
+        row = {by: value, "runs": len(g)}
+        for m in ("best_valid_acc", "test_acc", "test_loss", "train_time"):
+            std = g[m].std(ddof=1) if len(g) > 1 else 0.0
+            row[m] = f"{g[m].mean():.4f} ± {std:.4f}"
+        out.append(row)
+    return pd.DataFrame(out).sort_values("test_acc", ascending=False).reset_index(drop=True)
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The table as the terminal shows it: a GitHub-style markdown grid, best test accuracy first."""
+    """The table as a terminal grid (markdown pipes): reasons only when something failed, no run ids."""
     if table.empty:
         return "(no jobs recorded)"
-    shown = table.sort_values("test_acc", ascending=False, na_position="last")
-    if not shown["error"].astype(bool).any():
+    shown = table.drop(columns=["run_id", "name"], errors="ignore")
+    if "error" in shown and not shown["error"].astype(bool).any():
         shown = shown.drop(columns="error")
-    return shown.to_markdown(index=False, floatfmt=".4f")
+    if list(shown.columns[:2]) == ["best", "status"]:  # nothing varies (one job): name it by its overrides
+        shown.insert(1, "run", table["name"])
+    shown = shown.astype(object)
+    for col in shown.columns:  # config values stay as written (1e-05); scores get 4 decimals; blanks for missing
+        shown[col] = ["" if pd.isna(v) else f"{v:.4f}" if isinstance(v, float) and col in METRICS else str(v)
+                      for v in shown[col]]
+    align = ["right" if c in METRICS or c == "runs" else "left" for c in shown.columns]
+    return shown.to_markdown(index=False, missingval="", disable_numparse=True, colalign=align)
+
+
+def write_table(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """sweep_table.md and sweep_table.csv in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    md, csv = folder / "sweep_table.md", folder / "sweep_table.csv"
+    md.write_text(format_table(table) + "\n")
+    table.to_csv(csv, index=False)
+    return [md, csv]
+
+
+def find_parent(uri: str, experiment: str, sweep: str | None) -> tuple[str, str]:
+    """(experiment id, parent run id) for a sweep dir, a parent run id, or the newest sweep."""
+    if sweep and (Path(sweep) / "mlflow_parent.json").is_file():
+        p = json.loads((Path(sweep) / "mlflow_parent.json").read_text())
+        return p["experiment_id"], p["run_id"]
+    c = tracking.client(uri)
+    if sweep:
+        try:
+            run = c.get_run(sweep)
+        except Exception:
+            raise SystemExit(f"error: {sweep} is neither a sweep directory (with mlflow_parent.json) nor a run id "
+                             f"in {uri}")
+        return run.info.experiment_id, run.info.run_id
+    exp = c.get_experiment_by_name(experiment)
+    parents = c.search_runs([exp.experiment_id], filter_string="tags.`fmnist.sweep_dir` != ''",
+                            order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    if not parents:
+        raise SystemExit(f"error: no sweep in experiment '{experiment}' of {uri}; run one with python -m fmnist_exp -m ...")
+    return exp.experiment_id, parents[0].info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m fmnist_exp.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", nargs="?", help="sweep dir, parent run id, or nothing for the newest sweep")
+    ap.add_argument("--by", help="group by this column: mean ± std of the scores over the other keys")
+    ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns/mlflow.db")
+    ap.add_argument("--experiment", default="fmnist")
+    args = ap.parse_args(argv)
+    tracking.silence_noisy_loggers()
+    uri = args.tracking_uri or tracking.resolve_uri(None)
+    exp_id, parent_id = find_parent(uri, args.experiment, args.sweep)
+    table = sweep_table(uri, exp_id, parent_id)
+    print(format_table(grouped(table, args.by) if args.by else table))
+    sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
+    if sweep_dir and Path(sweep_dir).is_dir() and not args.by:
+        write_table(table, Path(sweep_dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

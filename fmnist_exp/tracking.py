@@ -235,6 +235,28 @@ class Tracker:
         if self.enabled:
             client(self.uri).log_text(self.run_id, text, filename)
 
+    def log_figure(self, fig, path: Path, tensorboard_tag: str | None = None) -> None:
+        """A matplotlib figure: saved to `path`, logged under the run's plots/, optionally as a TensorBoard image."""
+        from fmnist_exp.plots import save
+        if self.enabled and tensorboard_tag and self.writer is not None:
+            self.writer.add_figure(tensorboard_tag, fig, close=False)
+        save(fig, path)
+        self.log_artifact(path, "plots")
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """TensorBoard's HPARAMS tab: this job's settings against its scores, beside every job of the sweep."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, int]) -> None:
+        """The data set as an MLflow dataset input: the runs table's Dataset column."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+                     profile=json.dumps(profile))
+        client(self.uri).log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
+
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
             client(self.uri).set_tag(self.run_id, key, value)
@@ -256,3 +278,19 @@ def silence_noisy_loggers() -> None:
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def log_model(uri: str, run_id: str, model, example) -> None:
+    """Log `model` as an MLflow model named 'model' on `run_id` (slow: once per sweep), with a signature and
+    an input example, so `mlflow models predict -m runs:/<run_id>/model` serves it."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output),
+                                 input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -96,6 +96,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum.item() / len(y), correct.item() / len(y)
 
 
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Predicted classes for x, in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i: i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
 def _improved(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -182,7 +189,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Fas
     return dict(test_loss=test_loss, test_acc=test_acc, best_epoch=state.best_epoch,
                 best_valid_loss=min((h["valid_loss"] for h in state.history), default=math.nan),
                 best_valid_acc=max((h["valid_acc"] for h in state.history), default=math.nan),
-                epochs_run=state.epoch)
+                epochs_run=state.epoch, train_time=sum(h["epoch_time"] for h in state.history))
 
 
 def save_atomic(obj, path: Path) -> None:

@@ -1,0 +1,160 @@
+"""Sweep review end to end: a real sweep (one job failing), then the table, files, plots, MLflow and TensorBoard
+records, the report command, the logged winner model and the MLflow UI in headless Chromium."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli, tiny_overrides
+from test_reliability import free_port, mlflow_server  # noqa: F401  (a fixture)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """optimizer.lr=0.01,0.00001,-1 on tiny data: two jobs finish (one barely learns), one fails its config check."""
+    from conftest import make_tiny_set
+    cwd = tmp_path_factory.mktemp("review")
+    root = cwd / "data"
+    make_tiny_set(root)
+    result = run_cli("-m", *tiny_overrides(root), "train.epochs=3", "optimizer.lr=0.01,0.00001,-1", cwd=cwd)
+    uri = f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("fmnist")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    sweep_dir = next((cwd / "multirun").glob("*/*"))
+    return dict(cwd=cwd, root=root, result=result, uri=uri, client=client, exp=exp, parent=parent,
+                children=children, sweep_dir=sweep_dir)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|:")]
+
+
+def test_table_at_the_end_of_the_sweep(sweep):
+    result = sweep["result"]
+    assert result.returncode == 1  # one job failed
+    header, *rows = table_rows(result.stdout)
+    assert header[:3] == ["best", "lr", "status"]  # only the key that varies, readable
+    assert {"epochs_run", "best_epoch", "best_valid_loss", "best_valid_acc", "test_loss", "test_acc",
+            "train_time", "error"} <= set(header)
+    assert [r[1] for r in rows] == ["0.01", "1e-05", "-1.0"]  # sorted by test accuracy, as the user wrote them
+    col = header.index("test_acc")
+    accs = [float(r[col]) for r in rows if r[col]]
+    assert accs == sorted(accs, reverse=True) and len(accs) == 2
+    assert rows[0][0] == "★" and all(r[0] == "" for r in rows[1:])
+    failed = rows[-1]
+    assert failed[header.index("status")] == "FAILED" and "optimizer.lr=-1.0 is invalid" in failed[header.index("error")]
+    assert rows[0][header.index("epochs_run")] == "3"
+
+
+def test_table_files_and_parent_artifacts(sweep):
+    md, csv = sweep["sweep_dir"] / "sweep_table.md", sweep["sweep_dir"] / "sweep_table.csv"
+    assert md.read_text().strip() in sweep["result"].stdout
+    frame = pd.read_csv(csv)
+    assert len(frame) == 3 and list(frame["status"]) == ["FINISHED", "FINISHED", "FAILED"]
+    client, parent = sweep["client"], sweep["parent"]
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_table.md", "sweep_table.csv", "plots"} <= names
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/sweep_valid_acc.png", "plots/sweep_test_acc.png"}
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
+
+
+def test_child_plots_dataset_and_experiment_kind(sweep):
+    client = sweep["client"]
+    assert sweep["exp"].tags["mlflow.experimentKind"] == "custom_model_development"
+    finished = [r for r in sweep["children"] if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+    for r in finished:
+        pngs = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+        assert pngs == {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/test_samples.png"}
+        for p in pngs:
+            assert open(client.download_artifacts(r.info.run_id, p, str(sweep["cwd"])), "rb").read(4) == b"\x89PNG"
+        (ds,) = r.inputs.dataset_inputs
+        assert ds.dataset.name == "fashion-mnist" and '"valid": 100' in ds.dataset.profile
+
+
+def test_tensorboard_hparams_and_sample_grid(sweep):
+    for r in (r for r in sweep["children"] if r.info.status == "FINISHED"):
+        events = EventAccumulator(r.data.tags["fmnist.job_dir"], size_guidance={"images": 0}).Reload()
+        assert "Samples/test" in events.Tags()["images"]
+        hparams = events.PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in hparams
+        assert {"hparam/test_acc", "hparam/best_valid_acc"} <= set(events.Tags()["scalars"])
+
+
+def test_report_command(sweep):
+    cwd, parent = sweep["cwd"], sweep["parent"]
+    for target in ([str(sweep["sweep_dir"])], [parent.info.run_id], []):
+        result = subprocess.run([sys.executable, "-m", "fmnist_exp.report", *target], cwd=cwd, capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stderr
+        assert table_rows(result.stdout) == table_rows((sweep["sweep_dir"] / "sweep_table.md").read_text())
+    grouped = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "status"], cwd=cwd,
+                             capture_output=True, text=True)
+    assert grouped.returncode == 1 and "not a key that varies" in grouped.stderr
+
+
+def test_report_groups_replicates(tmp_path, tiny_root):
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam", "train.seed=0,1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:]
+    out = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "optimizer"], cwd=tmp_path,
+                         capture_output=True, text=True).stdout
+    header, *rows = table_rows(out)
+    assert header[:2] == ["optimizer", "runs"] and sorted(r[0] for r in rows) == ["Adam", "SGD"]
+    assert all(r[1] == "2" and "±" in r[header.index("test_acc")] for r in rows)
+
+
+def test_winner_is_a_servable_mlflow_model(sweep):
+    import mlflow.pyfunc
+    mlflow.set_tracking_uri(sweep["uri"])
+    parent = sweep["client"].get_run(sweep["parent"].info.run_id)
+    best = max((r for r in sweep["children"] if r.info.status == "FINISHED"), key=lambda r: r.data.metrics["test_acc"])
+    assert parent.data.tags["fmnist.winner"].endswith(f"({best.info.run_id})")
+    model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
+    assert model.metadata.signature is not None
+    out = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
+    assert np.asarray(out).shape == (3, 10)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed: .ci/run installs it (apt-get install -y chromium)")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", sweep["uri"], "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        import time
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/#/experiments/{sweep['exp'].experiment_id}/runs"
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                              "--virtual-time-budget=20000", "--disable-background-networking",
+                              "--disable-component-update", "--disable-default-apps", "--disable-sync",
+                              "--no-first-run", "--disable-extensions", "--metrics-recording-only",
+                              f"--user-data-dir={tmp_path / 'chrome'}", url],
+                             capture_output=True, text=True, timeout=180).stdout
+        assert sweep["parent"].info.run_name in dom
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
