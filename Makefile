@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data sweep notebook test ui tensorboard
+.PHONY: setup data browser sweep notebook test ui tensorboard
 
 setup: $(VENV)/.installed data
 
@@ -21,13 +21,18 @@ data:
 	  $(SUDO) apt-get install -y dataset-fashion-mnist || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }; fi
 
+# headless Chromium renders the MLflow UI in the tests
+browser:
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }; fi
+
 sweep: setup  ## the design-card sweep: SGD/Adam x batch 16/100
 	$(PY) -m fmnist_exp -m optimizer=sgd,adam data.batch_size=16,100
 
 notebook: setup  ## the notebook's full 16-run grid
 	$(PY) -m fmnist_exp +experiment=notebook
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
 
 ui:  ## MLflow UI on this store, bound to 127.0.0.1

@@ -86,6 +86,7 @@ def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path, dataset
         tracker.log_text(summary + "\n", "model_summary.txt")
         tracker.log_dataset("fashion-mnist", dataset.digest, dataset.source, dataset.split_sizes())
     tracker.set_tag("fmnist.data_source", dataset.source)
+    tracker.set_tag("fmnist.threads", str(torch.get_num_threads()))
     log.info("Data: %s (%s) on %s | model %s, %s params", dataset.source, dataset.split_sizes(), device,
              type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
 

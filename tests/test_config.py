@@ -95,3 +95,9 @@ def test_validate_names_the_bad_key(override, key):
         config.validate(compose_cfg(override))
     message = str(e.value)
     assert message.startswith(f"{key}=") and "pass e.g." in message and "\n" not in message
+
+
+def test_report_ignores_the_same_where_how_keys_as_run_names():
+    from fmnist_exp import report
+    cfg = compose_cfg(hydra=True)
+    assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == report.IGNORED

@@ -209,7 +209,8 @@ def test_parallel_jobs_share_one_store(tmp_path, tiny_root, store, request):
         for key in ("train_loss", "valid_loss", "valid_acc", "lr", "epoch_time"):
             assert [s for s, _ in history(c, r.info.run_id, key)] == [1, 2, 3]
         assert {"test_acc", "test_loss", "best_epoch"} <= set(r.data.metrics)
-        assert r.data.params["train.threads"] == "None"
+        assert r.data.params["train.threads"] == "None"  # so: the cores shared by the 2 parallel jobs
+        assert r.data.tags["fmnist.threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
 
 
 def _truncate(root):
