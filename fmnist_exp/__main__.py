@@ -90,6 +90,8 @@ def train_job(cfg: DictConfig, tracker: tracking.Tracker, job_dir: Path, dataset
     log.info("Data: %s (%s) on %s | model %s, %s params", dataset.source, dataset.split_sizes(), device,
              type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
 
+    log.info("Training: %d steps per epoch, epochs %d..%d", -(-len(dataset.train_y) // settings.batch_size),
+             state.epoch + 1, settings.epochs)
     final = train.fit(model, optimizer, scheduler, dataset, settings, generator, checkpoint, state=state,
                       last_path=last, stop=stop,
                       on_epoch=lambda metrics, st: tracker.log_epoch(st.epoch, metrics))

@@ -44,7 +44,7 @@ def test_he_init_is_kaiming_normal_fan_out():
     fc1 = MLP(hidden=[512, 512], init="he")[1]
     assert math.isclose(float(fc1.weight.detach().std()), math.sqrt(2 / 512), rel_tol=0.05)  # fan_out = 512 rows
     zeros = MLP(init="zeros")
-    assert all(float(p.abs().sum()) == 0 for n, p in zeros.named_parameters() if n.startswith("fc"))
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in zeros.named_parameters() if n.startswith("fc"))
 
 
 def test_summary_lists_layers_shapes_and_counts():
