@@ -1,11 +1,14 @@
 """Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +93,32 @@ def store_runs(cwd: Path) -> list[dict]:
         return runs
     finally:
         con.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, *extra: str):
+    """A real `mlflow server` on a free 127.0.0.1 port; yields its URL and stops it afterwards."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", backend_uri, "--workers", "1", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

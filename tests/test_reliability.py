@@ -7,16 +7,14 @@ from __future__ import annotations
 import gzip
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import make_tiny_set, run_cli, store_runs, tiny_overrides
+from conftest import make_tiny_set, mlflow_server, run_cli, store_runs, tiny_overrides
 from fmnist_exp import train
 from fmnist_exp.models import MLP
 
@@ -157,41 +155,18 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
                                       torch.optim.lr_scheduler.ConstantLR(opt2, 1.0, 0), g, tmp_path / "b2.pt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
+def server_uri(tmp_path):
     store = tmp_path / "server"
     store.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                             "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server(f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")) as url:
+        yield url
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_parallel_jobs_share_one_store(tmp_path, tiny_root, store, request):
-    uri = request.getfixturevalue("mlflow_server") if store == "server" else None
+    uri = request.getfixturevalue("server_uri") if store == "server" else None
     extra = [f"tracking.uri={uri}"] if uri else []
     result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
                      "train.epochs=3", "optimizer=sgd,adam", "data.batch_size=20,50", "train.seed=0,1", *extra,

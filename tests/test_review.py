@@ -12,8 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli, tiny_overrides
-from test_reliability import free_port, mlflow_server  # noqa: F401  (a fixture)
+from conftest import mlflow_server, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +131,13 @@ def test_winner_is_a_servable_mlflow_model(sweep):
 def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.fail("chromium is not installed: .ci/run installs it (apt-get install -y chromium)")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", sweep["uri"], "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import socket
-        import time
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/#/experiments/{sweep['exp'].experiment_id}/runs"
+        pytest.fail("chromium is not installed: make test installs it (apt-get install -y chromium)")
+    with mlflow_server(sweep["uri"]) as url:
+        page = f"{url}/#/experiments/{sweep['exp'].experiment_id}/runs"
         dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                               "--virtual-time-budget=20000", "--disable-background-networking",
                               "--disable-component-update", "--disable-default-apps", "--disable-sync",
                               "--no-first-run", "--disable-extensions", "--metrics-recording-only",
-                              f"--user-data-dir={tmp_path / 'chrome'}", url],
+                              f"--user-data-dir={tmp_path / 'chrome'}", page],
                              capture_output=True, text=True, timeout=180).stdout
-        assert sweep["parent"].info.run_name in dom
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    assert sweep["parent"].info.run_name in dom
