@@ -172,7 +172,10 @@ def reuse_earlier_run(cfg: DictConfig, tracker: tracking.Tracker, config_hash: s
     return None, None
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works as `python -m` and as `fmnist-exp`
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def task(cfg: DictConfig) -> float | None:
     """One job: a single run, or one child of a sweep. Failures end its MLflow run FAILED, a signal KILLED
     (with a full checkpoint to resume from), never RUNNING."""

@@ -1,6 +1,10 @@
 """The command a user types, in a subprocess, checked through what it leaves: exit code, output, MLflow store, files."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -33,6 +37,15 @@ def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
     history = mlflow_client(tmp_path).get_metric_history(r.info.run_id, "valid_loss")
     assert [m.step for m in history] == [1, 2]
     assert r.data.tags["fmnist.job_dir"].startswith(str(tmp_path / "outputs"))
+
+
+def test_console_script_composes_the_same_config(tmp_path):
+    script = Path(sys.executable).with_name("fmnist-exp")
+    result = subprocess.run([str(script), "--cfg", "job", "optimizer=sgd"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["optimizer"]["_target_"] == "torch.optim.SGD" and cfg["train"]["epochs"] == 17
 
 
 def test_bad_value_is_one_line_and_leaves_no_run(tmp_path, tiny_root):
