@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -222,7 +223,12 @@ def task(cfg: DictConfig) -> float | None:
             if not multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
                 tracking.log_model(tracker.uri, tracker.run_id, instantiate_best(cfg, job_dir), example_input(dataset))
             tracker.finish("FINISHED")
-            return final["test_acc"]
+            if stop.signum is None:
+                return final["test_acc"]
+            # the signal came after the last training step (testing, plots): this run is complete and FINISHED,
+            # but the user asked to stop, so the sweep stops here too
+            exit_code = 128 + stop.signum
+            log.error("interrupted by %s after this run finished", signal.Signals(stop.signum).name)
         except train.Interrupted as e:
             error, status, exit_code = str(e), "KILLED", 128 + e.signum
         except (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
@@ -234,8 +240,8 @@ def task(cfg: DictConfig) -> float | None:
         finally:
             if status != "FINISHED":
                 end_failed_job(tracker, hc, parent, job_dir, status, error, multirun, params)
-    if status == "KILLED":
-        if tracker is not None and tracker.run_id:
+    if status == "KILLED" or exit_code > 128:
+        if status == "KILLED" and tracker is not None and tracker.run_id:
             log.error("Resume with: python -m fmnist_exp %s train.resume=%s", " ".join(hc.overrides.task),
                       tracker.run_id)
         if parent:  # the user stopped the sweep: close its parent too
