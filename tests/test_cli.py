@@ -87,8 +87,8 @@ def test_design_card_sweep(tmp_path, real_data):
     client = mlflow_client(tmp_path)
     device = torch.device("cpu")
     dataset = data.load(tmp_path / "data", real_data, False, 10000, 0, device)
-    table_lines = [line for line in result.stdout.splitlines() if line.startswith("| optimizer=")]
-    assert len(table_lines) == 4
+    table_lines = [line for line in result.stdout.splitlines() if line.startswith("|") and "FINISHED" in line]
+    assert len(table_lines) == 4  # the end-of-sweep table: one row per job
     for child in children:
         r = client.get_run(child["run_uuid"])
         assert EPOCH_METRICS | FINAL_METRICS <= set(r.data.metrics)
@@ -108,4 +108,8 @@ def test_design_card_sweep(tmp_path, real_data):
                                          weights_only=True))
         _, test_acc = train.evaluate(model, dataset.test_x, dataset.test_y, cfg["data"]["eval_batch_size"])
         assert test_acc == pytest.approx(r.data.metrics["test_acc"], abs=1e-9)
-        assert f"{r.data.metrics['test_acc']:.4f}" in next(l for l in table_lines if f"| {child['name']} " in l)
+        cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+        optimizer = r.data.params["optimizer._target_"].rsplit(".", 1)[-1]
+        row = next(cells(l) for l in table_lines
+                   if optimizer in cells(l) and r.data.params["data.batch_size"] in cells(l))
+        assert f"{r.data.metrics['test_acc']:.4f}" in row
