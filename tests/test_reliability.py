@@ -122,7 +122,7 @@ def test_resumed_sweep_skips_finished_jobs(tmp_path, tiny_root):
     runs = assert_nothing_running(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
     assert len(children) == 3  # only the new config trained again
-    table = [line for line in again.stdout.splitlines() if line.startswith("| data.valid_size")]
+    table = [line for line in again.stdout.splitlines() if line.startswith("|") and "FINISHED" in line]
     assert len(table) == 3  # the new sweep's table covers the reused jobs too
 
 
