@@ -57,6 +57,8 @@ def load_data(cfg: DictConfig) -> data.FashionMNIST:
     """The data set on the run's device (before any MLflow run exists, so bad data leaves no run behind)."""
     device = pick_device(cfg.train.device)
     torch.set_num_threads(pick_threads(cfg.train.threads, HydraConfig.get()))
+    if device.type == "cpu" and cfg.train.flush_denormal:
+        torch.set_flush_denormal(True)  # returns False (and changes nothing) on CPUs without the flag
     return data.load(cfg.data.root, cfg.data.system_dir, cfg.data.download, cfg.data.valid_size,
                      cfg.data.split_seed, device, cache=cfg.data.cache)
 
@@ -112,13 +114,14 @@ def log_run_plots(model, dataset: data.FashionMNIST, state: train.LoopState, fin
     y_true = dataset.test_y.cpu().numpy()
     folder = job_dir / "plots"
     folder.mkdir(exist_ok=True)
-    tracker.log_figure(plots.learning_curves(state.history, final["best_epoch"], run_name(HydraConfig.get())),
-                       folder / "learning_curves.png")
-    tracker.log_figure(plots.confusion_matrix(y_true, y_pred), folder / "confusion_matrix.png")
+    title = run_name(HydraConfig.get())
+    tracker.log_image(plots.render(plots.learning_curves(state.history, final["best_epoch"], title)),
+                      folder / "learning_curves.png")
+    tracker.log_image(plots.render(plots.confusion_matrix(y_true, y_pred)), folder / "confusion_matrix.png")
     grid = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(y_true), generator=grid)[:32].numpy()  # the same 32 images for every run
-    tracker.log_figure(plots.sample_grid(dataset.test_x[pick].cpu().numpy(), y_true[pick], y_pred[pick]),
-                       folder / "test_samples.png", tensorboard_tag="Samples/test")
+    tracker.log_image(plots.render(plots.sample_grid(dataset.test_x[pick].cpu().numpy(), y_true[pick], y_pred[pick])),
+                      folder / "test_samples.png", tensorboard_tag="Samples/test")
     tracker.log_hparams(hparams(cfg, HydraConfig.get()), {k: final[k] for k in ("best_valid_acc", "test_acc")})
 
 
@@ -133,18 +136,6 @@ def hparams(cfg: DictConfig, hydra_cfg) -> dict:
         key, _, value = override.lstrip("+~").partition("=")
         out.setdefault(key, value)
     return out
-
-
-def instantiate_best(cfg, job_dir: Path):
-    """The configured model with the job's best weights, on the CPU."""
-    model = instantiate(cfg.model)
-    model.load_state_dict(torch.load(job_dir / "best_model.pt", map_location="cpu", weights_only=True))
-    return model
-
-
-def example_input(dataset: data.FashionMNIST):
-    """Two test images as the float32 array an MLflow model takes: (N, 1, 28, 28) in [0, 1]."""
-    return dataset.test_x[:2].cpu().numpy()
 
 
 def resume_checkpoint(uri: str, run, job_dir: Path, params: dict[str, str], ignore: set[str]) -> Path | None:
@@ -173,10 +164,7 @@ def reuse_earlier_run(cfg: DictConfig, tracker: tracking.Tracker, config_hash: s
     return None, None
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works as `python -m` and as `fmnist-exp`
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config.CONF_DIR), config_name="config")
 def task(cfg: DictConfig) -> float | None:
     """One job: a single run, or one child of a sweep. Failures end its MLflow run FAILED, a signal KILLED
     (with a full checkpoint to resume from), never RUNNING."""
@@ -221,7 +209,8 @@ def task(cfg: DictConfig) -> float | None:
                 tracker.log_artifact(job_dir / "config.yaml")
             final = train_job(cfg, tracker, job_dir, dataset, resume_from, stop)
             if not multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
-                tracking.log_model(tracker.uri, tracker.run_id, instantiate_best(cfg, job_dir), example_input(dataset))
+                tracking.log_model(tracker.uri, tracker.run_id, models.load_best(cfg.model, job_dir),
+                                   data.example_input(cfg.data.root, cfg.data.system_dir, cfg.data.cache))
             tracker.finish("FINISHED")
             if stop.signum is None:
                 return final["test_acc"]

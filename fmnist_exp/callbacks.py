@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fmnist_exp import report, tracking
+from fmnist_exp import tracking
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from fmnist_exp import report  # pandas: only the sweep's end needs it, not every job
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = read_parent(sweep_dir)
         if parent is None:
@@ -53,7 +54,7 @@ class SweepCallback(Callback):
         try:
             log_sweep_plots(uri, parent_id, finished, sweep_dir)
             if len(finished) and finished["test_acc"].notna().any():
-                log_winner(uri, parent_id, finished.iloc[0]["run_id"], config)
+                log_winner(uri, parent_id, finished.iloc[0]["run_id"])
         except Exception as e:  # the jobs' results are safe in the store; a plotting failure must not hide them
             log.error("could not log the sweep's plots or winning model: %s", e)
         failed = table[table["status"] != "FINISHED"]
@@ -77,20 +78,14 @@ def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None
         c.log_artifact(parent_id, str(sweep_dir / name), "plots")
 
 
-def log_winner(uri: str, parent_id: str, run_id: str, config: DictConfig) -> None:
+def log_winner(uri: str, parent_id: str, run_id: str) -> None:
     """The best job's model, as an MLflow model on the parent run (once per sweep: it is slow)."""
-    import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from fmnist_exp import data
+    from fmnist_exp import data, models
     run = tracking.client(uri).get_run(run_id)
     job_dir = Path(run.data.tags["fmnist.job_dir"])
     job_cfg = OmegaConf.load(job_dir / "config.yaml")
-    model = instantiate(job_cfg.model)
-    model.load_state_dict(torch.load(job_dir / "best_model.pt", map_location="cpu", weights_only=True))
-    arrays, _, _ = data.load_arrays(Path(job_cfg.data.root), Path(job_cfg.data.system_dir), False,
-                                    job_cfg.data.cache)
-    example = (arrays["test_images"][:2, None].astype("float32") / 255.0)
-    tracking.log_model(uri, parent_id, model, example)
+    example = data.example_input(job_cfg.data.root, job_cfg.data.system_dir, job_cfg.data.cache)
+    tracking.log_model(uri, parent_id, models.load_best(job_cfg.model, job_dir), example)
     tracking.client(uri).set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")

@@ -6,10 +6,14 @@ message, and `validate` turns a bad value into one line that names the key and s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # absolute: works as `python -m` and as `fmnist-exp`
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,7 @@ class AdamConfig:
     lr: float = 1e-3  # Adam's default, as in the notebook
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    fused: Optional[bool] = True  # one C++ kernel per step (CPU and CUDA): ~30 % faster epochs at batch 16
 
 
 @dataclass
@@ -124,6 +129,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     resume: Optional[str] = None  # an MLflow run id to continue
     threads: Optional[int] = None  # torch threads; null = all cores shared among parallel jobs
+    flush_denormal: bool = True  # CPU: treat denormal floats as 0 (Adam's tiny moments slow the CPU ~1.4x)
     progress: str = "auto"  # batch progress bar: auto (when attached to a terminal) | on | off
 
 
@@ -148,6 +154,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+@cache
+def where_how_keys() -> frozenset[str]:
+    """Keys that say where or how to run, not what: left out of job dir names, run names, the config hash and
+    the sweep table. One list, in conf/config.yaml (hydra.job.config.override_dirname.exclude_keys)."""
+    primary = OmegaConf.load(CONF_DIR / "config.yaml")
+    return frozenset(primary.hydra.job.config.override_dirname.exclude_keys)
 
 
 def register() -> None:

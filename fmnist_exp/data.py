@@ -187,6 +187,12 @@ def load(root: str | Path, system_dir: str | Path, download: bool, valid_size: i
     )
 
 
+def example_input(root: str | Path, system_dir: str | Path, cache: bool = True, n: int = 2) -> np.ndarray:
+    """The first n test images as the float32 array a logged MLflow model takes: (n, 1, 28, 28) in [0, 1]."""
+    arrays, _, _ = load_arrays(Path(root), Path(system_dir), False, cache)
+    return arrays["test_images"][:n, None].astype(np.float32) / 255.0
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):
     """Shuffled index slices covering 0..n-1 once, last partial batch kept (DataLoader drop_last=False)."""
     perm = torch.randperm(n, generator=generator, device=device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -97,3 +98,11 @@ def summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> 
     lines += ["=" * (width + 32), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
               f"Non-trainable params: {total - trainable:,}"]
     return "\n".join(lines)
+
+
+def load_best(model_cfg, job_dir: Path) -> nn.Module:
+    """The model a job's config describes (its `model` node), with the job's best weights, on the CPU, in eval mode."""
+    from hydra.utils import instantiate
+    model = instantiate(model_cfg)
+    model.load_state_dict(torch.load(Path(job_dir) / "best_model.pt", map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,6 +1,7 @@
 """Matplotlib figures for a run (learning curves, confusion matrix, sample grid) and a sweep (curves, bars).
 
-Made once at the end of a run, never per epoch. Each function returns a Figure; callers save and close it.
+Made once at the end of a run, never per epoch. Each function returns a Figure; `render` draws it once into an
+RGBA array (and closes it) that callers write as PNG and, where useful, show in TensorBoard.
 """
 from __future__ import annotations
 
@@ -51,13 +52,24 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, title: str = ""):
     return fig
 
 
-def sample_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray):
-    """The notebook's 4x8 grid of test images, titled predicted/true; wrong predictions in red."""
-    fig, axes = plt.subplots(4, 8, figsize=(16, 8.5))
-    for ax, img, t, p in zip(axes.flat, images, y_true, y_pred):
-        ax.imshow(img.reshape(28, 28), cmap="gray")
-        ax.set_title(f"{CLASSES[p]}\n({CLASSES[t]})", fontsize=9, color="black" if p == t else "red")
-        ax.axis("off")
+def sample_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, cols: int = 8):
+    """The notebook's 4x8 grid of test images, titled predicted/true; wrong predictions in red.
+
+    One image (a mosaic of the tiles) in one Axes: as readable as 32 subplots, and several times faster to draw.
+    """
+    rows = -(-len(images) // cols)
+    tile, gap_x, gap_y = 28, 6, 22  # gap_y leaves room for the two-line title above each tile
+    height, width = rows * (tile + gap_y), cols * tile + (cols - 1) * gap_x
+    mosaic = np.ones((height, width))  # white background
+    fig, ax = plt.subplots(figsize=(12, 9.5))
+    for k, (img, t, p) in enumerate(zip(images, y_true, y_pred)):
+        r, c = divmod(k, cols)
+        top, left = r * (tile + gap_y) + gap_y, c * (tile + gap_x)
+        mosaic[top: top + tile, left: left + tile] = img.reshape(tile, tile)
+        ax.text(left + tile / 2, top - 1.5, f"{CLASSES[p]}\n({CLASSES[t]})", ha="center", va="bottom", fontsize=9,
+                color="black" if p == t else "red")
+    ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle("Test samples: predicted (true); wrong in red")
     fig.tight_layout()
     return fig
@@ -94,6 +106,16 @@ def sweep_bars(names: list[str], values: list[float], metric: str = "test_acc"):
     return fig
 
 
-def save(fig, path) -> None:
-    fig.savefig(path, dpi=100)
+def render(fig, dpi: int = 100) -> np.ndarray:
+    """Draw `fig` once into an RGBA uint8 array (H, W, 4) and close it."""
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba()).copy()
     plt.close(fig)
+    return image
+
+
+def save(fig, path) -> None:
+    """Write `fig` as a PNG and close it."""
+    from PIL import Image
+    Image.fromarray(render(fig)).save(path)

@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist_exp import tracking
+from fmnist_exp import config, tracking
 
 METRICS = ["epochs_run", "best_epoch", "best_valid_loss", "best_valid_acc", "test_loss", "test_acc", "train_time"]
-# where/how keys (never "what varies"): mirrors hydra.job.config.override_dirname.exclude_keys in conf/config.yaml
-IGNORED = {"train.resume", "train.progress", "train.threads", "tracking.uri", "tracking.experiment",
-           "tracking.enabled", "data.root", "data.system_dir", "data.download", "data.cache", "sweep.skip_finished"}
 
 
 def _readable(key: str, keys: list[str]) -> str:
@@ -36,7 +33,8 @@ def _value(key: str, value: str) -> str:
 def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """One row per job: the config keys that vary across the sweep, status, epochs, best/test scores, reason."""
     runs = tracking.child_runs(uri, experiment_id, parent_run_id)
-    params = [{k: v for k, v in r.data.params.items() if k not in IGNORED} for r in runs]
+    ignored = config.where_how_keys()  # never "what varies"
+    params = [{k: v for k, v in r.data.params.items() if k not in ignored} for r in runs]
     keys = sorted({k for p in params for k in p})
     varying = [k for k in keys if len({p[k] for p in params if k in p}) > 1]
     columns = {k: _readable(k, varying) for k in varying}

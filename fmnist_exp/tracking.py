@@ -161,7 +161,11 @@ def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | Non
 
 
 class Tracker:
-    """One job's MLflow run plus TensorBoard event files in `log_dir`; every call is a no-op when disabled."""
+    """One job's MLflow run plus TensorBoard event files in `log_dir`; every call is a no-op when disabled.
+
+    Per-epoch metrics go to MLflow asynchronously (a background thread writes them, so the training loop does not
+    wait for the store); `finish` waits for every pending write before it ends the run.
+    """
 
     def __init__(self, uri: str | None, experiment: str, log_dir: Path, enabled: bool = True):
         self.enabled = enabled
@@ -170,6 +174,14 @@ class Tracker:
         self.log_dir = Path(log_dir)
         self.run_id: str | None = None
         self.writer = None
+        self._client = None
+        self._pending = []  # async metric writes not yet confirmed by the store
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
 
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str],
               parent_run_id: str | None = None) -> str | None:
@@ -181,7 +193,7 @@ class Tracker:
             _, self.run_id = create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
             items = [Param(k, v[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                client(self.uri).log_batch(self.run_id, params=items[i: i + 100])
+                self.client.log_batch(self.run_id, params=items[i: i + 100])
         except TrackingError:
             raise
         except Exception as e:
@@ -194,7 +206,7 @@ class Tracker:
         if not self.enabled:
             return
         self.run_id = run_id
-        c = client(self.uri)
+        c = self.client
         c.update_run(run_id, status="RUNNING")
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
@@ -207,10 +219,10 @@ class Tracker:
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard."""
+        """Per-epoch metrics at step=epoch to MLflow (asynchronously); losses, accuracy and lr to TensorBoard."""
         if not self.enabled:
             return
-        self.log_metrics(metrics, step=epoch)
+        self.log_metrics(metrics, step=epoch, wait=False)
         w = self.writer
         w.add_scalar("Loss/train", metrics["train_loss"], epoch)
         w.add_scalar("Loss/valid", metrics["valid_loss"], epoch)
@@ -220,27 +232,41 @@ class Tracker:
         w.add_scalar("LR", metrics["lr"], epoch)
         w.flush()
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, wait: bool = True) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        client(self.uri).log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if wait:
+            self.client.log_batch(self.run_id, metrics=batch)
+        else:
+            self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until the store has every metric logged so far; a failed write raises TrackingError."""
+        pending, self._pending = self._pending, []
+        try:
+            for operation in pending:
+                operation.wait()
+        except Exception as e:
+            raise store_error(self.uri, e) from e
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled:
-            client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, filename: str) -> None:
         if self.enabled:
-            client(self.uri).log_text(self.run_id, text, filename)
+            self.client.log_text(self.run_id, text, filename)
 
-    def log_figure(self, fig, path: Path, tensorboard_tag: str | None = None) -> None:
-        """A matplotlib figure: saved to `path`, logged under the run's plots/, optionally as a TensorBoard image."""
-        from fmnist_exp.plots import save
+    def log_image(self, image, path: Path, tensorboard_tag: str | None = None) -> None:
+        """An RGB(A) uint8 image (H, W, C), e.g. a rendered figure: saved as PNG at `path`, logged under the run's
+        plots/, optionally shown in TensorBoard's IMAGES tab."""
+        from PIL import Image
+        Image.fromarray(image).save(path)
         if self.enabled and tensorboard_tag and self.writer is not None:
-            self.writer.add_figure(tensorboard_tag, fig, close=False)
-        save(fig, path)
+            self.writer.add_image(tensorboard_tag, image[..., :3], dataformats="HWC")
         self.log_artifact(path, "plots")
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -255,22 +281,25 @@ class Tracker:
         from mlflow.entities import Dataset, DatasetInput, InputTag
         ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
                      profile=json.dumps(profile))
-        client(self.uri).log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
-            client(self.uri).set_tag(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Flush TensorBoard and end the MLflow run with `status` (FINISHED, FAILED or KILLED)."""
+        """Flush TensorBoard and pending metrics, then end the MLflow run with `status` (FINISHED, FAILED, KILLED)."""
         if not self.enabled:
             return
         if self.writer is not None:
             self.writer.close()
         if self.run_id is not None:
-            if error:
-                client(self.uri).set_tag(self.run_id, "error", error[:5000])
-            end_run(self.uri, self.run_id, status)
+            try:
+                self.flush()
+            finally:  # even when a metric write failed, the run must not stay RUNNING
+                if error:
+                    self.client.set_tag(self.run_id, "error", error[:5000])
+                end_run(self.uri, self.run_id, status)
 
 
 def silence_noisy_loggers() -> None:

@@ -155,6 +155,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Fas
     """
     state = state or LoopState()
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    # the best weights, kept in memory for last.pt (a resumed run starts from the checkpoint it restored)
+    best_weights = torch.load(checkpoint_path, weights_only=True) if state.best_epoch else None
     for epoch in range(state.epoch + 1, settings.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -170,13 +172,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Fas
         value = metrics[settings.monitor]
         if _improved(value, state.best, settings.monitor, settings.min_delta):
             state.best, state.best_epoch, state.stale_epochs = value, epoch, 0
-            save_atomic(model.state_dict(), checkpoint_path)
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_atomic(best_weights, checkpoint_path)
         else:
             state.stale_epochs += 1
         state.epoch = epoch
         state.history.append({"epoch": epoch, **metrics})
         if last_path is not None:
-            save_full_checkpoint(last_path, model, optimizer, scheduler, generator, state, checkpoint_path)
+            save_full_checkpoint(last_path, model, optimizer, scheduler, generator, state, best_weights)
         if on_epoch is not None:
             on_epoch(metrics, state)
         if settings.patience is not None and state.stale_epochs >= settings.patience:
@@ -200,12 +203,12 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def save_full_checkpoint(path: Path, model, optimizer, scheduler, generator: torch.Generator, state: LoopState,
-                         best_path: Path) -> None:
+                         best_weights: dict) -> None:
     """Everything needed to continue after the last completed epoch: weights, optimizer, scheduler, loop state,
     the best weights so far and every RNG state. Loads with torch.load(weights_only=True)."""
     save_atomic({
         "model": model.state_dict(),
-        "best_model": torch.load(best_path, weights_only=True),
+        "best_model": best_weights,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "loop": {"epoch": state.epoch, "best": state.best, "best_epoch": state.best_epoch,

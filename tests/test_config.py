@@ -97,7 +97,7 @@ def test_validate_names_the_bad_key(override, key):
     assert message.startswith(f"{key}=") and "pass e.g." in message and "\n" not in message
 
 
-def test_report_ignores_the_same_where_how_keys_as_run_names():
-    from fmnist_exp import report
+def test_sweep_table_ignores_the_same_where_how_keys_as_run_names():
     cfg = compose_cfg(hydra=True)
-    assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == report.IGNORED
+    assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == config.where_how_keys()
+    assert {"train.threads", "train.flush_denormal", "tracking.uri"} <= config.where_how_keys()
