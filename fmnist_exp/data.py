@@ -145,7 +145,8 @@ def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tu
 
 @dataclass
 class FashionMNIST:
-    """Train/valid/test tensors on one device: images float32 (N, 1, 28, 28) in [0, 1], labels int64."""
+    """Train/valid/test tensors on one device: images uint8 (N, 1, 28, 28) as stored (a quarter of float32's
+    memory; `pixels` turns a batch into the model's float input), labels int64."""
     train_x: torch.Tensor
     train_y: torch.Tensor
     valid_x: torch.Tensor
@@ -173,7 +174,7 @@ def load(root: str | Path, system_dir: str | Path, download: bool, valid_size: i
     def images(a: np.ndarray, idx: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.from_numpy(a)
         t = t[idx] if idx is not None else t
-        return t.to(device).unsqueeze(1).float().div_(255.0)
+        return t.to(device).unsqueeze(1)
 
     def labels(a: np.ndarray, idx: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.from_numpy(a.astype(np.int64))
@@ -185,6 +186,11 @@ def load(root: str | Path, system_dir: str | Path, download: bool, valid_size: i
         test_x=images(arrays["test_images"]), test_y=labels(arrays["test_labels"]),
         digest=digest, source=source,
     )
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """A batch of stored uint8 images as the model's input: float32 in [0, 1] (float input passes through)."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 def example_input(root: str | Path, system_dir: str | Path, cache: bool = True, n: int = 2) -> np.ndarray:

@@ -9,7 +9,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,8 +165,9 @@ def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | Non
 class Tracker:
     """One job's MLflow run plus TensorBoard event files in `log_dir`; every call is a no-op when disabled.
 
-    Per-epoch metrics go to MLflow asynchronously (a background thread writes them, so the training loop does not
-    wait for the store); `finish` waits for every pending write before it ends the run.
+    Every write happens on one background thread, in the order it was asked for, so training never waits for
+    MLflow or TensorBoard (importing them, creating the run, logging). `check` raises a write that failed (the
+    loop calls it every epoch), `flush` waits for all writes, and `finish` flushes before it ends the run.
     """
 
     def __init__(self, uri: str | None, experiment: str, log_dir: Path, enabled: bool = True):
@@ -173,9 +176,44 @@ class Tracker:
         self.experiment = experiment
         self.log_dir = Path(log_dir)
         self.run_id: str | None = None
-        self.writer = None
+        self.writer = None  # TensorBoard's SummaryWriter, made by the writer thread
         self._client = None
-        self._pending = []  # async metric writes not yet confirmed by the store
+        self._queue: queue.Queue | None = None
+        self._error: Exception | None = None  # the first failed write, until check/flush raises it
+
+    # --- the writer thread -------------------------------------------------------------------------------------
+    def _submit(self, fn, *args) -> None:
+        if not self.enabled:
+            return
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._work, name="fmnist-tracker", daemon=True).start()
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                if self._error is None:  # after a failure, skip writes until it has been reported
+                    fn(*args)
+            except Exception as e:
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def check(self) -> None:
+        """Raise (as TrackingError, once) a background write that failed."""
+        error, self._error = self._error, None
+        if error is not None:
+            if isinstance(error, TrackingError):
+                raise error
+            raise store_error(self.uri, error) from error
+
+    def flush(self) -> None:
+        """Wait until every write asked for so far is done; raise the first that failed."""
+        if self._queue is not None:
+            self._queue.join()
+        self.check()
 
     @property
     def client(self):
@@ -183,11 +221,13 @@ class Tracker:
             self._client = client(self.uri)
         return self._client
 
+    # --- what a job logs -------------------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str],
-              parent_run_id: str | None = None) -> str | None:
+              parent_run_id: str | None = None) -> None:
         """Create the MLflow run (logging params and tags) and open the TensorBoard writer."""
-        if not self.enabled:
-            return None
+        self._submit(self._start, run_name, params, tags, parent_run_id)
+
+    def _start(self, run_name, params, tags, parent_run_id) -> None:
         from mlflow.entities import Param
         try:
             _, self.run_id = create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
@@ -199,12 +239,12 @@ class Tracker:
         except Exception as e:
             raise store_error(self.uri, e) from e
         self._open_writer()
-        return self.run_id
 
     def reopen(self, run_id: str, tags: dict[str, str]) -> None:
         """Continue an earlier (KILLED/FAILED) run: RUNNING again, new tags, metrics continue at later steps."""
-        if not self.enabled:
-            return
+        self._submit(self._reopen, run_id, tags)
+
+    def _reopen(self, run_id: str, tags: dict[str, str]) -> None:
         self.run_id = run_id
         c = self.client
         c.update_run(run_id, status="RUNNING")
@@ -219,10 +259,13 @@ class Tracker:
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Per-epoch metrics at step=epoch to MLflow (asynchronously); losses, accuracy and lr to TensorBoard."""
-        if not self.enabled:
-            return
-        self.log_metrics(metrics, step=epoch, wait=False)
+        """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard. Raises a failed
+        earlier write here, so a broken store stops training after one epoch, not at the end."""
+        self.check()
+        self._submit(self._log_epoch, epoch, dict(metrics))
+
+    def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._log_metrics(metrics, epoch)
         w = self.writer
         w.add_scalar("Loss/train", metrics["train_loss"], epoch)
         w.add_scalar("Loss/valid", metrics["valid_loss"], epoch)
@@ -232,74 +275,67 @@ class Tracker:
         w.add_scalar("LR", metrics["lr"], epoch)
         w.flush()
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0, wait: bool = True) -> None:
-        if not self.enabled:
-            return
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._submit(self._log_metrics, dict(metrics), step)
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if wait:
-            self.client.log_batch(self.run_id, metrics=batch)
-        else:
-            self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
-
-    def flush(self) -> None:
-        """Wait until the store has every metric logged so far; a failed write raises TrackingError."""
-        pending, self._pending = self._pending, []
-        try:
-            for operation in pending:
-                operation.wait()
-        except Exception as e:
-            raise store_error(self.uri, e) from e
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Upload a file that no longer changes (the writer thread reads it later)."""
+        self._submit(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, filename: str) -> None:
-        if self.enabled:
-            self.client.log_text(self.run_id, text, filename)
+        self._submit(lambda: self.client.log_text(self.run_id, text, filename))
 
     def log_image(self, image, path: Path, tensorboard_tag: str | None = None) -> None:
         """An RGB(A) uint8 image (H, W, C), e.g. a rendered figure: saved as PNG at `path`, logged under the run's
         plots/, optionally shown in TensorBoard's IMAGES tab."""
-        from PIL import Image
-        Image.fromarray(image).save(path)
-        if self.enabled and tensorboard_tag and self.writer is not None:
-            self.writer.add_image(tensorboard_tag, image[..., :3], dataformats="HWC")
-        self.log_artifact(path, "plots")
+        def write():
+            from PIL import Image
+            Image.fromarray(image).save(path)
+            if tensorboard_tag:
+                self.writer.add_image(tensorboard_tag, image[..., :3], dataformats="HWC")
+            self.client.log_artifact(self.run_id, str(path), "plots")
+        self._submit(write)
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """TensorBoard's HPARAMS tab: this job's settings against its scores, beside every job of the sweep."""
-        if self.enabled and self.writer is not None:
-            self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        self._submit(lambda: self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()},
+                                                     run_name="."))
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, int]) -> None:
         """The data set as an MLflow dataset input: the runs table's Dataset column."""
-        if not self.enabled:
-            return
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-        ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
-                     profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
+        def write():
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+                         profile=json.dumps(profile))
+            self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
+        self._submit(write)
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.enabled:
-            self.client.set_tag(self.run_id, key, value)
+        self._submit(lambda: self.client.set_tag(self.run_id, key, value))
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Flush TensorBoard and pending metrics, then end the MLflow run with `status` (FINISHED, FAILED, KILLED)."""
+        """Wait for every write, close TensorBoard, then end the MLflow run with `status` (FINISHED, FAILED,
+        KILLED). A failed write is raised after the run has ended (never left RUNNING)."""
         if not self.enabled:
             return
+        failure = None
+        try:
+            self.flush()
+        except TrackingError as e:
+            failure = e
         if self.writer is not None:
             self.writer.close()
         if self.run_id is not None:
-            try:
-                self.flush()
-            finally:  # even when a metric write failed, the run must not stay RUNNING
-                if error:
-                    self.client.set_tag(self.run_id, "error", error[:5000])
-                end_run(self.uri, self.run_id, status)
+            if error:
+                self.client.set_tag(self.run_id, "error", error[:5000])
+            end_run(self.uri, self.run_id, status)
+        if failure is not None:
+            raise failure
 
 
 def silence_noisy_loggers() -> None:

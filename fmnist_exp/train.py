@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_exp.data import FashionMNIST, batches
+from fmnist_exp.data import FashionMNIST, batches, pixels
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for i in range(0, len(y), batch_size):
-        logits = model(x[i: i + batch_size])
+        logits = model(pixels(x[i: i + batch_size]))
         loss_sum += F.cross_entropy(logits, y[i: i + batch_size], reduction="sum")
         correct += (logits.argmax(1) == y[i: i + batch_size]).sum()
     return loss_sum.item() / len(y), correct.item() / len(y)
@@ -100,7 +100,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Predicted classes for x, in eval mode."""
     model.eval()
-    return torch.cat([model(x[i: i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(pixels(x[i: i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 def _improved(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
@@ -124,7 +124,7 @@ def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator
             if bar is not None:
                 bar.close()
             raise Interrupted(stop.signum)
-        loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+        loss = F.cross_entropy(model(pixels(data.train_x[idx])), data.train_y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,10 +25,12 @@ def test_tiny_files_load_exactly(tmp_path, layout):
     made = make_tiny_set(folder, n_train=300, n_test=50, gz=layout != "raw")
     ds = load(tmp_path)
     assert ds.split_sizes() == {"train": 200, "valid": 100, "test": 50}
-    assert ds.train_x.shape == (200, 1, 28, 28) and ds.train_x.dtype == torch.float32
-    assert float(ds.train_x.min()) >= 0.0 and float(ds.train_x.max()) <= 1.0
+    assert ds.train_x.shape == (200, 1, 28, 28) and ds.train_x.dtype == torch.uint8  # stored as in the files
+    x = data.pixels(ds.train_x)
+    assert x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     images, labels = made["t10k"]
-    torch.testing.assert_close(ds.test_x[:, 0], torch.from_numpy(images).float() / 255)
+    assert torch.equal(ds.test_x[:, 0], torch.from_numpy(images))
+    torch.testing.assert_close(data.pixels(ds.test_x)[:, 0], torch.from_numpy(images).float() / 255)
     assert ds.test_y.tolist() == labels.tolist()
     # train + valid together are exactly the 300 training examples, each once
     all_y = torch.cat([ds.train_y, ds.valid_y]).sort().values
