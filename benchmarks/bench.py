@@ -1,12 +1,19 @@
 """Side-by-side benchmark: the notebook's pipeline vs fmnist_exp's training path, on this machine, in one run.
 
-    .venv/bin/python benchmarks/bench.py [--epochs 2] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench.py [--epochs 3] [--ideas] [--sweep] [--out benchmarks/RESULTS.md]
 
-For Adam and SGD at batch 100 and 16 it alternates epochs of (a) the notebook's code — torchvision
-FashionMNIST + ToTensor per item + DataLoader, .item() every step — and (b) fmnist_exp.train.train_epoch on one
-in-memory tensor, same model, optimizer and split sizes, and reports median seconds per epoch (train +
-validation), the ratio, and both valid accuracies after the same number of epochs. Then it measures the CLI:
-time from process start to the first training step, peak RSS of a run, and tracking on vs off.
+1. For Adam and SGD at batch 100 and 16 it alternates epochs of (a) the notebook's code -- torchvision
+   FashionMNIST + ToTensor per item + DataLoader, .item() every step -- and (b) fmnist_exp's loop
+   (train.train_epoch + evaluate on one in-memory tensor, the optimizer as conf/ builds it, denormals flushed as
+   the CLI does, for both), same model and split sizes, and reports median seconds per epoch (train + validation), the
+   ratio, and both valid accuracies after the same number of epochs.
+2. The CLI (`python -m fmnist_exp`, the default 17-epoch run), tracking on and off, alternating: time from process
+   start to the first training step and to the end of epoch 1, seconds per epoch, whole-run wall time, and peak
+   RSS of each process.
+3. --ideas: what each speed idea is worth in our loop (optimizer implementation, denormals, threads, evaluation
+   batch size, torch.compile), each against the same baseline in the same process.
+4. --sweep: the 16-run `+experiment=notebook` sweep, sequential (1 job x 2 threads) and with joblib (2 jobs x 1
+   thread), wall time.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import argparse
 import gzip
 import os
 import platform
-import resource
+import re
 import shutil
 import statistics
 import subprocess
@@ -27,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fmnist_exp import data, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fmnist_exp import config, data, train  # noqa: E402
 from fmnist_exp.models import MLP  # noqa: E402
 
 SYSTEM = Path("/usr/share/datasets/fashion-mnist")
@@ -77,29 +85,43 @@ def notebook_epoch(model, optimizer, trainloader, validloader) -> tuple[float, f
     return time.perf_counter() - start, valid_accuracy / len(validloader)
 
 
-def our_epoch(model, optimizer, dataset, batch_size, generator) -> tuple[float, float]:
+def our_epoch(model, optimizer, dataset, batch_size, generator, eval_batch_size=1000) -> tuple[float, float]:
     start = time.perf_counter()
     train.train_epoch(model, optimizer, dataset, batch_size, generator, 1, progress=False)
-    _, acc = train.evaluate(model, dataset.valid_x, dataset.valid_y, 1000)
+    _, acc = train.evaluate(model, dataset.valid_x, dataset.valid_y, eval_batch_size)
     return time.perf_counter() - start, acc
 
 
-def make_optimizer(name, params):
+def our_optimizer(name: str, params, **changes):
+    """The optimizer exactly as conf/optimizer/<name>.yaml builds it (fused Adam), with optional changes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    config.register()
+    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"optimizer={name}"])
+    return instantiate(cfg.optimizer, **changes)(params=params)
+
+
+def notebook_optimizer(name: str, params):
     return optim.Adam(params, lr=1e-3) if name == "adam" else optim.SGD(params, lr=0.1)
 
 
+def load_ours() -> data.FashionMNIST:
+    return data.load(Path(tempfile.mkdtemp()), SYSTEM, False, 10000, 0, torch.device("cpu"))
+
+
 def compare(epochs: int, raw_root: Path) -> list[dict]:
-    dataset = data.load(Path(tempfile.mkdtemp()), SYSTEM, False, 10000, 0, torch.device("cpu"))
+    dataset = load_ours()
     rows = []
     for batch_size in (100, 16):
         trainloader, validloader = notebook_loaders(raw_root, batch_size)
         for opt_name in ("adam", "sgd"):
             torch.manual_seed(0)
             nb_model = NotebookDNN()
-            nb_opt = make_optimizer(opt_name, nb_model.parameters())
+            nb_opt = notebook_optimizer(opt_name, nb_model.parameters())
             torch.manual_seed(0)
             our_model = MLP()
-            our_opt = make_optimizer(opt_name, our_model.parameters())
+            our_opt = our_optimizer(opt_name, our_model.parameters())
             gen = torch.Generator().manual_seed(0)
             nb, ours = [], []
             for _ in range(epochs):  # alternate, so machine noise hits both alike
@@ -116,30 +138,171 @@ def compare(epochs: int, raw_root: Path) -> list[dict]:
     return rows
 
 
+def indexing_loop(model, optimizer, dataset, batch_size, generator) -> None:
+    """Our training loop as it was before: advanced indexing for each batch and optimizer.zero_grad()."""
+    model.train()
+    for idx in data.batches(len(dataset.train_y), batch_size, generator, dataset.train_x.device):
+        loss = F.cross_entropy(model(data.pixels(dataset.train_x[idx])), dataset.train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def ideas(epochs: int) -> list[tuple[str, str, float, float]]:
+    """(idea, variant, s/epoch at batch 100, s/epoch at batch 16) for our loop with Adam unless named otherwise."""
+    dataset = load_ours()
+    threads = torch.get_num_threads()
+
+    def run(make_opt, batch_size, flush=True, nthreads=threads, eval_bs=1000, compiled=False, loop=None) -> float:
+        torch.set_num_threads(nthreads)
+        torch.set_flush_denormal(flush)  # reaches only this thread: the denormal variants run on 1 thread
+        torch.manual_seed(0)
+        model = MLP()
+        opt = make_opt(model.parameters())
+        if compiled:
+            model = torch.compile(model)
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(epochs):
+            if loop is None:
+                times.append(our_epoch(model, opt, dataset, batch_size, gen, eval_bs)[0])
+            else:
+                start = time.perf_counter()
+                loop(model, opt, dataset, batch_size, gen)
+                train.evaluate(model, dataset.valid_x, dataset.valid_y, eval_bs)
+                times.append(time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+        return statistics.median(times[1:] if compiled else times)  # compiled: the first epoch compiles
+
+    fused = lambda p: our_optimizer("adam", p)  # noqa: E731 -- the default: fused=true
+    variants = [
+        ("Adam implementation", "for-loop (torch's CPU default)", lambda p: our_optimizer("adam", p, fused=False), {}),
+        ("Adam implementation", "foreach", lambda p: our_optimizer("adam", p, fused=False, foreach=True), {}),
+        ("Adam implementation", "fused (ours)", fused, {}),
+        ("SGD implementation", "for-loop (ours)", lambda p: our_optimizer("sgd", p), {}),
+        ("SGD implementation", "foreach", lambda p: our_optimizer("sgd", p, foreach=True), {}),
+        ("SGD implementation", "fused", lambda p: our_optimizer("sgd", p, fused=True), {}),
+        ("denormals (fused Adam, 1 thread)", "kept", fused, {"flush": False, "nthreads": 1}),
+        ("denormals (fused Adam, 1 thread)", "flushed to zero (ours)", fused, {"flush": True, "nthreads": 1}),
+        ("batch gather + zero_grad", "x[idx] + optimizer.zero_grad()", fused, {"loop": indexing_loop}),
+        ("batch gather + zero_grad", "index_select + grad = None (ours)", fused, {}),
+        ("threads per job", "1", fused, {"nthreads": 1}),
+        ("threads per job", f"{threads} (all cores)", fused, {"nthreads": threads}),
+        ("evaluation batch", "100", fused, {"eval_bs": 100}),
+        ("evaluation batch", "1000 (ours)", fused, {"eval_bs": 1000}),
+        ("evaluation batch", "10000", fused, {"eval_bs": 10000}),
+        ("torch.compile(model)", "no (ours)", fused, {}),
+        ("torch.compile(model)", "yes, after the compiling epoch", fused, {"compiled": True}),
+    ]
+    rows = []
+    for idea, variant, make, kw in variants:
+        t100, t16 = run(make, 100, **kw), run(make, 16, **kw)
+        print(f"{idea:34} {variant:36} batch 100 {t100:.3f} s/epoch, batch 16 {t16:.3f} s/epoch", flush=True)
+        rows.append((idea, variant, t100, t16))
+    return rows
+
+
+LINE = re.compile(r"^\[[^\]]+\]\[[^\]]+\]\[\w+\] - ")
+
+
 def cli_run(args: list[str], cwd: Path) -> dict:
-    """Run the CLI; time to the first training step, wall time, per-epoch times and peak RSS of the child."""
+    """Run the CLI; seconds from process start to the first training step and to the end of epoch 1, epoch times
+    and the gaps between epochs, wall time, and the process's own peak RSS (os.wait4)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
-    first_step, epochs = None, []
+    first_step, epoch_ends, epochs, output = None, [], [], []
     for line in proc.stdout:
-        if first_step is None and "Training:" in line:
-            first_step = time.perf_counter() - start
+        output.append(line)
+        now = time.perf_counter() - start
+        if first_step is None and "Training:" in line:  # logged just before the first step
+            first_step = now
         if "| train loss" in line:
+            epoch_ends.append(now)
             epochs.append(float(line.rsplit("|", 1)[1].strip().removesuffix(" s")))
-    proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"CLI run failed: {args}")
-    return dict(first_step=first_step, wall=wall, epoch_s=statistics.median(epochs))
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"CLI run failed: {args}\n{''.join(output[-20:])}")
+    gaps = [b - a for a, b in zip(epoch_ends, epoch_ends[1:])]
+    return dict(first_step=first_step, epoch1_end=epoch_ends[0], wall=wall, epoch_s=statistics.median(epochs),
+                cycle_s=statistics.median(gaps) if gaps else float("nan"), rss_mb=usage.ru_maxrss / 1024)
+
+
+def cli(cwd: Path, reps: int) -> dict[bool, dict]:
+    cli_run(["train.epochs=1", "tracking.enabled=false", "train.progress=off"], cwd)  # warm the caches
+    runs: dict[bool, list] = {True: [], False: []}
+    for _ in range(reps):  # alternate tracking on/off
+        for tracking_on in (True, False):
+            runs[tracking_on].append(cli_run(["train.progress=off", f"tracking.enabled={str(tracking_on).lower()}"],
+                                             cwd))
+    out = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    for k in (True, False):
+        out[k]["rss_mb"] = max(r["rss_mb"] for r in runs[k])
+    on, off = out[True], out[False]
+    print(f"first training step: {off['first_step']:.2f} s (tracking off), {on['first_step']:.2f} s (on); "
+          f"epoch 1 done at {off['epoch1_end']:.2f} s vs {on['epoch1_end']:.2f} s")
+    print(f"17-epoch run: wall {on['wall']:.1f} s on vs {off['wall']:.1f} s off; epoch {on['epoch_s']:.3f} vs "
+          f"{off['epoch_s']:.3f} s; epoch to epoch {on['cycle_s']:.3f} vs {off['cycle_s']:.3f} s")
+    print(f"peak RSS: {on['rss_mb']:.0f} MB (tracking on), {off['rss_mb']:.0f} MB (off)", flush=True)
+    return out
+
+
+def sweep(cwd: Path) -> dict[str, float]:
+    out = {}
+    for name, extra in (("sequential, 1 job x 2 threads", []),
+                        ("joblib, 2 jobs x 1 thread", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])):
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "fmnist_exp", "+experiment=notebook", "train.progress=off",
+                                 *extra], cwd=cwd, capture_output=True, text=True)
+        out[name] = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"sweep failed ({name}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        print(f"notebook sweep, {name}: {out[name] / 60:.1f} min", flush=True)
+    return out
+
+
+def report(args, rows, cli_out, idea_rows, sweep_out) -> str:
+    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {platform.node()}, {os.cpu_count()} cores, "
+             f"torch {torch.__version__}, {args.epochs} epochs per pipeline\n",
+             "| optimizer | batch | notebook s/epoch | ours s/epoch | speed-up | notebook valid acc | ours valid acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['optimizer']} | {r['batch_size']} | {r['notebook_s']:.2f} | {r['ours_s']:.2f} | "
+              f"{r['speedup']:.1f}× | {r['notebook_acc']:.4f} | {r['ours_acc']:.4f} |" for r in rows]
+    on, off = cli_out[True], cli_out[False]
+    lines += ["", "The CLI, default run (Adam, batch 100, 17 epochs), median of the alternating runs:", "",
+              "| | tracking off | tracking on |", "|---|---:|---:|",
+              f"| first training step (s from process start) | {off['first_step']:.2f} | {on['first_step']:.2f} |",
+              f"| end of epoch 1 (s) | {off['epoch1_end']:.2f} | {on['epoch1_end']:.2f} |",
+              f"| epoch (s, as logged) | {off['epoch_s']:.3f} | {on['epoch_s']:.3f} |",
+              f"| epoch to epoch (s, incl. checkpoints and logging) | {off['cycle_s']:.3f} | {on['cycle_s']:.3f} |",
+              f"| whole run, wall (s) | {off['wall']:.1f} | {on['wall']:.1f} |",
+              f"| peak RSS (MB, largest process) | {off['rss_mb']:.0f} | {on['rss_mb']:.0f} |", ""]
+    if idea_rows:
+        lines += [f"Speed ideas in our loop (median s/epoch over {args.epochs} epochs, train + validation):", "",
+                  "| idea | variant | batch 100 | batch 16 |", "|---|---|---:|---:|"]
+        lines += [f"| {i} | {v} | {a:.3f} | {b:.3f} |" for i, v, a, b in idea_rows]
+        lines.append("")
+    if sweep_out:
+        lines += ["The 16-run `+experiment=notebook` sweep (17 epochs each, tracking on):", ""]
+        lines += [f"- {name}: {secs / 60:.1f} min ({secs:.0f} s)" for name, secs in sweep_out.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per pipeline and per idea variant")
+    ap.add_argument("--reps", type=int, default=2, help="CLI runs per tracking setting")
+    ap.add_argument("--ideas", action="store_true", help="also measure each speed idea")
+    ap.add_argument("--sweep", action="store_true", help="also time the 16-run notebook sweep (~10 min)")
     ap.add_argument("--out", default=None, help="append a results section to this markdown file")
     args = ap.parse_args()
+    # As the CLI does (train.flush_denormal), for both pipelines: the flag is per thread, so it must be set before
+    # torch starts its worker threads, and it cannot be switched for one pipeline only afterwards.
+    torch.set_flush_denormal(True)
     work = Path(tempfile.mkdtemp(prefix="fmnist_bench_"))
     raw = work / "FashionMNIST" / "raw"  # the notebook's torchvision layout, uncompressed
     raw.mkdir(parents=True)
@@ -147,39 +310,14 @@ def main() -> None:
         (raw / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)
     rows = compare(args.epochs, work)
-
+    idea_rows = ideas(args.epochs) if args.ideas else []
     cwd = work / "cli"
     cwd.mkdir()
-    common = ["train.epochs=3", "train.progress=off"]
-    cli_run(["train.epochs=1", "tracking.enabled=false"], cwd)  # warm the data cache and the OS page cache
-    runs = {}
-    for rep in range(2):  # alternate tracking on/off
-        for tracking_on in (True, False):
-            r = cli_run([*common, f"tracking.enabled={str(tracking_on).lower()}"], cwd)
-            runs.setdefault(tracking_on, []).append(r)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    on = {k: statistics.median(r[k] for r in runs[True]) for k in ("first_step", "wall", "epoch_s")}
-    off = {k: statistics.median(r[k] for r in runs[False]) for k in ("first_step", "wall", "epoch_s")}
-    print(f"start-up to first training step: {off['first_step']:.2f} s (tracking off), "
-          f"{on['first_step']:.2f} s (on)")
-    print(f"3-epoch run wall: tracking on {on['wall']:.1f} s, off {off['wall']:.1f} s "
-          f"(+{100 * (on['wall'] / off['wall'] - 1):.0f}%); epoch time on {on['epoch_s']:.2f} s, off "
-          f"{off['epoch_s']:.2f} s (+{100 * (on['epoch_s'] / off['epoch_s'] - 1):.1f}%)")
-    print(f"peak RSS of a run (largest child): {peak_rss_mb:.0f} MB")
+    cli_out = cli(cwd, args.reps)
+    sweep_out = sweep(cwd) if args.sweep else {}
     if args.out:
-        lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {platform.node()}, {os.cpu_count()} cores, "
-                 f"torch {torch.__version__}, {args.epochs} epochs per pipeline\n",
-                 "| optimizer | batch | notebook s/epoch | ours s/epoch | speed-up | notebook valid acc | ours valid acc |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['optimizer']} | {r['batch_size']} | {r['notebook_s']:.2f} | {r['ours_s']:.2f} | "
-                  f"{r['speedup']:.1f}× | {r['notebook_acc']:.4f} | {r['ours_acc']:.4f} |" for r in rows]
-        lines += ["", f"- start-up to first training step: {off['first_step']:.2f} s (tracking off), "
-                      f"{on['first_step']:.2f} s (on)",
-                  f"- peak RSS of a run: {peak_rss_mb:.0f} MB",
-                  f"- tracking on vs off, 3-epoch run: wall {on['wall']:.1f} s vs {off['wall']:.1f} s; median epoch "
-                  f"{on['epoch_s']:.2f} s vs {off['epoch_s']:.2f} s", ""]
         with open(args.out, "a") as f:
-            f.write("\n".join(lines))
+            f.write(report(args, rows, cli_out, idea_rows, sweep_out))
     shutil.rmtree(work, ignore_errors=True)
 
 

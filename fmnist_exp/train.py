@@ -115,6 +115,7 @@ def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator
     model.train()
     steps = batches(len(data.train_y), batch_size, generator, data.train_x.device)
     losses = torch.zeros(len(steps), device=data.train_x.device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -124,8 +125,11 @@ def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator
             if bar is not None:
                 bar.close()
             raise Interrupted(stop.signum)
-        loss = F.cross_entropy(model(pixels(data.train_x[idx])), data.train_y[idx])
-        optimizer.zero_grad(set_to_none=True)
+        # index_select, not x[idx]: the same rows, ~6x faster to gather than advanced indexing on a 4-d tensor
+        x, y = data.train_x.index_select(0, idx), data.train_y.index_select(0, idx)
+        loss = F.cross_entropy(model(pixels(x)), y)
+        for p in params:  # = optimizer.zero_grad(set_to_none=True), without its ~20 us of overhead per step
+            p.grad = None
         loss.backward()
         optimizer.step()
         losses[step] = loss.detach()
