@@ -58,6 +58,16 @@ def test_defaults_are_the_notebook_headline_run():
     assert compose_cfg("optimizer=sgd").optimizer.lr == 0.1
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_runs_the_fused_kernel(name):
+    cfg = compose_cfg(f"optimizer={name}")
+    optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(3))])
+    assert optimizer.defaults["fused"] is True
+    off = instantiate(compose_cfg(f"optimizer={name}", "optimizer.fused=null").optimizer)(
+        params=[torch.nn.Parameter(torch.zeros(3))])
+    assert off.defaults["fused"] is None  # torch's own choice
+
+
 def test_notebook_experiment_is_a_16_run_grid():
     cfg = compose_cfg("+experiment=notebook", hydra=True)
     params = cfg.hydra.sweeper.params

@@ -169,7 +169,7 @@ def test_parallel_jobs_share_one_store(tmp_path, tiny_root, store, request):
     extra = [f"tracking.uri={uri}"] if uri else []
     result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
                      "train.epochs=3", "optimizer=sgd,adam", "data.batch_size=20,50", "train.seed=0,1", *extra,
-                     cwd=tmp_path)
+                     cwd=tmp_path, timeout=240)  # a sweep that waits for joblib's idle workers (300 s) fails here
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "database is locked" not in out
