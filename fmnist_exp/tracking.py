@@ -362,8 +362,11 @@ def silence_noisy_loggers() -> None:
 
 
 def log_model(uri: str, run_id: str, model, example) -> None:
-    """Log `model` as an MLflow model named 'model' on `run_id` (slow: once per sweep), with a signature and
-    an input example, so `mlflow models predict -m runs:/<run_id>/model` serves it."""
+    """Log `model` as an MLflow model named 'model' on `run_id` (once per run or sweep), with a signature and
+    an input example, so `mlflow models predict -m runs:/<run_id>/model` serves it.
+
+    Pickled with this package beside it (code_paths), not exported with torch.export (MLflow 3's default): the
+    export costs ~1.5 s and ~190 MB of peak memory more for the same servable model (benchmarks/RESULTS.md)."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -374,4 +377,5 @@ def log_model(uri: str, run_id: str, model, example) -> None:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output),
-                                 input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                                 input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                 serialization_format="pickle", code_paths=[str(Path(__file__).parent)])
