@@ -133,7 +133,8 @@ def log_run_plots(model, dataset: data.FashionMNIST, state: train.LoopState, fin
     tracker.log_image(plots.render(plots.confusion_matrix(y_true, y_pred)), folder / "confusion_matrix.png")
     grid = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(y_true), generator=grid)[:32].numpy()  # the same 32 images for every run
-    tracker.log_image(plots.render(plots.sample_grid(data.pixels(dataset.test_x[pick]).cpu().numpy(), y_true[pick], y_pred[pick])),
+    images = data.pixels(dataset.test_x[pick]).cpu().numpy()
+    tracker.log_image(plots.render(plots.sample_grid(images, y_true[pick], y_pred[pick])),
                       folder / "test_samples.png", tensorboard_tag="Samples/test")
     tracker.log_hparams(hparams(cfg, HydraConfig.get()), {k: final[k] for k in ("best_valid_acc", "test_acc")})
 
@@ -225,7 +226,7 @@ def task(cfg: DictConfig) -> float | None:
             if not multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
                 tracker.flush()
                 tracking.log_model(tracker.uri, tracker.run_id, models.load_best(cfg.model, job_dir),
-                                   data.example_input(cfg.data.root, cfg.data.system_dir, cfg.data.cache))
+                                   data.example_input(dataset.test_x))
             tracker.finish("FINISHED")
             if stop.signum is None:
                 return final["test_acc"]

@@ -86,6 +86,7 @@ def log_winner(uri: str, parent_id: str, run_id: str) -> None:
     run = tracking.client(uri).get_run(run_id)
     job_dir = Path(run.data.tags["fmnist.job_dir"])
     job_cfg = OmegaConf.load(job_dir / "config.yaml")
-    example = data.example_input(job_cfg.data.root, job_cfg.data.system_dir, job_cfg.data.cache)
+    arrays, _, _ = data.load_arrays(Path(job_cfg.data.root), Path(job_cfg.data.system_dir), False, job_cfg.data.cache)
+    example = data.example_input(arrays["test_images"])
     tracking.log_model(uri, parent_id, models.load_best(job_cfg.model, job_dir), example)
     tracking.client(uri).set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")

@@ -193,10 +193,10 @@ def pixels(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
-def example_input(root: str | Path, system_dir: str | Path, cache: bool = True, n: int = 2) -> np.ndarray:
-    """The first n test images as the float32 array a logged MLflow model takes: (n, 1, 28, 28) in [0, 1]."""
-    arrays, _, _ = load_arrays(Path(root), Path(system_dir), False, cache)
-    return arrays["test_images"][:n, None].astype(np.float32) / 255.0
+def example_input(images, n: int = 2) -> np.ndarray:
+    """The first n stored uint8 images (an array or a tensor on any device) as the float32 array a logged MLflow
+    model takes: (n, 1, 28, 28) in [0, 1]."""
+    return pixels(torch.as_tensor(images[:n]).cpu().reshape(-1, 1, 28, 28)).numpy()
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):

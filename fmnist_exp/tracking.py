@@ -271,9 +271,7 @@ class Tracker:
         self._submit(self._log_epoch, epoch, dict(metrics))
 
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        self._unsent += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        self._add_metrics(metrics, epoch)
         if time.monotonic() - self._last_sent >= METRICS_EVERY_S:  # short epochs: several per write
             self._send_metrics()
         w = self.writer
@@ -285,6 +283,11 @@ class Tracker:
         w.add_scalar("LR", metrics["lr"], epoch)
         w.flush()
 
+    def _add_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self._unsent += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
     def _send_metrics(self) -> None:
         batch, self._unsent = self._unsent, []
         for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -292,12 +295,8 @@ class Tracker:
         self._last_sent = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self._submit(self._log_metrics, dict(metrics), step)
-
-    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._submit(self._add_metrics, dict(metrics), step)
+        self._submit(self._send_metrics)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file that no longer changes (the writer thread reads it later)."""
