@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fmnist_exp import tracking
+from fmnist_exp import job, tracking
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +39,39 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from fmnist_exp import report  # pandas: only the sweep's end needs it, not every job
+        """The sweep table and winner (tracked sweeps), then exit 1 if any job did not finish, tracked or not."""
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = read_parent(sweep_dir)
-        if parent is None:
-            return
+        if parent:
+            failures, total = self._report(parent, sweep_dir)
+        else:  # untracked: each job's outcome.json is all there is
+            outcomes = job.read_outcomes(sweep_dir)
+            failures = [f"{name}: {o.error or o.status}" for name, o in outcomes
+                        if o.status not in ("FINISHED", "SKIPPED")]
+            total = len(outcomes)
+        if failures:
+            print(f"{len(failures)} of {total} jobs failed: {'; '.join(failures)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    def _report(self, parent: dict, sweep_dir: Path) -> tuple[list[str], int]:
+        """Print, write and log the sweep table, its plots and the winner's model; end the parent run."""
+        from fmnist_exp import report  # pandas: only the sweep's end needs it, not every job
         uri, parent_id = parent["uri"], parent["run_id"]
         table = report.sweep_table(uri, parent["experiment_id"], parent_id)
-        print("\n" + report.format_table(table), flush=True)
+        print("\n" + report.format_table(table) + "\n" + report.ranked_by_line(table), flush=True)
         c = tracking.client(uri)
         for path in report.write_table(table, sweep_dir):
             c.log_artifact(parent_id, str(path))
         finished = table[table["status"] == "FINISHED"]
         try:
             log_sweep_plots(uri, parent_id, finished, sweep_dir)
-            if len(finished) and finished["test_acc"].notna().any():
-                log_winner(uri, parent_id, finished.iloc[0]["run_id"])
+            if len(finished) and table.loc[0, "best"] == "★":  # ranked on validation data (report.py)
+                log_winner(uri, parent_id, table.loc[0, "run_id"], table.attrs["ranked_by"][0])
         except Exception as e:  # the jobs' results are safe in the store; a plotting failure must not hide them
             log.error("could not log the sweep's plots or winning model: %s", e)
         failed = table[table["status"] != "FINISHED"]
         tracking.end_run(uri, parent_id, "FAILED" if len(failed) else "FINISHED")
-        if len(failed):
-            reasons = "; ".join(f"{r.name}: {r.error or r.status}" for r in failed.itertuples())
-            print(f"{len(failed)} of {len(table)} jobs failed: {reasons}", file=sys.stderr, flush=True)
-            sys.exit(1)
+        return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
 
 
 def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None:
@@ -78,8 +87,9 @@ def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None
         c.log_artifact(parent_id, str(sweep_dir / name), "plots")
 
 
-def log_winner(uri: str, parent_id: str, run_id: str) -> None:
-    """The best job's model, as an MLflow model on the parent run (once per sweep: it is slow)."""
+def log_winner(uri: str, parent_id: str, run_id: str, ranked_by: str) -> None:
+    """The best job's model (best on validation data), as an MLflow model on the parent run (once per sweep:
+    it is slow)."""
     from omegaconf import OmegaConf
 
     from fmnist_exp import data, models
@@ -89,4 +99,7 @@ def log_winner(uri: str, parent_id: str, run_id: str) -> None:
     arrays, _, _ = data.load_arrays(Path(job_cfg.data.root), Path(job_cfg.data.system_dir), False, job_cfg.data.cache)
     example = data.example_input(arrays["test_images"])
     tracking.log_model(uri, parent_id, models.load_best(job_cfg.model, job_dir), example)
-    tracking.client(uri).set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")
+    c = tracking.client(uri)
+    c.set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")
+    c.set_tag(parent_id, "fmnist.winner_run_id", run_id)
+    c.set_tag(parent_id, "fmnist.winner_ranked_by", ranked_by)

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # absolute: works as `python -m` and as `fmnist-exp`
+# shipped inside the package (a wheel carries it); the repo's top-level conf/ links here for users to browse
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -191,7 +192,10 @@ def _check(ok: bool, key: str, value: Any, need: str, example: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks for every key a run depends on; raises ConfigError naming the first bad key."""
+    """Every value a run depends on, before any run exists: range checks the types can't express, then the
+    optimizer and LR schedule built and stepped through train.epochs on a stand-in parameter, so whatever the
+    library refuses (momentum < 0, betas outside [0, 1), factor >= 1, step_size 0, ...) fails here as one
+    ConfigError line naming the key."""
     d, t, m, o = cfg.data, cfg.train, cfg.model, cfg.optimizer
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer", 100)
     _check(0 < d.valid_size < 60000, "data.valid_size", d.valid_size, "between 1 and 59999", 10000)
@@ -208,8 +212,73 @@ def validate(cfg: DictConfig) -> None:
     _check(o.lr > 0, "optimizer.lr", o.lr, "a positive number", 0.001)
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "zero or positive", 0.001)
     _check(m.init in INITS, "model.init", m.init, "one of " + "|".join(INITS), "he")
-    _check(all(h > 0 for h in m.hidden), "model.hidden", list(m.hidden), "positive layer widths", "[128,64]")
+    _check(m.init_std >= 0, "model.init_std", m.init_std, "zero or positive", 0.01)
+    _check(len(m.hidden) > 0 and all(h > 0 for h in m.hidden), "model.hidden", list(m.hidden),
+           "positive layer widths", "[128,64]")
     for i, q in enumerate(m.dropout):
         _check(0 <= q < 1, f"model.dropout[{i}]", q, "in [0, 1)", 0.5)
     _check(len(m.dropout) in (0, len(m.hidden)), "model.dropout", list(m.dropout),
            f"[] or one probability per hidden layer ({len(m.hidden)})", "[0.5,0.2]")
+    if "channels" in m:
+        _check(len(m.channels) > 0 and all(c > 0 for c in m.channels), "model.channels", list(m.channels),
+               "positive channel counts", "[32,64]")
+        _check(len(m.channels) <= MAX_CONV_BLOCKS, "model.channels", list(m.channels),
+               f"at most {MAX_CONV_BLOCKS} conv blocks (each halves the 28x28 image)", "[32,64]")
+    check_schedule(cfg)
+
+
+MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1: a fifth 2x2 max-pool has nothing left to pool
+
+
+def check_buildable(cfg: DictConfig, make, group: str):
+    """`make()` (which instantiates cfg[group]), with an error of the library turned into one ConfigError line
+    that names the key it is about."""
+    try:
+        return make()
+    except (ValueError, TypeError, IndexError, RuntimeError, ZeroDivisionError) as e:
+        raise ConfigError(_blame(cfg, group, e)) from None
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """Build the optimizer and the schedule on a stand-in parameter and step through every epoch: what would
+    fail (or drive the learning rate negative or non-finite) in epoch 12 fails now, naming the key."""
+    import math
+
+    import torch
+    from hydra.utils import instantiate
+    optimizer = check_buildable(cfg, lambda: instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))]),
+                                "optimizer")
+
+    def step_through():
+        scheduler = instantiate(cfg.schedule)(optimizer=optimizer)
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        for epoch in range(1, cfg.train.epochs + 1):
+            optimizer.step()  # no grads: changes nothing, but the schedule sees the order it expects
+            scheduler.step(1.0) if plateau else scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]
+            if not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"the learning rate becomes {lr:g} after epoch {epoch}")
+    check_buildable(cfg, step_through, "schedule")
+
+
+def _blame(cfg: DictConfig, group: str, error: Exception) -> str:
+    """'<key>=<value> is invalid: <library's reason>; change <key>', naming the keys of cfg[group] the message
+    mentions (or, for a division by zero, the keys set to 0); the whole group if none can be singled out."""
+    node = cfg[group]
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    keys = [k for k in node if not str(k).startswith("_")]
+    words = reason.lower().replace("_", " ")
+    named = [k for k in keys if str(k).lower() in reason.lower() or str(k).rstrip("s").lower() in words.split()]
+    if not named and isinstance(error, ZeroDivisionError):
+        named = [k for k in keys if type(node[k]) is int and node[k] == 0]  # divisors are counts (step_size)
+    if not named:
+        named = [k for k in keys if type(node[k]) in (int, float) and node[k] < 0]
+    choice = OmegaConf.select(cfg, f"{group}._target_", default="?").rsplit(".", 1)[-1]
+    if not named:
+        return f"{group} ({choice}) is invalid: {reason}; check the {group}.* values (python -m fmnist_exp --cfg job)"
+    shown = ", ".join(f"{group}.{k}={_show(node[k])}" for k in named)
+    return f"{shown} is invalid for {choice}: {reason}; change {' or '.join(f'{group}.{k}' for k in named)}"
+
+
+def _show(value) -> str:
+    return str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value).replace(" ", "")

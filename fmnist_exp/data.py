@@ -199,7 +199,19 @@ def example_input(images, n: int = 2) -> np.ndarray:
     return pixels(torch.as_tensor(images[:n]).cpu().reshape(-1, 1, 28, 28)).numpy()
 
 
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Sizes of one epoch's training batches: full ones, then the remainder as a last partial batch (DataLoader's
+    drop_last=False), except a remainder of one example, which is left out of that epoch: BatchNorm cannot
+    normalise a batch of one, and the shuffle puts a different example there every epoch."""
+    sizes = [batch_size] * (n // batch_size)
+    if n % batch_size > 1 or (n % batch_size == 1 and not sizes):
+        sizes.append(n % batch_size)
+    return sizes
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):
-    """Shuffled index slices covering 0..n-1 once, last partial batch kept (DataLoader drop_last=False)."""
-    perm = torch.randperm(n, generator=generator, device=device)
-    return [perm[i: i + batch_size] for i in range(0, n, batch_size)]
+    """Shuffled index slices covering 0..n-1 once (see batch_sizes for the remainder). The order is drawn on the
+    CPU from `generator`, so a run's order and its checkpointed generator state are the same on any device."""
+    sizes = batch_sizes(n, batch_size)
+    perm = torch.randperm(n, generator=generator).to(device)
+    return list(perm[: sum(sizes)].split(sizes))

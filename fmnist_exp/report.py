@@ -1,5 +1,9 @@
 """Sweep review: which config won, by how much. Reads the MLflow store (the source of truth), not log files.
 
+The winner is chosen on validation data: jobs are ranked by their best checkpoint's own value of the monitored
+metric (train.monitor: ckpt_valid_loss, lowest first, or ckpt_valid_acc, highest first). Test scores are shown
+beside it and never used to rank.
+
     python -m fmnist_exp.report [SWEEP] [--by KEY] [--tracking-uri URI]
 
 SWEEP is a sweep directory (multirun/<date>/<time>), an MLflow parent run id, or omitted (the newest sweep).
@@ -15,7 +19,14 @@ import pandas as pd
 
 from fmnist_exp import config, tracking
 
-METRICS = ["epochs_run", "best_epoch", "best_valid_loss", "best_valid_acc", "test_loss", "test_acc", "train_time"]
+METRICS = ["epochs_run", "best_epoch", "ckpt_valid_loss", "ckpt_valid_acc", "test_loss", "test_acc", "train_time"]
+RANK = {"valid_loss": ("ckpt_valid_loss", True), "valid_acc": ("ckpt_valid_acc", False)}  # metric, ascending
+
+
+def ranking(monitors: set[str]) -> tuple[str, bool]:
+    """(column, ascending) the jobs are ranked by: their common train.monitor's checkpoint score; a sweep that
+    varies train.monitor is ranked by validation loss, which every job records."""
+    return RANK[monitors.pop()] if len(monitors) == 1 and next(iter(monitors)) in RANK else RANK["valid_loss"]
 
 
 def _readable(key: str, keys: list[str]) -> str:
@@ -50,9 +61,20 @@ def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFram
     table = pd.DataFrame(rows, columns=["run_id", *columns.values(), "status", *METRICS, "error", "name"])
     for col in ("epochs_run", "best_epoch"):
         table[col] = table[col].astype("Int64")
-    table = table.sort_values("test_acc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
-    table.insert(0, "best", ["★" if i == 0 and pd.notna(table.loc[0, "test_acc"]) else "" for i in range(len(table))])
+    by, ascending = ranking({r.data.params.get("train.monitor", "valid_loss") for r in runs})
+    done = table["status"] == "FINISHED"
+    table = pd.concat([table[done].sort_values(by, ascending=ascending, na_position="last", kind="stable"),
+                       table[~done]]).reset_index(drop=True)
+    table.insert(0, "best", ["★" if i == 0 and len(table) and table.loc[0, "status"] == "FINISHED"
+                             and pd.notna(table.loc[0, by]) else "" for i in range(len(table))])
+    table.attrs["ranked_by"] = (by, ascending)
     return table
+
+
+def ranked_by_line(table: pd.DataFrame) -> str:
+    by, ascending = table.attrs.get("ranked_by", RANK["valid_loss"])
+    return (f"Ranked by {by} ({'lowest' if ascending else 'highest'} first: the best checkpoint's validation "
+            "score, train.monitor); test scores are shown, not used to choose.")
 
 
 def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
@@ -60,15 +82,18 @@ def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
     options = [c for c in table.columns if c not in ("best", "run_id", "status", "error", "name", *METRICS)]
     if by not in options:
         raise SystemExit(f"error: --by {by}: not a key that varies in this sweep; choose one of {options}")
+    rank, ascending = table.attrs.get("ranked_by", RANK["valid_loss"])
     done = table[table["status"] == "FINISHED"]
     out = []
     for value, g in done.groupby(by, sort=False):
-        row = {by: value, "runs": len(g)}
-        for m in ("best_valid_acc", "test_acc", "test_loss", "train_time"):
+        row = {by: value, "runs": len(g), "_rank": g[rank].mean()}
+        for m in ("ckpt_valid_loss", "ckpt_valid_acc", "test_acc", "test_loss", "train_time"):
             std = g[m].std(ddof=1) if len(g) > 1 else 0.0
             row[m] = f"{g[m].mean():.4f} ± {std:.4f}"
         out.append(row)
-    return pd.DataFrame(out).sort_values("test_acc", ascending=False).reset_index(drop=True)
+    result = pd.DataFrame(out).sort_values("_rank", ascending=ascending).drop(columns="_rank").reset_index(drop=True)
+    result.attrs["ranked_by"] = (f"mean {rank}", ascending)
+    return result
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -129,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     uri = args.tracking_uri or tracking.resolve_uri(None)
     exp_id, parent_id = find_parent(uri, args.experiment, args.sweep)
     table = sweep_table(uri, exp_id, parent_id)
-    print(format_table(grouped(table, args.by) if args.by else table))
+    shown = grouped(table, args.by) if args.by else table
+    print(format_table(shown))
+    print(ranked_by_line(shown))
     sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
     if sweep_dir and Path(sweep_dir).is_dir() and not args.by:
         write_table(table, Path(sweep_dir))

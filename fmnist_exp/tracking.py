@@ -183,6 +183,7 @@ class Tracker:
         self._client = None
         self._queue: queue.Queue | None = None
         self._error: Exception | None = None  # the first failed write, until check/flush raises it
+        self._thread: threading.Thread | None = None
         self._unsent: list = []  # per-epoch MLflow metrics not yet written (writer thread only)
         self._last_sent = 0.0
 
@@ -192,12 +193,16 @@ class Tracker:
             return
         if self._queue is None:
             self._queue = queue.Queue()
-            threading.Thread(target=self._work, name="fmnist-tracker", daemon=True).start()
+            self._thread = threading.Thread(target=self._work, name="fmnist-tracker", daemon=True)
+            self._thread.start()
         self._queue.put((fn, args))
 
     def _work(self) -> None:
         while True:
             fn, args = self._queue.get()
+            if fn is None:  # close(): the job is over
+                self._queue.task_done()
+                return
             try:
                 if self._error is None:  # after a failure, skip writes until it has been reported
                     fn(*args)
@@ -345,12 +350,25 @@ class Tracker:
             failure = e
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.run_id is not None:
             if error:
                 self.client.set_tag(self.run_id, "error", error[:5000])
             end_run(self.uri, self.run_id, status)
         if failure is not None:
             raise failure
+
+    def close(self) -> None:
+        """Release what this tracker started (its thread, TensorBoard writer, client); finish() first to keep
+        the writes. Safe to call more than once."""
+        if self._thread is not None:
+            self._queue.put((None, ()))
+            self._thread.join(timeout=60)
+            self._thread, self._queue = None, None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self._client = None
 
 
 def silence_noisy_loggers() -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_exp.data import FashionMNIST, batches, pixels
+from fmnist_exp.data import FashionMNIST, batch_sizes, batches, pixels  # noqa: F401 (batch_sizes: job.py)
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,25 @@ class CheckpointMismatch(ValueError):
 
 
 class StopOnSignal:
-    """While active, SIGINT/SIGTERM only set `signum`; the loop stops between steps. A second signal kills."""
+    """While active, SIGINT/SIGTERM only set `signum`: the loop stops at the next step and the job records itself
+    KILLED. A second signal during training stops it at once (raised where it lands; the last epoch's checkpoint
+    is intact), a second one after training (testing, logging, or recording a stop) is ignored, and a third gets Python's default behaviour."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.count = 0
+        self.recording = False  # set once training is over: the job is writing its results or its stop
         self._previous = {}
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        for sig, handler in self._previous.items():  # a second Ctrl-C is not ignored
+        self.count += 1
+        if self.count == 1:
+            self.signum = signum
+            return
+        for sig, handler in self._previous.items():  # a third signal is not ignored
             signal.signal(sig, handler)
+        if not self.recording:
+            raise Interrupted(signum)
 
     def __enter__(self):
         try:
@@ -193,9 +202,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Fas
     model.load_state_dict(torch.load(checkpoint_path, map_location=data.test_x.device, weights_only=True))
     test_loss, test_acc = evaluate(model, data.test_x, data.test_y, settings.eval_batch_size)
     log.info("Test (best checkpoint, epoch %d) | loss %.4f | accuracy %.4f", state.best_epoch, test_loss, test_acc)
+    at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
+    # the tested checkpoint's own validation scores (not the best of each over all epochs): what a sweep ranks by
     return dict(test_loss=test_loss, test_acc=test_acc, best_epoch=state.best_epoch,
-                best_valid_loss=min((h["valid_loss"] for h in state.history), default=math.nan),
-                best_valid_acc=max((h["valid_acc"] for h in state.history), default=math.nan),
+                ckpt_valid_loss=at_best.get("valid_loss", math.nan), ckpt_valid_acc=at_best.get("valid_acc", math.nan),
                 epochs_run=state.epoch, train_time=sum(h["epoch_time"] for h in state.history))
 
 
@@ -234,13 +244,17 @@ def restore_full_checkpoint(path: Path, model, optimizer, scheduler, generator: 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointMismatch(f"{path}: this checkpoint does not fit the configured model/optimizer ({first}); "
                                  "resume with the same model and optimizer overrides as the original run")
+    try:
+        generator.set_state(ckpt["rng"]["generator"])
+    except RuntimeError:
+        raise CheckpointMismatch(f"{path}: its shuffling state was saved on a GPU by an older version and cannot "
+                                 "continue here; resume it on a machine with a GPU (train.device=cuda)")
     model.to(device)
     scheduler.load_state_dict(ckpt["scheduler"])
     save_atomic(ckpt["best_model"], best_path)
     torch.set_rng_state(ckpt["rng"]["torch"])
-    generator.set_state(ckpt["rng"]["generator"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])  # a run resumed on another device draws dropout anew
     loop = ckpt["loop"]
     return LoopState(epoch=loop["epoch"], best=loop["best"], best_epoch=loop["best_epoch"],
                      stale_epochs=loop["stale_epochs"], history=list(loop["history"]))

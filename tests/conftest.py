@@ -74,12 +74,19 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+def cli_env(extra: dict | None = None) -> dict:
+    """The environment of a command run the way a user runs it, importing this checkout's code (the one under
+    test), not whatever fmnist_exp is installed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m fmnist_exp ARGS` in `cwd`, as a user types it."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=cli_env(env))
 
 
 def store_runs(cwd: Path) -> list[dict]:

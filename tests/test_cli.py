@@ -1,6 +1,7 @@
 """The command a user types, in a subprocess, checked through what it leaves: exit code, output, MLflow store, files."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,41 @@ def test_design_card_sweep(tmp_path, real_data):
         row = next(cells(l) for l in table_lines
                    if optimizer in cells(l) and r.data.params["data.batch_size"] in cells(l))
         assert f"{r.data.metrics['test_acc']:.4f}" in row
+
+
+def test_subprocesses_run_the_checkout_under_test(tmp_path):
+    from conftest import ROOT, cli_env
+    out = subprocess.run([sys.executable, "-c", "import fmnist_exp; print(fmnist_exp.__file__)"], cwd=tmp_path,
+                         capture_output=True, text=True, env=cli_env()).stdout.strip()
+    assert Path(out).resolve() == (ROOT / "fmnist_exp" / "__init__.py").resolve()
+
+
+@pytest.mark.slow
+def test_a_built_wheel_runs_from_anywhere(tmp_path, tiny_root):
+    """pip wheel . -> a clean venv (dependencies from this one, but not its editable install) -> a 1-epoch job
+    run from an unrelated directory finds its configs."""
+    import site
+    from conftest import ROOT
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("fmnist_exp-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    venv_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    # this venv's packages as a plain path: its .pth files (the editable install of the checkout) stay inactive
+    (venv_site / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import fmnist_exp; print(fmnist_exp.__file__)"], cwd=elsewhere,
+                           capture_output=True, text=True, env=env).stdout
+    assert where.startswith(str(venv_site)), where
+    result = subprocess.run([str(venv / "bin" / "fmnist-exp"), *tiny_overrides(tiny_root), "train.epochs=1",
+                             "tracking.enabled=false"], cwd=elsewhere, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert "Epoch 1/1" in result.stdout

@@ -105,11 +105,14 @@ def test_cache_is_used_and_invalidated_when_a_file_changes(tmp_path, monkeypatch
 
 
 def test_split_depends_on_split_seed_not_train_seed(tiny_root):
-    a, b = (compose_cfg(f"train.seed={s}", f"data.root={tiny_root}") for s in (0, 7))
-    assert a.data == b.data  # train.seed does not reach the data config at all
-    split = lambda seed: load(tiny_root, split_seed=seed).valid_y.tolist()
-    assert split(a.data.split_seed) == split(b.data.split_seed)
-    assert split(0) != split(1)
+    """Two jobs of a sweep that differ in train.seed hold the same validation examples; data.split_seed moves them."""
+    from conftest import tiny_overrides
+    from fmnist_exp import job
+    def valid_labels(*overrides):
+        cfg = compose_cfg(*tiny_overrides(tiny_root), *overrides)
+        return job.Process().dataset(cfg, CPU).valid_y.tolist()  # a fresh process: nothing cached
+    assert valid_labels("train.seed=0") == valid_labels("train.seed=7")
+    assert valid_labels("data.split_seed=0") != valid_labels("data.split_seed=1")
 
 
 def test_batches_cover_every_index_once_and_keep_the_last_partial_batch():
@@ -118,6 +121,15 @@ def test_batches_cover_every_index_once_and_keep_the_last_partial_batch():
     assert [len(p) for p in parts] == [100] * 10 + [50]
     assert sorted(torch.cat(parts).tolist()) == list(range(1050))
     assert torch.cat(parts).tolist() != list(range(1050))
+
+
+def test_a_remainder_of_one_example_is_left_out_of_the_epoch():
+    """BatchNorm cannot train on a batch of one: that example waits for another epoch (the shuffle varies it)."""
+    assert data.batch_sizes(501, 100) == [100] * 5 and data.batch_sizes(502, 100) == [100] * 5 + [2]
+    assert data.batch_sizes(1, 16) == [1]  # a data set of one example still trains
+    g = torch.Generator().manual_seed(0)
+    left_out = [set(range(501)) - set(torch.cat(data.batches(501, 100, g, CPU)).tolist()) for _ in range(3)]
+    assert all(len(s) == 1 for s in left_out) and len(set.union(*left_out)) > 1
 
 
 @pytest.mark.slow

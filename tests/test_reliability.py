@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import make_tiny_set, mlflow_server, run_cli, store_runs, tiny_overrides
+from conftest import cli_env, make_tiny_set, mlflow_server, run_cli, store_runs, tiny_overrides
 from fmnist_exp import train
 from fmnist_exp.models import MLP
 
@@ -42,18 +42,18 @@ def slow_root(tmp_path):
 
 
 def start_cli(*args, cwd):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=cli_env())
 
 
-def interrupt_after(proc, marker: str, sig: int) -> tuple[int, str]:
-    """Wait for `marker` in the output, send `sig`, and return (exit code, whole output)."""
+def interrupt_after(proc, marker: str, sig: int, times: int = 1) -> tuple[int, str]:
+    """Wait for `marker` in the output, send `sig` (`times` times), and return (exit code, whole output)."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if marker in line:
-            proc.send_signal(sig)
+            for _ in range(times):
+                proc.send_signal(sig)
             break
     rest, _ = proc.communicate(timeout=300)
     return proc.returncode, "".join(seen) + rest
@@ -219,6 +219,17 @@ BAD_INPUTS = [
     (["optimizer.lr=-0.1"], None, "optimizer.lr=-0.1 is invalid"),
     (["model.dropout=[1.0,0.2]"], None, "model.dropout[0]=1.0 is invalid: it must be in [0, 1)"),
     (["model.dropout=[-0.1,0.2]"], None, "model.dropout[0]=-0.1 is invalid"),
+    # values only the library knows to refuse: built (and the schedule stepped) before any run exists
+    (["optimizer=sgd", "optimizer.momentum=-1"], None, "optimizer.momentum=-1.0 is invalid for SGD"),
+    (["optimizer=sgd", "optimizer.nesterov=true"], None, "optimizer.momentum=0.0, optimizer.nesterov=True is invalid"),
+    (["optimizer.betas=[0.9,1.0]"], None, "optimizer.betas=[0.9,1.0] is invalid for Adam"),
+    (["schedule=step", "schedule.step_size=0"], None, "schedule.step_size=0 is invalid for StepLR"),
+    (["schedule=step", "schedule.gamma=-1"], None, "schedule.gamma=-1.0 is invalid for StepLR"),
+    (["schedule=cosine", "schedule.T_max=0"], None, "schedule.T_max=0 is invalid for CosineAnnealingLR"),
+    (["schedule=plateau", "schedule.factor=1.0"], None, "schedule.factor=1.0 is invalid for ReduceLROnPlateau"),
+    (["model.init=normal", "model.init_std=-1"], None, "model.init_std=-1.0 is invalid"),
+    (["model=cnn", "model.channels=[0,8]"], None, "model.channels=[0, 8] is invalid"),
+    (["model=cnn", "model.channels=[4,4,4,4,4]"], None, "at most 4 conv blocks"),
     (["optimizer=rmsprop"], None, "Could not find 'optimizer/rmsprop'"),
     (["data.batch_size=abc"], None, "Value 'abc' of type 'str' could not be converted to Integer"),
     (["data.batchsize=16"], None, "Could not override 'data.batchsize'"),
@@ -249,3 +260,102 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, me
     assert errors == [] or line in errors
     if (tmp_path / "mlruns" / "mlflow.db").exists():
         assert store_runs(tmp_path) == []  # nothing half-written: no RUNNING run, no empty run
+
+
+def test_second_signal_stops_at_once_and_still_records_killed(tmp_path, slow_root):
+    args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=3"]
+    rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/3", signal.SIGINT, times=2)
+    assert rc == 130, out[-2000:]
+    runs = assert_nothing_running(tmp_path)
+    (run,) = runs
+    assert run["status"] == "KILLED" and run["tags"]["error"] == "interrupted by SIGINT"
+    c = client(tmp_path)
+    assert [s for s, _ in history(c, run["run_uuid"])] == [1]  # epoch 2 was cut short, epoch 1 kept
+    assert "checkpoints/last.pt" in {a.path for a in c.list_artifacts(run["run_uuid"], "checkpoints")}
+
+
+def test_signal_after_the_last_step_keeps_the_run_finished(tmp_path, tiny_root):
+    args = [*tiny_overrides(tiny_root), "train.epochs=2"]
+    rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Test (best checkpoint", signal.SIGTERM)
+    assert rc == 143, out[-2000:]
+    assert "interrupted by SIGTERM after this run finished" in out
+    (run,) = assert_nothing_running(tmp_path)
+    assert run["status"] == "FINISHED" and "error" not in run["tags"]
+    assert {"test_acc", "ckpt_valid_loss"} <= set(client(tmp_path).get_run(run["run_uuid"]).data.metrics)
+
+
+def test_resume_is_exact_with_a_schedule_and_early_stopping(tmp_path, slow_root):
+    # the lr halves every epoch; min_delta=1 makes every epoch after the first stale, so early stopping ends the
+    # run after epoch 3 of 4 only if the stale count survives the interruption after epoch 2
+    args = [*tiny_overrides(slow_root), "data.batch_size=64", "train.epochs=4", "optimizer=sgd", "optimizer.lr=0.5",
+            "schedule=step", "schedule.step_size=1", "train.early_stopping.patience=2",
+            "train.early_stopping.min_delta=1.0", "model.dropout=[0.3,0.1]"]
+    straight = run_cli(*args, "tracking.experiment=straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stdout[-2000:]
+    c = client(tmp_path)
+    (ref,) = c.search_runs([c.get_experiment_by_name("straight").experiment_id])
+    assert [v for _, v in history(c, ref.info.run_id, "lr")] == [0.5, 0.25, 0.125]  # stopped early, scheduled
+
+    rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 2/4", signal.SIGINT)
+    assert rc == 130, out[-2000:]
+    (killed,) = [r for r in store_runs(tmp_path) if r["status"] == "KILLED"]
+    resumed = run_cli(*args, f"train.resume={killed['run_uuid']}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    for key in ("valid_loss", "train_loss", "lr"):
+        assert history(c, killed["run_uuid"], key) == history(c, ref.info.run_id, key)
+    got, want = c.get_run(killed["run_uuid"]).data.metrics, ref.data.metrics
+    assert {k: got[k] for k in ("epochs_run", "best_epoch", "test_acc")} == \
+           {k: want[k] for k in ("epochs_run", "best_epoch", "test_acc")}
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_continue_before_touching_the_run(tmp_path, slow_root):
+    """A full checkpoint holding a CUDA generator state (how main before 2026-11-28 saved GPU runs) cannot be
+    continued on the CPU: one line, and the run stays KILLED, so skip_finished can still resume it on a GPU."""
+    args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=2"]
+    rc, _ = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    (killed,) = store_runs(tmp_path)
+    last = next(tmp_path.glob("outputs/*/*/last.pt"))
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox state: seed + offset
+    torch.save(ckpt, last)
+    result = run_cli(*args, f"train.resume={killed['run_uuid']}", cwd=tmp_path)
+    assert result.returncode == 1 and "resume it on a machine with a GPU" in result.stdout + result.stderr
+    (run,) = assert_nothing_running(tmp_path)
+    assert run["status"] == "KILLED"
+
+
+def test_checkpoints_resume_on_any_device(tmp_path):
+    """The shuffling order comes from a CPU generator, so a checkpoint made on a GPU (CUDA RNG states included)
+    restores on a CPU-only machine."""
+    from fmnist_exp import job
+    from conftest import compose_cfg
+    parts = job.build(compose_cfg(), torch.device("cpu"))
+    assert parts.generator.device.type == "cpu"
+    train.save_full_checkpoint(tmp_path / "last.pt", parts.model, parts.optimizer, parts.scheduler,
+                               parts.generator, train.LoopState(epoch=1), parts.model.state_dict())
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # as saved on a machine with 8 GPUs
+    torch.save(ckpt, tmp_path / "last.pt")
+    again = job.build(compose_cfg(), torch.device("cpu"))
+    state = train.restore_full_checkpoint(tmp_path / "last.pt", again.model, again.optimizer, again.scheduler,
+                                          again.generator, tmp_path / "best.pt")
+    assert state.epoch == 1 and torch.equal(again.generator.get_state(), parts.generator.get_state())
+
+
+def test_untracked_sweep_with_a_failed_job_exits_1(tmp_path, tiny_root):
+    result = run_cli("-m", *tiny_overrides(tiny_root), "tracking.enabled=false", "train.epochs=1",
+                     "optimizer.lr=0.01,-1", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "1 of 2 jobs failed" in result.stderr and "optimizer.lr=-1.0 is invalid" in result.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_batchnorm_with_a_last_batch_of_one(tmp_path, tiny_root):
+    # 600 - 99 = 501 training examples at batch 100: the remainder of one is left out of each epoch
+    args = [f"data.root={tiny_root}", f"data.system_dir={tiny_root / 'none'}", "data.download=false",
+            "data.valid_size=99", "regularization=batchnorm", "train.epochs=2", "train.progress=off"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert "Training: 5 steps per epoch" in result.stdout
+    (run,) = assert_nothing_running(tmp_path)
+    assert run["status"] == "FINISHED"

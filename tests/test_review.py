@@ -12,7 +12,8 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import mlflow_server, run_cli, tiny_overrides
+from conftest import cli_env, mlflow_server, run_cli, tiny_overrides
+from fmnist_exp import report, tracking
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +45,13 @@ def test_table_at_the_end_of_the_sweep(sweep):
     assert result.returncode == 1  # one job failed
     header, *rows = table_rows(result.stdout)
     assert header[:3] == ["best", "lr", "status"]  # only the key that varies, readable
-    assert {"epochs_run", "best_epoch", "best_valid_loss", "best_valid_acc", "test_loss", "test_acc",
+    assert {"epochs_run", "best_epoch", "ckpt_valid_loss", "ckpt_valid_acc", "test_loss", "test_acc",
             "train_time", "error"} <= set(header)
-    assert [r[1] for r in rows] == ["0.01", "1e-05", "-1.0"]  # sorted by test accuracy, as the user wrote them
-    col = header.index("test_acc")
-    accs = [float(r[col]) for r in rows if r[col]]
-    assert accs == sorted(accs, reverse=True) and len(accs) == 2
+    assert [r[1] for r in rows] == ["0.01", "1e-05", "-1.0"]  # ranked by validation loss, as the user wrote them
+    col = header.index("ckpt_valid_loss")
+    losses = [float(r[col]) for r in rows if r[col]]
+    assert losses == sorted(losses) and len(losses) == 2
+    assert "Ranked by ckpt_valid_loss (lowest first" in result.stdout
     assert rows[0][0] == "★" and all(r[0] == "" for r in rows[1:])
     failed = rows[-1]
     assert failed[header.index("status")] == "FAILED" and "optimizer.lr=-1.0 is invalid" in failed[header.index("error")]
@@ -89,18 +91,18 @@ def test_tensorboard_hparams_and_sample_grid(sweep):
         assert "Samples/test" in events.Tags()["images"]
         hparams = events.PluginTagToContent("hparams")
         assert "_hparams_/session_start_info" in hparams
-        assert {"hparam/test_acc", "hparam/best_valid_acc"} <= set(events.Tags()["scalars"])
+        assert {"hparam/test_acc", "hparam/ckpt_valid_loss", "hparam/ckpt_valid_acc"} <= set(events.Tags()["scalars"])
 
 
 def test_report_command(sweep):
     cwd, parent = sweep["cwd"], sweep["parent"]
     for target in ([str(sweep["sweep_dir"])], [parent.info.run_id], []):
         result = subprocess.run([sys.executable, "-m", "fmnist_exp.report", *target], cwd=cwd, capture_output=True,
-                                text=True)
+                                text=True, env=cli_env())
         assert result.returncode == 0, result.stderr
         assert table_rows(result.stdout) == table_rows((sweep["sweep_dir"] / "sweep_table.md").read_text())
     grouped = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "status"], cwd=cwd,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=cli_env())
     assert grouped.returncode == 1 and "not a key that varies" in grouped.stderr
 
 
@@ -109,18 +111,23 @@ def test_report_groups_replicates(tmp_path, tiny_root):
                      cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:]
     out = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "optimizer"], cwd=tmp_path,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, env=cli_env()).stdout
     header, *rows = table_rows(out)
     assert header[:2] == ["optimizer", "runs"] and sorted(r[0] for r in rows) == ["Adam", "SGD"]
     assert all(r[1] == "2" and "±" in r[header.index("test_acc")] for r in rows)
+    means = [float(r[header.index("ckpt_valid_loss")].split(" ± ")[0]) for r in rows]
+    assert means == sorted(means) and "Ranked by mean ckpt_valid_loss" in out  # groups ranked on validation data
 
 
 def test_winner_is_a_servable_mlflow_model(sweep):
     import mlflow.pyfunc
     mlflow.set_tracking_uri(sweep["uri"])
     parent = sweep["client"].get_run(sweep["parent"].info.run_id)
-    best = max((r for r in sweep["children"] if r.info.status == "FINISHED"), key=lambda r: r.data.metrics["test_acc"])
+    best = min((r for r in sweep["children"] if r.info.status == "FINISHED"),
+               key=lambda r: r.data.metrics["ckpt_valid_loss"])  # chosen on validation data
     assert parent.data.tags["fmnist.winner"].endswith(f"({best.info.run_id})")
+    assert parent.data.tags["fmnist.winner_run_id"] == best.info.run_id
+    assert parent.data.tags["fmnist.winner_ranked_by"] == "ckpt_valid_loss"
     model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
     assert model.metadata.signature is not None
     out = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
@@ -141,3 +148,22 @@ def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
                               f"--user-data-dir={tmp_path / 'chrome'}", page],
                              capture_output=True, text=True, timeout=180).stdout
     assert sweep["parent"].info.run_name in dom
+
+
+@pytest.mark.parametrize("monitor,order", [("valid_loss", ["a", "c", "b"]), ("valid_acc", ["c", "a", "b"])])
+def test_jobs_are_ranked_on_validation_data_never_on_test_scores(tmp_path, monitor, order):
+    """b has the best test accuracy but the worst validation scores: it must not win."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent = tracking.create_run(uri, "fmnist", "sweep")
+    c = MlflowClient(tracking_uri=uri)
+    for name, valid_loss, valid_acc, test_acc in [("a", 0.30, 0.90, 0.85), ("b", 0.40, 0.88, 0.93),
+                                                  ("c", 0.35, 0.91, 0.88)]:
+        _, run_id = tracking.create_run(uri, "fmnist", name, {"fmnist.overrides": name}, parent)
+        c.log_param(run_id, "optimizer.lr", {"a": "0.1", "b": "0.2", "c": "0.3"}[name])
+        c.log_param(run_id, "train.monitor", monitor)
+        for key, value in [("ckpt_valid_loss", valid_loss), ("ckpt_valid_acc", valid_acc), ("test_acc", test_acc)]:
+            c.log_metric(run_id, key, value)
+        tracking.end_run(uri, run_id, "FINISHED")
+    table = report.sweep_table(uri, exp_id, parent)
+    assert list(table["name"]) == order and list(table["best"]) == ["★", "", ""]
+    assert table.attrs["ranked_by"][0] == {"valid_loss": "ckpt_valid_loss", "valid_acc": "ckpt_valid_acc"}[monitor]

@@ -1,0 +1,394 @@
+"""A job's lifecycle, written once: prepare -> train (each epoch) -> complete or fail, returning an `Outcome`.
+
+Every launcher drives this: Hydra's own (a single run, or one job of a basic / joblib / submitit sweep) through
+`__main__.task`, and the fused launcher for each job of a group. A job never exits the process; the caller turns
+its outcome into an exit code. What belongs to the process rather than to one job (torch threads, the denormal
+flag, the data set loaded once) is in `Process`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist_exp import config, data, models, tracking, train
+
+log = logging.getLogger("fmnist_exp")
+
+OUTCOME_FILE = "outcome.json"  # in each job dir: how the sweep's end learns every job's status, tracked or not
+
+
+@dataclass
+class JobContext:
+    """Where a job runs and what it is called: all a job needs from its launcher (Hydra or the fused one)."""
+    job_dir: Path
+    run_name: str  # the overrides that define the experiment, e.g. 'optimizer=adam data.batch_size=16'
+    overrides: list[str] = field(default_factory=list)  # every task override (for the resume command)
+    parent: dict | None = None  # the sweep's parent run {'uri', 'experiment_id', 'run_id'}
+    multirun: bool = False
+    parallel_jobs: int | None = None  # jobs sharing this machine's cores (joblib's n_jobs)
+
+    @classmethod
+    def from_hydra(cls, hydra_cfg) -> "JobContext":
+        from hydra.types import RunMode
+
+        from fmnist_exp import callbacks
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        n_jobs = hydra_cfg.launcher.get("n_jobs") if multirun else None
+        return cls(job_dir=Path(hydra_cfg.runtime.output_dir), run_name=run_name(hydra_cfg.overrides.task),
+                   overrides=list(hydra_cfg.overrides.task), multirun=multirun,
+                   parent=callbacks.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
+                   parallel_jobs=n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else None)
+
+
+def run_name(overrides) -> str:
+    """The overrides that define the experiment ('defaults' if none): where/how keys (paths, tracking, resume) are
+    left out, as they are from job dir names (conf/config.yaml)."""
+    excluded = config.where_how_keys()
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    return " ".join(kept) or "defaults"
+
+
+@dataclass
+class Outcome:
+    """How a job ended. `value` is what a sweeper optimises: the best checkpoint's monitored validation score
+    (train.monitor), never a test score."""
+    status: str  # FINISHED | FAILED | KILLED (SKIPPED: FINISHED earlier, reused by sweep.skip_finished)
+    value: float | None = None
+    error: str | None = None
+    signum: int | None = None  # the signal that stopped it (or arrived after it finished)
+    run_id: str | None = None
+
+    def write(self, job_dir: Path) -> None:
+        (job_dir / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
+
+
+def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
+    """(job dir name, outcome) of every job of a sweep that got as far as recording one."""
+    out = []
+    for path in sorted(sweep_dir.glob(f"*/{OUTCOME_FILE}")):
+        try:
+            out.append((path.parent.name, Outcome(**json.loads(path.read_text()))))
+        except (OSError, ValueError, TypeError):
+            continue
+    return out
+
+
+class Process:
+    """Settings of the whole process, made once whatever the number of jobs: torch threads, the CPU's denormal
+    flag (per thread: set before torch starts its workers), and each data set loaded once per device."""
+
+    def __init__(self):
+        self._datasets: dict[tuple, data.FashionMNIST] = {}
+        self._configured = False
+
+    def configure(self, cfg: DictConfig, ctx: JobContext) -> None:
+        if self._configured:
+            return
+        self._configured = True
+        torch.set_num_threads(pick_threads(cfg.train.threads, ctx.parallel_jobs))
+        if cfg.train.flush_denormal:
+            torch.set_flush_denormal(True)  # False (and no change) on CPUs without the flag; CUDA ignores it
+
+    def dataset(self, cfg: DictConfig, device: torch.device) -> data.FashionMNIST:
+        d = cfg.data
+        key = (d.root, d.system_dir, d.download, d.valid_size, d.split_seed, str(device), d.cache)
+        if key not in self._datasets:
+            self._datasets[key] = data.load(d.root, d.system_dir, d.download, d.valid_size, d.split_seed, device,
+                                            cache=d.cache)
+        return self._datasets[key]
+
+
+PROCESS = Process()
+
+
+def pick_device(name: str) -> torch.device:
+    """auto = CUDA when there is a GPU, else CPU; asking for CUDA without one is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise config.ConfigError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def pick_threads(requested: int | None, parallel_jobs: int | None) -> int:
+    """Torch threads: as requested, else the cores shared evenly among parallel jobs, else torch's default."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // parallel_jobs) if parallel_jobs else torch.get_num_threads()
+
+
+@dataclass
+class Parts:
+    """What a job trains: built from its config, seeded, on its device."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator  # the job's own shuffling order (on the CPU: resumable on any device)
+
+
+def build(cfg: DictConfig, device: torch.device) -> Parts:
+    """Model, optimizer, LR schedule and shuffling generator from the config, seeded; bad values become one
+    ConfigError line naming the key (config.check_buildable)."""
+    torch.manual_seed(cfg.train.seed)
+    model = config.check_buildable(cfg, lambda: instantiate(cfg.model), "model")
+    model.to(device)
+    optimizer = config.check_buildable(cfg, lambda: instantiate(cfg.optimizer)(params=model.parameters()),
+                                       "optimizer")
+    scheduler = instantiate(cfg.schedule)(optimizer=optimizer)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return Parts(model, optimizer, scheduler, generator)
+
+
+def loop_settings(cfg: DictConfig) -> train.LoopSettings:
+    progress = {"on": True, "off": False}.get(cfg.train.progress, sys.stderr.isatty())
+    return train.LoopSettings(
+        epochs=cfg.train.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+        monitor=cfg.train.monitor, patience=cfg.train.early_stopping.patience,
+        min_delta=cfg.train.early_stopping.min_delta, progress=progress)
+
+
+class Job:
+    """One experiment with its own MLflow run, TensorBoard events, checkpoints and outcome.
+
+    Driven as: `prepare()` (validate, build, skip or resume, start the run; may already return an Outcome),
+    `on_epoch(metrics, state)` after every epoch, then `complete(final)` or `fail(status, error)`; `close()`
+    always, which releases the tracker's thread and writers.
+    """
+
+    def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS):
+        self.cfg, self.ctx, self.process = cfg, ctx, process
+        self.tracker: tracking.Tracker | None = None
+        self.params: dict[str, str] = {}
+        self.parts: Parts | None = None
+        self.dataset: data.FashionMNIST | None = None
+        self.state = train.LoopState()
+        self.resume_from: Path | None = None
+        self.settings: train.LoopSettings | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.ctx.job_dir / "best_model.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.ctx.job_dir / "last.pt"
+
+    # --- prepare ------------------------------------------------------------------------------------------------
+    def prepare(self) -> Outcome | None:
+        """Everything before the first step. Returns an Outcome when there is nothing to train (skipped)."""
+        cfg, ctx = self.cfg, self.ctx
+        tracking.silence_noisy_loggers()
+        ctx.job_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracking.Tracker(ctx.parent["uri"] if ctx.parent else cfg.tracking.uri,
+                                        cfg.tracking.experiment, ctx.job_dir, enabled=cfg.tracking.enabled)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.params = tracking.flatten(resolved)
+        config.validate(cfg)
+        config_hash = tracking.config_hash(self.params, config.where_how_keys())
+        tags = {"fmnist.job_dir": str(ctx.job_dir.resolve()), "fmnist.overrides": ctx.run_name,
+                "fmnist.config_hash": config_hash}
+        resume_id = cfg.train.resume
+        if resume_id and not cfg.tracking.enabled:
+            raise config.ConfigError("train.resume needs tracking.enabled=true: checkpoints are found via MLflow")
+        if ctx.multirun and cfg.sweep.skip_finished and not resume_id and self.tracker.enabled:
+            action, earlier = self._reuse_earlier_run(config_hash)
+            if action == "skip":
+                log.info("Skipped: this config already FINISHED as run %s", earlier.info.run_id)
+                return Outcome("SKIPPED", value=earlier.data.metrics.get(selection_metric(cfg.train.monitor)),
+                               run_id=earlier.info.run_id)
+            if action == "resume":
+                resume_id = earlier.info.run_id
+        (ctx.job_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        device = pick_device(cfg.train.device)
+        self.process.configure(cfg, ctx)
+        self.dataset = self.process.dataset(cfg, device)
+        self.parts = build(cfg, device)
+        self.settings = loop_settings(cfg)
+        if resume_id:
+            earlier = tracking.get_run(self.tracker.uri, resume_id)
+            self.resume_from = self._resume_checkpoint(earlier)
+            p = self.parts
+            if self.resume_from is not None:  # read before the run is touched: a bad checkpoint leaves it as it was
+                self.state = train.restore_full_checkpoint(self.resume_from, p.model, p.optimizer, p.scheduler,
+                                                           p.generator, self.checkpoint)
+            self.tracker.reopen(resume_id, tags)
+            log.info("Continuing MLflow run %s (%s)", resume_id, earlier.info.run_name)
+            if self.resume_from is not None:
+                log.info("Resuming after epoch %d of %d", self.state.epoch, cfg.train.epochs)
+        else:
+            self.tracker.start(ctx.run_name, self.params, tags,
+                               parent_run_id=ctx.parent["run_id"] if ctx.parent else None)
+            self.tracker.log_artifact(ctx.job_dir / "config.yaml")
+        self._log_start()
+        return None
+
+    def _log_start(self) -> None:
+        model, dataset, tracker = self.parts.model, self.dataset, self.tracker
+        summary = models.summary(model)
+        (self.ctx.job_dir / "model_summary.txt").write_text(summary + "\n")
+        if self.state.epoch == 0:
+            tracker.log_text(summary + "\n", "model_summary.txt")
+            tracker.log_dataset("fashion-mnist", dataset.digest, dataset.source, dataset.split_sizes())
+        tracker.set_tag("fmnist.data_source", dataset.source)
+        tracker.set_tag("fmnist.threads", str(torch.get_num_threads()))
+        log.info("Data: %s (%s) on %s | model %s, %s params", dataset.source, dataset.split_sizes(),
+                 dataset.train_x.device, type(model).__name__,
+                 f"{sum(p.numel() for p in model.parameters()):,}")
+        log.info("Training: %d steps per epoch, epochs %d..%d",
+                 len(train.batch_sizes(len(dataset.train_y), self.settings.batch_size)), self.state.epoch + 1,
+                 self.settings.epochs)
+
+    def _resume_checkpoint(self, run) -> Path | None:
+        """Check that `run` can be continued with this config; its last full checkpoint (None: it never finished
+        an epoch, so it starts over in the same run)."""
+        rid = run.info.run_id
+        if run.info.status == "FINISHED":
+            raise config.ConfigError(f"train.resume={rid}: that run already FINISHED; nothing to resume")
+        ignore = config.where_how_keys()
+        for key, old in sorted(run.data.params.items()):
+            if key not in ignore and not key.startswith("sweep.") and self.params.get(key, old) != old:
+                raise config.ConfigError(f"train.resume={rid}: that run has {key}={old}, this config "
+                                         f"{self.params[key]}; resume with the run's own overrides ({key}={old})")
+        old_dir = run.data.tags.get("fmnist.job_dir")
+        if old_dir and (Path(old_dir) / "last.pt").is_file():
+            return Path(old_dir) / "last.pt"
+        return tracking.download_artifact(self.tracker.uri, rid, "checkpoints/last.pt", self.ctx.job_dir)
+
+    def _reuse_earlier_run(self, config_hash: str):
+        """sweep.skip_finished: ('skip', run) if this config FINISHED before, ('resume', run) if it was KILLED."""
+        uri, parent = self.tracker.uri, self.ctx.parent
+        for run in tracking.runs_with_config(uri, self.cfg.tracking.experiment, config_hash):
+            if run.info.status in ("FINISHED", "KILLED"):
+                if parent:
+                    tracking.client(uri).set_tag(run.info.run_id, tracking.sweep_tag(parent["run_id"]), "reused")
+                return ("skip" if run.info.status == "FINISHED" else "resume"), run
+        return None, None
+
+    # --- each epoch, the end ------------------------------------------------------------------------------------
+    def on_epoch(self, metrics: dict, state: train.LoopState) -> None:
+        self.tracker.log_epoch(state.epoch, metrics)
+
+    def complete(self, final: dict) -> Outcome:
+        """Log the final scores, the best checkpoint, plots and (single runs) the model; end the run FINISHED."""
+        tracker = self.tracker
+        tracker.log_metrics(final)
+        tracker.log_artifact(self.checkpoint)
+        self._log_plots(final)
+        if not self.ctx.multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
+            tracker.flush()
+            tracking.log_model(tracker.uri, tracker.run_id, models.load_best(self.cfg.model, self.ctx.job_dir),
+                               data.example_input(self.dataset.test_x))
+        tracker.finish("FINISHED")
+        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=tracker.run_id)
+
+    def _log_plots(self, final: dict) -> None:
+        """Once at the end: learning curves, test confusion matrix, the 4x8 sample grid; hparams for TensorBoard."""
+        tracker, dataset, model = self.tracker, self.dataset, self.parts.model
+        if not tracker.enabled:
+            return
+        from fmnist_exp import plots
+        y_pred = train.predict(model, dataset.test_x, self.cfg.data.eval_batch_size).cpu().numpy()
+        y_true = dataset.test_y.cpu().numpy()
+        folder = self.ctx.job_dir / "plots"
+        folder.mkdir(exist_ok=True)
+        tracker.log_image(plots.render(plots.learning_curves(self.state.history, final["best_epoch"],
+                                                             self.ctx.run_name)), folder / "learning_curves.png")
+        tracker.log_image(plots.render(plots.confusion_matrix(y_true, y_pred)), folder / "confusion_matrix.png")
+        grid = torch.Generator().manual_seed(0)
+        pick = torch.randperm(len(y_true), generator=grid)[:32].numpy()  # the same 32 images for every run
+        images = data.pixels(dataset.test_x[pick]).cpu().numpy()
+        tracker.log_image(plots.render(plots.sample_grid(images, y_true[pick], y_pred[pick])),
+                          folder / "test_samples.png", tensorboard_tag="Samples/test")
+        scores = ("ckpt_valid_loss", "ckpt_valid_acc", "test_acc")
+        tracker.log_hparams(hparams(self.cfg, self.ctx.run_name), {k: final[k] for k in scores})
+
+    def fail(self, status: str, error: str, signum: int | None = None) -> Outcome:
+        """Record a failed or interrupted job: its run ends FAILED/KILLED with the reason, never RUNNING."""
+        log.error("%s", error)
+        tracker = self.tracker
+        run_id = tracker.run_id if tracker is not None else None
+        if tracker is not None and tracker.enabled:
+            try:
+                try:
+                    tracker.flush()  # the writes asked for so far (they may include creating the run)
+                except tracking.TrackingError as e:
+                    log.error("%s", e)
+                if tracker.run_id is None and self.ctx.multirun:  # the sweep table lists this job with its reason
+                    tracker.start(self.ctx.run_name, self.params, tags={"fmnist.job_dir": str(self.ctx.job_dir)},
+                                  parent_run_id=self.ctx.parent["run_id"] if self.ctx.parent else None)
+                if self.last.is_file():
+                    tracker.log_artifact(self.last, "checkpoints")
+                tracker.finish(status, error)
+            except tracking.TrackingError as e:
+                log.error("%s", e)
+            run_id = tracker.run_id
+        if status == "KILLED" and run_id:
+            log.error("Resume with: python -m fmnist_exp %s train.resume=%s", " ".join(self.ctx.overrides), run_id)
+        return Outcome(status, error=error, signum=signum, run_id=run_id)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def selection_metric(monitor: str) -> str:
+    """The score a job is ranked by: its best checkpoint's own value of the monitored validation metric."""
+    return {"valid_loss": "ckpt_valid_loss", "valid_acc": "ckpt_valid_acc"}[monitor]
+
+
+def hparams(cfg: DictConfig, name: str) -> dict:
+    """What TensorBoard's HPARAMS tab compares: the core settings plus whatever this job overrode."""
+    out = {"model": cfg.model._target_.rsplit(".", 1)[-1], "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
+           "lr": cfg.optimizer.lr, "batch_size": cfg.data.batch_size, "init": cfg.model.init,
+           "batch_norm": cfg.model.batch_norm, "dropout": str(list(cfg.model.dropout)),
+           "weight_decay": cfg.optimizer.weight_decay, "schedule": cfg.schedule._target_.rsplit(".", 1)[-1],
+           "seed": cfg.train.seed}
+    for override in name.split():
+        key, _, value = override.lstrip("+~").partition("=")
+        out.setdefault(key, value)
+    return out
+
+
+KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
+                  tracking.TrackingError)
+
+
+def run(cfg: DictConfig, ctx: JobContext, stop: train.StopOnSignal, process: Process = PROCESS) -> Outcome:
+    """One job, start to end, as every launcher that runs jobs one at a time drives it."""
+    job = Job(cfg, ctx, process)
+    try:
+        outcome = job.prepare()
+        if outcome is not None:
+            return outcome
+        p = job.parts
+        final = train.fit(p.model, p.optimizer, p.scheduler, job.dataset, job.settings, p.generator,
+                          job.checkpoint, state=job.state, last_path=job.last, stop=stop, on_epoch=job.on_epoch)
+        stop.recording = True  # training is over: a second signal must not cut the recording short
+        outcome = job.complete(final)
+        if stop.signum is not None:  # the signal came after the last step (testing, plots): the run is complete
+            outcome.signum = stop.signum
+            log.error("interrupted by %s after this run finished", signal.Signals(stop.signum).name)
+        return outcome
+    except train.Interrupted as e:
+        stop.recording = True
+        return job.fail("KILLED", str(e), e.signum)
+    except KNOWN_FAILURES as e:
+        stop.recording = True
+        return job.fail("FAILED", str(e), stop.signum)
+    except Exception as e:  # an unexpected bug: keep its traceback in the job log, record it, fail the run
+        stop.recording = True
+        log.exception("job failed")
+        return job.fail("FAILED", f"{type(e).__name__}: {e}", stop.signum)
+    finally:
+        stop.recording = False
+        job.close()
