@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,launchers]'
+	$(PY) -m pip install -q -e '.[test,launchers]' --config-settings editable_mode=compat  # compat: Hydra's plugin scan sees hydra_plugins/
 	touch $@
 
 # Debian/Ubuntu ship the real Fashion-MNIST; elsewhere the first run downloads it with torchvision.

@@ -209,9 +209,7 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return sizes
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):
-    """Shuffled index slices covering 0..n-1 once (see batch_sizes for the remainder). The order is drawn on the
-    CPU from `generator`, so a run's order and its checkpointed generator state are the same on any device."""
-    sizes = batch_sizes(n, batch_size)
-    perm = torch.randperm(n, generator=generator).to(device)
-    return list(perm[: sum(sizes)].split(sizes))
+def orders(n: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One epoch's shuffled order of 0..n-1 per job, shape (K, n), batched by `batch_sizes`. Drawn on the CPU from
+    each job's own generator, so a job's order and its checkpointed generator state are the same on any device."""
+    return torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)

@@ -35,6 +35,7 @@ class JobContext:
     parent: dict | None = None  # the sweep's parent run {'uri', 'experiment_id', 'run_id'}
     multirun: bool = False
     parallel_jobs: int | None = None  # jobs sharing this machine's cores (joblib's n_jobs)
+    group: str | None = None  # the fused group this job trained in (hydra/launcher=fused)
 
     @classmethod
     def from_hydra(cls, hydra_cfg) -> "JobContext":
@@ -127,26 +128,61 @@ def pick_threads(requested: int | None, parallel_jobs: int | None) -> int:
     return max(1, cores // parallel_jobs) if parallel_jobs else torch.get_num_threads()
 
 
-@dataclass
-class Parts:
-    """What a job trains: built from its config, seeded, on its device."""
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    generator: torch.Generator  # the job's own shuffling order (on the CPU: resumable on any device)
+OPTIMIZER_KINDS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"}
 
 
-def build(cfg: DictConfig, device: torch.device) -> Parts:
-    """Model, optimizer, LR schedule and shuffling generator from the config, seeded; bad values become one
-    ConfigError line naming the key (config.check_buildable)."""
+def build(cfg: DictConfig, device: torch.device, name: str = "", job_dir: Path | None = None) -> train.Member:
+    """The job as the training loop sees it, from its config, seeded: its model, optimizer settings, LR schedule,
+    data order and dropout stream. Bad values become one ConfigError line naming the key (config.py)."""
     torch.manual_seed(cfg.train.seed)
-    model = config.check_buildable(cfg, lambda: instantiate(cfg.model), "model")
-    model.to(device)
-    optimizer = config.check_buildable(cfg, lambda: instantiate(cfg.optimizer)(params=model.parameters()),
-                                       "optimizer")
-    scheduler = instantiate(cfg.schedule)(optimizer=optimizer)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    return Parts(model, optimizer, scheduler, generator)
+    model = config.check_buildable(cfg, lambda: instantiate(cfg.model), "model").to(device)
+    o = cfg.optimizer
+    hyper = {"kind": OPTIMIZER_KINDS[o._target_], "lr": o.lr, "weight_decay": o.weight_decay}
+    hyper.update({"momentum": o.momentum, "nesterov": o.nesterov} if hyper["kind"] == "sgd" else
+                 {"betas": tuple(o.betas), "eps": 1e-8})
+    # the schedule runs on a one-parameter stand-in of the job's optimizer: torch's own maths, read once an epoch
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
+    scheduler = config.check_buildable(cfg, lambda: instantiate(cfg.schedule)(optimizer=stand_in), "schedule")
+    job_dir = Path(job_dir or ".")
+    return train.Member(
+        name=name, model=model, hyper=hyper, scheduler=scheduler,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        dropout=torch.Generator(device=device).manual_seed(cfg.train.seed), settings=loop_settings(cfg),
+        checkpoint=job_dir / "best_model.pt", last=job_dir / "last.pt")
+
+
+def fusion_key(cfg: DictConfig) -> str:
+    """What a training step's shapes depend on: jobs with equal keys train together as one stacked model. Seed,
+    init, dropout probabilities, optimizer, schedule, early stopping and monitor may differ within a group."""
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in ("init", "init_std", "dropout")}
+    d, t = cfg.data, cfg.train
+    return json.dumps({"model": model, "data": OmegaConf.to_container(d, resolve=True), "epochs": t.epochs,
+                       "device": t.device, "threads": t.threads, "progress": t.progress, "resume": t.resume,
+                       "tracking": OmegaConf.to_container(cfg.tracking, resolve=True),
+                       "skip_finished": cfg.sweep.skip_finished}, sort_keys=True)
+
+
+def describe_fusion(cfg: DictConfig) -> str:
+    """One line on what a group shares, for the launcher's log."""
+    m = cfg.model
+    arch = f"{m._target_.rsplit('.', 1)[-1]} {list(m.channels) if 'channels' in m else ''}{list(m.hidden)}"
+    return (f"model {arch}{' +BN' if m.batch_norm else ''}, batch {cfg.data.batch_size}, {cfg.train.epochs} "
+            f"epochs, valid {cfg.data.valid_size} (split {cfg.data.split_seed}), device {cfg.train.device}")
+
+
+def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]]:
+    """Indices of `cfgs` in groups that fuse (input order kept inside a group), each at most max_group long."""
+    by_key: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        try:
+            key = fusion_key(cfg)
+        except Exception:  # a config that cannot even say what it is fails in its own group, with its reason
+            key = f"alone-{i}"
+        by_key.setdefault(key, []).append(i)
+    size = max_group if max_group and max_group > 0 else None
+    return [ids[j: j + size] if size else ids for ids in by_key.values()
+            for j in range(0, len(ids), size or len(ids))]
 
 
 def loop_settings(cfg: DictConfig) -> train.LoopSettings:
@@ -169,19 +205,8 @@ class Job:
         self.cfg, self.ctx, self.process = cfg, ctx, process
         self.tracker: tracking.Tracker | None = None
         self.params: dict[str, str] = {}
-        self.parts: Parts | None = None
+        self.member: train.Member | None = None  # what the training loop trains
         self.dataset: data.FashionMNIST | None = None
-        self.state = train.LoopState()
-        self.resume_from: Path | None = None
-        self.settings: train.LoopSettings | None = None
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.ctx.job_dir / "best_model.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.ctx.job_dir / "last.pt"
 
     # --- prepare ------------------------------------------------------------------------------------------------
     def prepare(self) -> Outcome | None:
@@ -212,31 +237,31 @@ class Job:
         device = pick_device(cfg.train.device)
         self.process.configure(cfg, ctx)
         self.dataset = self.process.dataset(cfg, device)
-        self.parts = build(cfg, device)
-        self.settings = loop_settings(cfg)
+        self.member = build(cfg, device, ctx.run_name, ctx.job_dir)
+        self.member.on_epoch = self.on_epoch
         if resume_id:
             earlier = tracking.get_run(self.tracker.uri, resume_id)
-            self.resume_from = self._resume_checkpoint(earlier)
-            p = self.parts
-            if self.resume_from is not None:  # read before the run is touched: a bad checkpoint leaves it as it was
-                self.state = train.restore_full_checkpoint(self.resume_from, p.model, p.optimizer, p.scheduler,
-                                                           p.generator, self.checkpoint)
+            resume_from = self._resume_checkpoint(earlier)
+            if resume_from is not None:  # read before the run is touched: a bad checkpoint leaves it as it was
+                train.restore_checkpoint(resume_from, self.member)
             self.tracker.reopen(resume_id, tags)
             log.info("Continuing MLflow run %s (%s)", resume_id, earlier.info.run_name)
-            if self.resume_from is not None:
-                log.info("Resuming after epoch %d of %d", self.state.epoch, cfg.train.epochs)
+            if resume_from is not None:
+                log.info("Resuming after epoch %d of %d", self.member.state.epoch, cfg.train.epochs)
         else:
             self.tracker.start(ctx.run_name, self.params, tags,
                                parent_run_id=ctx.parent["run_id"] if ctx.parent else None)
             self.tracker.log_artifact(ctx.job_dir / "config.yaml")
+        if ctx.group:
+            self.tracker.set_tag("fmnist.group", ctx.group)
         self._log_start()
         return None
 
     def _log_start(self) -> None:
-        model, dataset, tracker = self.parts.model, self.dataset, self.tracker
+        model, dataset, tracker = self.member.model, self.dataset, self.tracker
         summary = models.summary(model)
         (self.ctx.job_dir / "model_summary.txt").write_text(summary + "\n")
-        if self.state.epoch == 0:
+        if self.member.state.epoch == 0:
             tracker.log_text(summary + "\n", "model_summary.txt")
             tracker.log_dataset("fashion-mnist", dataset.digest, dataset.source, dataset.split_sizes())
         tracker.set_tag("fmnist.data_source", dataset.source)
@@ -245,8 +270,8 @@ class Job:
                  dataset.train_x.device, type(model).__name__,
                  f"{sum(p.numel() for p in model.parameters()):,}")
         log.info("Training: %d steps per epoch, epochs %d..%d",
-                 len(train.batch_sizes(len(dataset.train_y), self.settings.batch_size)), self.state.epoch + 1,
-                 self.settings.epochs)
+                 len(train.batch_sizes(len(dataset.train_y), self.member.settings.batch_size)),
+                 self.member.state.epoch + 1, self.member.settings.epochs)
 
     def _resume_checkpoint(self, run) -> Path | None:
         """Check that `run` can be continued with this config; its last full checkpoint (None: it never finished
@@ -282,7 +307,7 @@ class Job:
         """Log the final scores, the best checkpoint, plots and (single runs) the model; end the run FINISHED."""
         tracker = self.tracker
         tracker.log_metrics(final)
-        tracker.log_artifact(self.checkpoint)
+        tracker.log_artifact(self.member.checkpoint)
         self._log_plots(final)
         if not self.ctx.multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
             tracker.flush()
@@ -293,7 +318,7 @@ class Job:
 
     def _log_plots(self, final: dict) -> None:
         """Once at the end: learning curves, test confusion matrix, the 4x8 sample grid; hparams for TensorBoard."""
-        tracker, dataset, model = self.tracker, self.dataset, self.parts.model
+        tracker, dataset, model = self.tracker, self.dataset, self.member.model
         if not tracker.enabled:
             return
         from fmnist_exp import plots
@@ -301,7 +326,7 @@ class Job:
         y_true = dataset.test_y.cpu().numpy()
         folder = self.ctx.job_dir / "plots"
         folder.mkdir(exist_ok=True)
-        tracker.log_image(plots.render(plots.learning_curves(self.state.history, final["best_epoch"],
+        tracker.log_image(plots.render(plots.learning_curves(self.member.state.history, final["best_epoch"],
                                                              self.ctx.run_name)), folder / "learning_curves.png")
         tracker.log_image(plots.render(plots.confusion_matrix(y_true, y_pred)), folder / "confusion_matrix.png")
         grid = torch.Generator().manual_seed(0)
@@ -326,8 +351,9 @@ class Job:
                 if tracker.run_id is None and self.ctx.multirun:  # the sweep table lists this job with its reason
                     tracker.start(self.ctx.run_name, self.params, tags={"fmnist.job_dir": str(self.ctx.job_dir)},
                                   parent_run_id=self.ctx.parent["run_id"] if self.ctx.parent else None)
-                if self.last.is_file():
-                    tracker.log_artifact(self.last, "checkpoints")
+                last = self.ctx.job_dir / "last.pt"
+                if last.is_file():
+                    tracker.log_artifact(last, "checkpoints")
                 tracker.finish(status, error)
             except tracking.TrackingError as e:
                 log.error("%s", e)
@@ -364,31 +390,70 @@ KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, tr
 
 
 def run(cfg: DictConfig, ctx: JobContext, stop: train.StopOnSignal, process: Process = PROCESS) -> Outcome:
-    """One job, start to end, as every launcher that runs jobs one at a time drives it."""
-    job = Job(cfg, ctx, process)
-    try:
-        outcome = job.prepare()
-        if outcome is not None:
-            return outcome
-        p = job.parts
-        final = train.fit(p.model, p.optimizer, p.scheduler, job.dataset, job.settings, p.generator,
-                          job.checkpoint, state=job.state, last_path=job.last, stop=stop, on_epoch=job.on_epoch)
-        stop.recording = True  # training is over: a second signal must not cut the recording short
-        outcome = job.complete(final)
-        if stop.signum is not None:  # the signal came after the last step (testing, plots): the run is complete
-            outcome.signum = stop.signum
+    """One job, start to end: a group of one."""
+    return run_group([(cfg, ctx)], stop, process)[0]
+
+
+def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSignal,
+              process: Process = PROCESS) -> list[Outcome]:
+    """Jobs that share a training step (fusion_key), prepared one by one, trained together as one stacked model
+    (train.fit), then each completed or failed on its own; one Outcome per job, in order. A job's failure is its
+    own; a signal stops them all, each KILLED with its own last checkpoint."""
+    jobs = [Job(cfg, ctx, process) for cfg, ctx in members]
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+
+    def end(i: int, make) -> None:
+        stop.recording = True
+        try:
+            outcomes[i] = make()
+        except Exception as e:  # recording the end failed too: say so, never leave the job without an outcome
+            log.exception("could not record the end of job %s", jobs[i].ctx.run_name)
+            outcomes[i] = Outcome("FAILED", error=f"{type(e).__name__}: {e}")
+        finally:
+            stop.recording = False
+            jobs[i].close()
+
+    def fail(i: int, e: BaseException) -> None:
+        if isinstance(e, train.Interrupted):
+            end(i, lambda: jobs[i].fail("KILLED", str(e), e.signum))
+        elif isinstance(e, KNOWN_FAILURES):
+            end(i, lambda: jobs[i].fail("FAILED", str(e), stop.signum))
+        else:  # an unexpected bug: keep its traceback in the log, record it, fail the run
+            log.error("job %s failed", jobs[i].ctx.run_name, exc_info=e)
+            end(i, lambda: jobs[i].fail("FAILED", f"{type(e).__name__}: {e}", stop.signum))
+
+    for i, job in enumerate(jobs):
+        try:
+            if stop.signum is not None:
+                raise train.Interrupted(stop.signum)
+            skipped = job.prepare()
+            if skipped is not None:
+                end(i, lambda: skipped)
+        except Exception as e:
+            fail(i, e)
+    training = [i for i in range(len(jobs)) if outcomes[i] is None]
+    # jobs resumed from different epochs cannot share steps: each starting epoch trains as its own group
+    by_start: dict[int, list[int]] = {}
+    for i in training:
+        by_start.setdefault(jobs[i].member.state.epoch, []).append(i)
+    for ids in by_start.values():
+        try:
+            train.fit([jobs[i].member for i in ids], jobs[ids[0]].dataset, stop, jobs[ids[0]].member.settings.progress)
+        except Exception as e:  # the whole group stopped: a signal (KILLED) or a bug
+            for i in ids:
+                m = jobs[i].member
+                if m.final is None and m.error is None:
+                    m.error = e
+        for i in ids:
+            m = jobs[i].member
+            if m.error is not None:
+                fail(i, m.error)
+            else:
+                end(i, lambda i=i: jobs[i].complete(jobs[i].member.final))
+    if stop.signum is not None:  # the signal came after the last step (testing, plots): the runs are complete
+        for o in outcomes:
+            if o.signum is None:
+                o.signum = stop.signum
+        if any(o.status == "FINISHED" for o in outcomes):
             log.error("interrupted by %s after this run finished", signal.Signals(stop.signum).name)
-        return outcome
-    except train.Interrupted as e:
-        stop.recording = True
-        return job.fail("KILLED", str(e), e.signum)
-    except KNOWN_FAILURES as e:
-        stop.recording = True
-        return job.fail("FAILED", str(e), stop.signum)
-    except Exception as e:  # an unexpected bug: keep its traceback in the job log, record it, fail the run
-        stop.recording = True
-        log.exception("job failed")
-        return job.fail("FAILED", f"{type(e).__name__}: {e}", stop.signum)
-    finally:
-        stop.recording = False
-        job.close()
+    return outcomes

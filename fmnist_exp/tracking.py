@@ -332,7 +332,16 @@ class Tracker:
             from mlflow.entities import Dataset, DatasetInput, InputTag
             ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
                          profile=json.dumps(profile))
-            self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
+            inputs = [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])]
+            for attempt in range(5):
+                try:
+                    return self.client.log_inputs(self.run_id, inputs)
+                except Exception as e:
+                    # two jobs logging the same new dataset at once: MLflow's check-then-insert loses the race
+                    # for one of them (UNIQUE constraint); by the retry the row exists and is reused
+                    if "UNIQUE constraint" not in str(e) or attempt == 4:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
         self._submit(write)
 
     def set_tag(self, key: str, value: str) -> None:

@@ -1,4 +1,9 @@
-"""The training loop, top to bottom: train an epoch, validate, schedule, checkpoint, stop early, test the best."""
+"""The training loop, top to bottom: train an epoch, validate, schedule, checkpoint, stop early, test the best.
+
+Written once, for a group of jobs that share a training step (a single run is a group of one): the group trains
+as one stacked model (stacked.py), and everything else (schedule, best checkpoint, early stopping, divergence,
+full checkpoints) is per job, in `Member`.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_exp.data import FashionMNIST, batch_sizes, batches, pixels  # noqa: F401 (batch_sizes: job.py)
+from fmnist_exp.data import FashionMNIST, batch_sizes, pixels
+from fmnist_exp.data import orders as data_orders
 
 log = logging.getLogger(__name__)
 
@@ -118,95 +124,204 @@ def _improved(value: float, best: float | None, monitor: str, min_delta: float) 
     return value < best - min_delta if monitor == "valid_loss" else value > best + min_delta
 
 
-def train_epoch(model, optimizer, data: FashionMNIST, batch_size: int, generator: torch.Generator,
-                epoch: int, progress: bool, stop: StopOnSignal | None = None) -> float:
-    """One pass over the training split; returns the mean of the batch losses (as the notebook reports)."""
+@dataclass
+class Member:
+    """One job inside a training group, as the loop sees it: its own model (initial weights in; its best weights
+    once it is done, for testing), optimizer settings, LR schedule, data order, dropout stream, best checkpoint,
+    early stopping and outcome. A single run is a group of one."""
+    name: str
+    model: nn.Module
+    hyper: dict  # StackedOptimizer settings: kind, lr, weight_decay, momentum/nesterov or betas/eps
+    scheduler: object  # a torch LR scheduler over a one-parameter optimizer: torch's own schedule maths, per job
+    generator: torch.Generator  # the data order (CPU: the same order, and a resumable state, on any device)
+    dropout: torch.Generator  # dropout masks, on the device
+    settings: LoopSettings
+    checkpoint: Path  # best weights (a plain state_dict of `model`)
+    last: Path | None = None  # full checkpoint after every epoch
+    on_epoch: object = None  # (metrics, state) -> None, after every epoch (tracking)
+    state: LoopState = field(default_factory=LoopState)
+    optimizer_state: dict | None = None  # restored from a full checkpoint
+    best_weights: dict | None = None
+    final: dict | None = None  # test scores and summary, once done
+    error: Exception | None = None  # why it stopped without finishing (divergence, a bad checkpoint)
+    label: str = ""  # its log lines' prefix in a group of several
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.optimizer.param_groups[0]["lr"]
+
+    @property
+    def running(self) -> bool:
+        return self.final is None and self.error is None
+
+
+def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = None, progress: bool = False) -> None:
+    """Train `members` together as one stacked model for their epochs (each until its own early stop), keep each
+    one's best checkpoint, then test it: sets each member's `final`, or its `error` if it diverged.
+
+    All members share the model's layer sizes, batch size and epochs (fusion_key in job.py). After every epoch each
+    member's full checkpoint goes to `member.last`, then `member.on_epoch(metrics, state)` runs. A finished,
+    stopped or diverged member leaves the stack, so it costs nothing more. A signal caught by `stop` raises
+    Interrupted between steps: members not yet done keep the checkpoint of their last completed epoch.
+    """
+    from fmnist_exp.stacked import StackedModel, StackedOptimizer, job_losses
+    group = [m for m in members if m.running]
+    if not group:
+        return
+    for m in group:
+        m.label = f"[{m.name}] " if len(group) > 1 else ""
+    device, first = data.train_x.device, group[0]
+    model = StackedModel.from_models([m.model for m in group])
+    optimizer = StackedOptimizer(list(model.parameters()), [m.hyper for m in group])
+    for k, m in enumerate(group):
+        if m.optimizer_state is not None:
+            optimizer.load_job_state(k, m.optimizer_state)
+    n, sizes = len(data.train_y), batch_sizes(len(data.train_y), first.settings.batch_size)
+    for epoch in range(first.state.epoch + 1, first.settings.epochs + 1):
+        start = time.perf_counter()
+        for k, m in enumerate(group):
+            optimizer.set_lr(k, m.lr)
+        lrs = [m.lr for m in group]
+        train_losses = train_epoch(model, optimizer, group, data, sizes, epoch, progress, stop)
+        valid_losses, valid_accs = evaluate_stack(model, data.valid_x, data.valid_y, first.settings.eval_batch_size)
+        epoch_time = (time.perf_counter() - start) / len(group)  # each job's share of the group's epoch
+        for k, m in enumerate(group):
+            if not m.running:  # diverged during this epoch
+                continue
+            metrics = dict(train_loss=train_losses[k], valid_loss=valid_losses[k], valid_acc=valid_accs[k],
+                           lr=lrs[k], epoch_time=epoch_time)
+            end_of_epoch(m, metrics, model.job_state_dict(k), optimizer.job_state(k), data)
+        keep = [k for k, m in enumerate(group) if m.running]
+        if len(keep) < len(group):  # done, stopped early or diverged: out of the stack
+            if not keep:
+                break
+            model = model.select(keep)
+            optimizer = optimizer.select(keep, list(model.parameters()))
+            group = [group[k] for k in keep]
+    for m in group:
+        if m.running:
+            finish(m, data)
+
+
+def train_epoch(model, optimizer, group: list[Member], data: FashionMNIST, sizes: list[int], epoch: int,
+                progress: bool, stop: StopOnSignal | None) -> list[float]:
+    """One pass over the training split for every member, each in its own order; returns each member's mean batch
+    loss (as the notebook reports). A member whose loss turns non-finite gets its `error` and trains no more."""
+    from fmnist_exp.stacked import job_losses
     model.train()
-    steps = batches(len(data.train_y), batch_size, generator, data.train_x.device)
-    losses = torch.zeros(len(steps), device=data.train_x.device)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device, k = data.train_x.device, len(group)
+    # each member's own shuffle; members that share a seed share an order, and then one batch serves them all
+    orders = data_orders(len(data.train_y), [m.generator for m in group], device)
+    shared = bool((orders == orders[:1]).all()) if k > 1 else True
+    losses = torch.zeros(k, len(sizes), device=device)
+    dropout = [m.dropout for m in group]
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(steps), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
-    for step, idx in enumerate(steps):
-        if stop is not None and stop.signum is not None:
+        bar = tqdm(total=len(sizes), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
+    offset = 0
+    try:
+        for step, size in enumerate(sizes):
+            if stop is not None and stop.signum is not None:
+                raise Interrupted(stop.signum)
+            # index_select, not x[idx]: the same rows, ~6x faster to gather than advanced indexing on a 4-d tensor
+            if shared:
+                idx = orders[0, offset: offset + size]
+                x, y = data.train_x.index_select(0, idx), data.train_y.index_select(0, idx)
+            else:
+                idx = orders[:, offset: offset + size].reshape(-1)
+                x = data.train_x.index_select(0, idx).view(k, size, *data.train_x.shape[1:])
+                y = data.train_y.index_select(0, idx).view(k, size)
+            offset += size
+            step_losses = job_losses(model(pixels(x), dropout), y)
+            optimizer.zero_grad()
+            step_losses.sum().backward()  # each job's gradient is its own loss's: the sum does not mix them
+            optimizer.step()
+            losses[:, step] = step_losses.detach()
+            if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(sizes):
+                if diverged(losses, step, group, epoch) and not any(m.running for m in group):
+                    break
             if bar is not None:
-                bar.close()
-            raise Interrupted(stop.signum)
-        # index_select, not x[idx]: the same rows, ~6x faster to gather than advanced indexing on a 4-d tensor
-        x, y = data.train_x.index_select(0, idx), data.train_y.index_select(0, idx)
-        loss = F.cross_entropy(model(pixels(x)), y)
-        for p in params:  # = optimizer.zero_grad(set_to_none=True), without its ~20 us of overhead per step
-            p.grad = None
-        loss.backward()
-        optimizer.step()
-        losses[step] = loss.detach()
-        if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(steps):
-            window = losses[max(0, step + 1 - CHECK_EVERY): step + 1]
-            if not torch.isfinite(window).all():
-                bad = max(0, step + 1 - CHECK_EVERY) + int((~torch.isfinite(window)).nonzero()[0])
-                lr = optimizer.param_groups[0]["lr"]
-                raise TrainingDiverged(
-                    f"training diverged: loss is {losses[bad].item()} at epoch {epoch}, step {bad + 1}; "
-                    f"lower optimizer.lr (now {lr:g}) or add regularization=batchnorm")
+                bar.update()
+    finally:
         if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
-    return losses.mean().item()
+            bar.close()
+    return losses.mean(1).tolist()
 
 
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: FashionMNIST, settings: LoopSettings,
-        generator: torch.Generator, checkpoint_path: Path, on_epoch=None, state: LoopState | None = None,
-        last_path: Path | None = None, stop: StopOnSignal | None = None) -> dict:
-    """Train for settings.epochs (or until early stopping), keep the best checkpoint, then test it.
+def diverged(losses: torch.Tensor, step: int, group: list[Member], epoch: int) -> bool:
+    """Check the last CHECK_EVERY steps (one host sync); members with a non-finite loss get their error."""
+    window = losses[:, max(0, step + 1 - CHECK_EVERY): step + 1]
+    bad = ~torch.isfinite(window)
+    if not bad.any():
+        return False
+    for k in bad.any(1).nonzero().flatten().tolist():
+        m = group[k]
+        if m.running:
+            at = max(0, step + 1 - CHECK_EVERY) + int(bad[k].nonzero()[0])
+            m.error = TrainingDiverged(
+                f"training diverged: loss is {losses[k, at].item()} at epoch {epoch}, step {at + 1}; "
+                f"lower optimizer.lr (now {m.lr:g}) or add regularization=batchnorm")
+    return True
 
-    After every epoch a full checkpoint goes to `last_path` (if given), then `on_epoch(metrics, state)` is called
-    (tracking). `state` continues a resumed run. A signal caught by `stop` raises Interrupted between steps.
-    Returns the final metrics.
-    """
-    state = state or LoopState()
-    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    # the best weights, kept in memory for last.pt (a resumed run starts from the checkpoint it restored)
-    best_weights = torch.load(checkpoint_path, weights_only=True) if state.best_epoch else None
-    for epoch in range(state.epoch + 1, settings.epochs + 1):
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_epoch(model, optimizer, data, settings.batch_size, generator, epoch, settings.progress,
-                                 stop)
-        valid_loss, valid_acc = evaluate(model, data.valid_x, data.valid_y, settings.eval_batch_size)
-        scheduler.step(valid_loss) if plateau else scheduler.step()
-        epoch_time = time.perf_counter() - start
-        metrics = dict(train_loss=train_loss, valid_loss=valid_loss, valid_acc=valid_acc, lr=lr,
-                       epoch_time=epoch_time)
-        log.info("Epoch %d/%d | train loss %.3f | valid loss %.3f | valid acc %.3f | lr %.2e | %.2f s",
-                 epoch, settings.epochs, train_loss, valid_loss, valid_acc, lr, epoch_time)
-        value = metrics[settings.monitor]
-        if _improved(value, state.best, settings.monitor, settings.min_delta):
-            state.best, state.best_epoch, state.stale_epochs = value, epoch, 0
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_atomic(best_weights, checkpoint_path)
-        else:
-            state.stale_epochs += 1
-        state.epoch = epoch
-        state.history.append({"epoch": epoch, **metrics})
-        if last_path is not None:
-            save_full_checkpoint(last_path, model, optimizer, scheduler, generator, state, best_weights)
-        if on_epoch is not None:
-            on_epoch(metrics, state)
-        if settings.patience is not None and state.stale_epochs >= settings.patience:
-            log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                     settings.monitor, settings.patience, state.best, state.best_epoch)
-            break
-    model.load_state_dict(torch.load(checkpoint_path, map_location=data.test_x.device, weights_only=True))
-    test_loss, test_acc = evaluate(model, data.test_x, data.test_y, settings.eval_batch_size)
-    log.info("Test (best checkpoint, epoch %d) | loss %.4f | accuracy %.4f", state.best_epoch, test_loss, test_acc)
+
+def end_of_epoch(m: Member, metrics: dict, weights: dict, optimizer_state: dict, data: FashionMNIST) -> None:
+    """One member's epoch bookkeeping: schedule, best checkpoint, full checkpoint, tracking, early stopping."""
+    s, state = m.settings, m.state
+    plateau = isinstance(m.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    m.scheduler.optimizer.step()  # the stand-in has no gradient: changes nothing, keeps the schedule's order check
+    m.scheduler.step(metrics["valid_loss"]) if plateau else m.scheduler.step()
+    epoch = state.epoch + 1
+    log.info("%sEpoch %d/%d | train loss %.3f | valid loss %.3f | valid acc %.3f | lr %.2e | %.2f s",
+             m.label, epoch, s.epochs, metrics["train_loss"], metrics["valid_loss"],
+             metrics["valid_acc"], metrics["lr"], metrics["epoch_time"])
+    if _improved(metrics[s.monitor], state.best, s.monitor, s.min_delta):
+        state.best, state.best_epoch, state.stale_epochs = metrics[s.monitor], epoch, 0
+        m.best_weights = weights
+        save_atomic(weights, m.checkpoint)
+    else:
+        state.stale_epochs += 1
+    state.epoch = epoch
+    state.history.append({"epoch": epoch, **metrics})
+    if m.last is not None:
+        save_checkpoint(m, weights, optimizer_state)
+    if m.on_epoch is not None:
+        m.on_epoch(metrics, state)
+    if s.patience is not None and state.stale_epochs >= s.patience:
+        log.info("%sEarly stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                 m.label, s.monitor, s.patience, state.best, state.best_epoch)
+        finish(m, data)
+    elif epoch == s.epochs:
+        finish(m, data)
+
+
+def finish(m: Member, data: FashionMNIST) -> None:
+    """Test the member's best checkpoint (in its own plain model) and record its final scores."""
+    state, s = m.state, m.settings
+    m.model.load_state_dict(m.best_weights)
+    test_loss, test_acc = evaluate(m.model, data.test_x, data.test_y, s.eval_batch_size)
+    log.info("%sTest (best checkpoint, epoch %d) | loss %.4f | accuracy %.4f",
+             m.label, state.best_epoch, test_loss, test_acc)
     at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     # the tested checkpoint's own validation scores (not the best of each over all epochs): what a sweep ranks by
-    return dict(test_loss=test_loss, test_acc=test_acc, best_epoch=state.best_epoch,
-                ckpt_valid_loss=at_best.get("valid_loss", math.nan), ckpt_valid_acc=at_best.get("valid_acc", math.nan),
-                epochs_run=state.epoch, train_time=sum(h["epoch_time"] for h in state.history))
+    m.final = dict(test_loss=test_loss, test_acc=test_acc, best_epoch=state.best_epoch,
+                   ckpt_valid_loss=at_best.get("valid_loss", math.nan),
+                   ckpt_valid_acc=at_best.get("valid_acc", math.nan),
+                   epochs_run=state.epoch, train_time=sum(h["epoch_time"] for h in state.history))
+
+
+@torch.no_grad()
+def evaluate_stack(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[list[float], list[float]]:
+    """Each job's mean cross-entropy and accuracy over (x, y), in eval mode; one host sync."""
+    from fmnist_exp.stacked import job_losses
+    model.eval()
+    loss_sum = torch.zeros(model.num_jobs, device=x.device)
+    correct = torch.zeros(model.num_jobs, device=x.device, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        logits, target = model(pixels(x[i: i + batch_size])), y[i: i + batch_size]
+        loss_sum += job_losses(logits, target) * len(target)
+        correct += (logits.argmax(-1) == target).sum(1)
+    return (loss_sum / len(y)).tolist(), (correct.double() / len(y)).tolist()
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -216,45 +331,44 @@ def save_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_full_checkpoint(path: Path, model, optimizer, scheduler, generator: torch.Generator, state: LoopState,
-                         best_weights: dict) -> None:
-    """Everything needed to continue after the last completed epoch: weights, optimizer, scheduler, loop state,
-    the best weights so far and every RNG state. Loads with torch.load(weights_only=True)."""
+def save_checkpoint(m: Member, weights: dict, optimizer_state: dict) -> None:
+    """Everything `m` needs to continue after its last completed epoch: weights, optimizer state (torch.optim's
+    format), schedule, loop state, best weights so far and its RNG states. Loads with weights_only=True."""
+    state = m.state
     save_atomic({
-        "model": model.state_dict(),
-        "best_model": best_weights,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": weights,
+        "best_model": m.best_weights,
+        "optimizer": optimizer_state,
+        "scheduler": m.scheduler.state_dict(),
         "loop": {"epoch": state.epoch, "best": state.best, "best_epoch": state.best_epoch,
                  "stale_epochs": state.stale_epochs, "history": state.history},
-        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }, path)
+        "rng": {"generator": m.generator.get_state(), "dropout": m.dropout.get_state(),
+                "dropout_device": m.dropout.device.type},
+    }, m.last)
 
 
-def restore_full_checkpoint(path: Path, model, optimizer, scheduler, generator: torch.Generator,
-                            best_path: Path) -> LoopState:
-    """Load a full checkpoint into the objects built from the config; the best weights go to `best_path`."""
-    device = next(model.parameters()).device
+def restore_checkpoint(path: Path, m: Member) -> None:
+    """Load a full checkpoint into a member built from the same config; its best weights go to m.checkpoint.
+    Raises CheckpointMismatch (before anything of the run is touched) when the checkpoint does not fit."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+        m.model.load_state_dict(ckpt["model"])
+        kind = "momentum_buffer" if m.hyper["kind"] == "sgd" else "exp_avg"
+        if any(kind not in s for s in ckpt["optimizer"]["state"].values()):
+            raise ValueError(f"its optimizer state is not {m.hyper['kind']}'s")
+        m.generator.set_state(ckpt["rng"]["generator"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointMismatch(f"{path}: this checkpoint does not fit the configured model/optimizer ({first}); "
                                  "resume with the same model and optimizer overrides as the original run")
-    try:
-        generator.set_state(ckpt["rng"]["generator"])
-    except RuntimeError:
-        raise CheckpointMismatch(f"{path}: its shuffling state was saved on a GPU by an older version and cannot "
-                                 "continue here; resume it on a machine with a GPU (train.device=cuda)")
-    model.to(device)
-    scheduler.load_state_dict(ckpt["scheduler"])
-    save_atomic(ckpt["best_model"], best_path)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) <= torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])  # a run resumed on another device draws dropout anew
+    m.optimizer_state = ckpt["optimizer"]
+    m.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["rng"]["dropout_device"] == m.dropout.device.type:
+        m.dropout.set_state(ckpt["rng"]["dropout"])
+    else:  # resumed on another kind of device: dropout masks continue from a fresh, still seeded stream
+        m.dropout.manual_seed(m.dropout.initial_seed() + len(ckpt["loop"]["history"]))
+    m.best_weights = ckpt["best_model"]
+    save_atomic(m.best_weights, m.checkpoint)
     loop = ckpt["loop"]
-    return LoopState(epoch=loop["epoch"], best=loop["best"], best_epoch=loop["best_epoch"],
-                     stale_epochs=loop["stale_epochs"], history=list(loop["history"]))
+    m.state = LoopState(epoch=loop["epoch"], best=loop["best"], best_epoch=loop["best_epoch"],
+                        stale_epochs=loop["stale_epochs"], history=list(loop["history"]))

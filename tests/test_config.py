@@ -59,24 +59,6 @@ def test_defaults_are_the_notebook_headline_run():
     assert compose_cfg("optimizer=sgd").optimizer.lr == 0.1
 
 
-@pytest.mark.parametrize("name,kernel", [("adam", "_fused_adam_"), ("adamw", "_fused_adamw_")])
-def test_adam_runs_the_fused_kernel(name, kernel, monkeypatch):
-    """A step of the optimizer as conf/ builds it goes through PyTorch's fused kernel (and not with fused=null)."""
-    calls = []
-    real = getattr(torch, kernel)
-    monkeypatch.setattr(torch, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
-
-    def step(*overrides):
-        p = torch.nn.Parameter(torch.ones(3))
-        optimizer = instantiate(compose_cfg(f"optimizer={name}", *overrides).optimizer)(params=[p])
-        p.grad = torch.ones(3)
-        optimizer.step()
-        return p.detach()
-    fused = step()
-    assert calls == [1]
-    assert torch.allclose(fused, step("optimizer.fused=null"), atol=1e-7) and calls == [1]  # same maths
-
-
 def test_notebook_experiment_is_a_16_run_grid():
     cfg = compose_cfg("+experiment=notebook", hydra=True)
     params = cfg.hydra.sweeper.params

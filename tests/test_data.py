@@ -115,12 +115,12 @@ def test_split_depends_on_split_seed_not_train_seed(tiny_root):
     assert valid_labels("data.split_seed=0") != valid_labels("data.split_seed=1")
 
 
-def test_batches_cover_every_index_once_and_keep_the_last_partial_batch():
-    g = torch.Generator().manual_seed(0)
-    parts = data.batches(1050, 100, g, CPU)
-    assert [len(p) for p in parts] == [100] * 10 + [50]
-    assert sorted(torch.cat(parts).tolist()) == list(range(1050))
-    assert torch.cat(parts).tolist() != list(range(1050))
+def test_each_job_has_its_own_order_covering_every_index_once():
+    gens = [torch.Generator().manual_seed(s) for s in (0, 0, 1)]
+    order = data.orders(1050, gens, CPU)
+    assert order.shape == (3, 1050) and all(sorted(o.tolist()) == list(range(1050)) for o in order)
+    assert torch.equal(order[0], order[1]) and not torch.equal(order[0], order[2])  # same seed, same order
+    assert [len(p) for p in order[0].split(data.batch_sizes(1050, 100))] == [100] * 10 + [50]
 
 
 def test_a_remainder_of_one_example_is_left_out_of_the_epoch():
@@ -128,7 +128,7 @@ def test_a_remainder_of_one_example_is_left_out_of_the_epoch():
     assert data.batch_sizes(501, 100) == [100] * 5 and data.batch_sizes(502, 100) == [100] * 5 + [2]
     assert data.batch_sizes(1, 16) == [1]  # a data set of one example still trains
     g = torch.Generator().manual_seed(0)
-    left_out = [set(range(501)) - set(torch.cat(data.batches(501, 100, g, CPU)).tolist()) for _ in range(3)]
+    left_out = [set(data.orders(501, [g], CPU)[0, 500:].tolist()) for _ in range(3)]
     assert all(len(s) == 1 for s in left_out) and len(set.union(*left_out)) > 1
 
 

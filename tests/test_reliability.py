@@ -142,16 +142,22 @@ def test_resumed_sweep_continues_a_killed_job(tmp_path, slow_root):
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
-    model, other = MLP(hidden=[32, 16]), MLP(hidden=[64])
-    opt = torch.optim.Adam(model.parameters())
-    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0, 0)
-    g = torch.Generator().manual_seed(0)
-    train.save_full_checkpoint(tmp_path / "last.pt", model, opt, sched, g, train.LoopState(epoch=1),
-                               model.state_dict())
-    opt2 = torch.optim.Adam(other.parameters())
+    from conftest import compose_cfg
+    from fmnist_exp import job
+    cpu = torch.device("cpu")
+    m = job.build(compose_cfg("model.hidden=[32,16]"), cpu, job_dir=tmp_path)
+    m.best_weights = m.model.state_dict()
+    adam = torch.optim.Adam(m.model.parameters())
+    for p in m.model.parameters():
+        p.grad = torch.zeros_like(p)
+    adam.step()  # a state to save: exp_avg, exp_avg_sq, step
+    train.save_checkpoint(m, m.model.state_dict(), adam.state_dict())
+    other = job.build(compose_cfg("model.hidden=[64]"), cpu, job_dir=tmp_path / "other")
     with pytest.raises(train.CheckpointMismatch, match="does not fit the configured model/optimizer"):
-        train.restore_full_checkpoint(tmp_path / "last.pt", other, opt2,
-                                      torch.optim.lr_scheduler.ConstantLR(opt2, 1.0, 0), g, tmp_path / "b2.pt")
+        train.restore_checkpoint(tmp_path / "last.pt", other)
+    sgd = job.build(compose_cfg("model.hidden=[32,16]", "optimizer=sgd"), cpu, job_dir=tmp_path / "sgd")
+    with pytest.raises(train.CheckpointMismatch, match="its optimizer state is not sgd's"):
+        train.restore_checkpoint(tmp_path / "last.pt", sgd)
 
 
 @pytest.fixture
@@ -324,22 +330,24 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue_before_touching_the_run(
     assert run["status"] == "KILLED"
 
 
-def test_checkpoints_resume_on_any_device(tmp_path):
-    """The shuffling order comes from a CPU generator, so a checkpoint made on a GPU (CUDA RNG states included)
-    restores on a CPU-only machine."""
-    from fmnist_exp import job
+def test_checkpoints_resume_on_any_device(tmp_path, tiny_root):
+    """The data order comes from a CPU generator, so a checkpoint made on a GPU restores on a CPU-only machine
+    (its dropout stream, drawn on the GPU, continues from a fresh seeded one)."""
     from conftest import compose_cfg
-    parts = job.build(compose_cfg(), torch.device("cpu"))
-    assert parts.generator.device.type == "cpu"
-    train.save_full_checkpoint(tmp_path / "last.pt", parts.model, parts.optimizer, parts.scheduler,
-                               parts.generator, train.LoopState(epoch=1), parts.model.state_dict())
+    from fmnist_exp import data, job
+    cfg = compose_cfg(*tiny_overrides(tiny_root), "train.epochs=1")
+    m = job.build(cfg, torch.device("cpu"), job_dir=tmp_path)
+    assert m.generator.device.type == "cpu"
+    train.fit([m], data.load(tiny_root, tiny_root / "none", False, 100, 0, torch.device("cpu")))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # as saved on a machine with 8 GPUs
+    ckpt["rng"]["dropout_device"], ckpt["rng"]["dropout"] = "cuda", torch.zeros(16, dtype=torch.uint8)
     torch.save(ckpt, tmp_path / "last.pt")
-    again = job.build(compose_cfg(), torch.device("cpu"))
-    state = train.restore_full_checkpoint(tmp_path / "last.pt", again.model, again.optimizer, again.scheduler,
-                                          again.generator, tmp_path / "best.pt")
-    assert state.epoch == 1 and torch.equal(again.generator.get_state(), parts.generator.get_state())
+    again = job.build(cfg, torch.device("cpu"), job_dir=tmp_path / "again")
+    (tmp_path / "again").mkdir()
+    train.restore_checkpoint(tmp_path / "last.pt", again)
+    assert again.state.epoch == 1 and torch.equal(again.generator.get_state(), m.generator.get_state())
+    # one epoch: the last weights are the best, which m.model holds after testing
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), m.model.state_dict().values()))
 
 
 def test_untracked_sweep_with_a_failed_job_exits_1(tmp_path, tiny_root):

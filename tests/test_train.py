@@ -15,16 +15,26 @@ def tiny(tiny_root):
     return data.load(tiny_root, tiny_root / "none", False, 100, 0, CPU)
 
 
-def fit(tiny, tmp_path, optimizer_cls=torch.optim.Adam, lr=1e-2, scheduler=None, on_epoch=None, **settings):
+def member(tmp_path, kind="adam", lr=1e-2, scheduler=None, on_epoch=None, **settings) -> train.Member:
+    """A group of one, built the way job.build builds it."""
     torch.manual_seed(0)
-    model = MLP(hidden=[32, 16])
-    optimizer = optimizer_cls(model.parameters(), lr=lr)
-    scheduler = (scheduler or (lambda o: torch.optim.lr_scheduler.ConstantLR(o, 1.0, 0)))(optimizer)
-    s = train.LoopSettings(**{"epochs": 4, "batch_size": 50, "eval_batch_size": 64, **settings})
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    return train.Member(
+        name="t", model=MLP(hidden=[32, 16]), hyper={"kind": kind, "lr": lr},
+        scheduler=(scheduler or (lambda o: torch.optim.lr_scheduler.ConstantLR(o, 1.0, 0)))(stand_in),
+        generator=torch.Generator().manual_seed(0), dropout=torch.Generator().manual_seed(0),
+        settings=train.LoopSettings(**{"epochs": 4, "batch_size": 50, "eval_batch_size": 64, **settings}),
+        checkpoint=tmp_path / "best.pt", on_epoch=on_epoch)
+
+
+def fit(tiny, tmp_path, optimizer_cls=torch.optim.Adam, lr=1e-2, scheduler=None, **settings):
     history = []
-    final = train.fit(model, optimizer, scheduler, tiny, s, torch.Generator().manual_seed(0),
-                      tmp_path / "best.pt", on_epoch=lambda m, st: history.append(dict(m)))
-    return model, final, history
+    kind = {torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}[optimizer_cls]
+    m = member(tmp_path, kind, lr, scheduler, on_epoch=lambda metrics, st: history.append(dict(metrics)), **settings)
+    train.fit([m], tiny)
+    if m.error is not None:
+        raise m.error
+    return m.model, m.final, history
 
 
 def test_learns_tiny_data_and_tests_the_best_checkpoint(tiny, tmp_path):
@@ -77,3 +87,14 @@ def test_divergence_stops_with_a_clear_message(tiny, tmp_path):
         fit(tiny, tmp_path, optimizer_cls=torch.optim.SGD, lr=1e12)
     message = str(e.value)
     assert "at epoch 1, step" in message and "lower optimizer.lr (now 1e+12)" in message
+
+
+@pytest.mark.parametrize("kind,kernel", [("sgd", "_fused_sgd_"), ("adam", "_fused_adam_"), ("adamw", "_fused_adamw_")])
+def test_each_step_runs_torchs_fused_optimizer_kernel(tiny, tmp_path, monkeypatch, kind, kernel):
+    """One C++ kernel per job and step (CPU and CUDA): no Python loop over parameters, no host sync."""
+    calls = []
+    real = getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    m = member(tmp_path, kind, 1e-2, epochs=1)
+    train.fit([m], tiny)
+    assert m.final is not None and len(calls) == len(train.batch_sizes(len(tiny.train_y), 50))

@@ -1,0 +1,306 @@
+"""K jobs of one architecture trained as one stacked model: every parameter gets a leading job dimension K.
+
+Linear is one batched matrix product (torch.baddbmm; the first layer on a batch all jobs share is one wide
+(B, 784) @ (784, K*H) product), Conv2d one grouped convolution over K*C channels (as HFTA does), BatchNorm one
+F.batch_norm over K*C channels, so each job's running stats stay exact (vmap cannot update them in place).
+Batched layers were kept over torch.func.vmap: FIGURE.
+The optimizer calls torch's fused SGD / Adam / AdamW kernel once per job on that job's slices, with lr and step
+count in device tensors: one pass over the state instead of ~7 broadcast ones, and no host sync.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Activation layouts between layers: the input every job shares (B, ...); jobs in the channel dimension
+# (B, K*C, ...), as grouped conv and batch_norm want it; jobs in front (K, B, ...), as baddbmm wants it.
+SHARED, WIDE, JOBS = "shared", "wide", "jobs"
+KINDS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.BatchNorm1d: "bn", nn.BatchNorm2d: "bn", nn.ReLU: "relu",
+         nn.MaxPool2d: "pool", nn.Flatten: "flatten"}
+
+
+def _layer(m: nn.Module) -> tuple[str, dict]:
+    """A layer's kind and the settings jobs must share (they also parametrise the stacked op)."""
+    kind = KINDS.get(type(m))
+    if kind == "linear" and m.bias is not None:
+        return kind, dict(shape=(m.in_features, m.out_features))
+    if kind == "conv" and m.bias is not None and m.groups == 1 and m.padding_mode == "zeros":
+        return kind, dict(shape=(m.in_channels, m.out_channels, m.kernel_size), stride=m.stride,
+                          padding=m.padding, dilation=m.dilation)
+    if kind == "bn" and m.affine and m.track_running_stats and m.momentum is not None:
+        return kind, dict(shape=(type(m).__name__, m.num_features), momentum=m.momentum, eps=m.eps)
+    if kind == "pool" and not m.return_indices:
+        return kind, dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                          ceil_mode=m.ceil_mode)
+    if kind == "flatten" and (m.start_dim, m.end_dim) == (1, -1) or kind == "relu":
+        return kind, {}
+    raise ValueError(f"cannot stack layer {m!r}")
+
+
+def job_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each job's mean cross-entropy, shape (K,), for labels (B,) shared or (K, B) per job; backward through
+    their sum gives every job exactly the gradient it gets alone."""
+    k, b = logits.shape[:2]
+    y = y.expand(k, b) if y.dim() == 1 else y
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, b).mean(1)
+
+
+class StackedModel(nn.Module):
+    """K `models.MLP` / `models.CNN` with the same layer sizes as one module: (B | K,B, 1, 28, 28) -> (K, B, 10)."""
+
+    def __init__(self, plan: list[tuple[str, str, dict]], layers: nn.ModuleDict, dropout: dict[str, list[float]]):
+        super().__init__()
+        self.plan, self.layers, self.dropout = plan, layers, dropout  # use from_models / select
+        self.num_jobs = next(layers.parameters()).shape[0]
+
+    @classmethod
+    def from_models(cls, models: list[nn.Sequential]) -> StackedModel:
+        """Stack the models' layers, copying each model's weights and BatchNorm stats exactly."""
+        if not models:
+            raise ValueError("no models to stack")
+        skeletons, drops = [], []
+        for i, model in enumerate(models):
+            if type(model) is not type(models[0]):
+                raise ValueError(f"job {i} is a {type(model).__name__}, job 0 a {type(models[0]).__name__}")
+            layers, dropout = [], {}
+            for name, m in model.named_children():
+                if isinstance(m, nn.Dropout):  # keyed by position: jobs without dropout there get p = 0
+                    if len(layers) in dropout:
+                        raise ValueError(f"job {i}: two dropout layers in a row at {name}")
+                    dropout[len(layers)] = (name, m.p)
+                else:
+                    layers.append((name, *_layer(m)))
+            skeletons.append(layers)
+            drops.append(dropout)
+        with_bn = [any(kind == "bn" for _, kind, _ in s) for s in skeletons]
+        if len(set(with_bn)) > 1:
+            raise ValueError(f"batch_norm differs: jobs {[i for i, b in enumerate(with_bn) if b]} have BatchNorm, "
+                             f"jobs {[i for i, b in enumerate(with_bn) if not b]} do not")
+        for i, s in enumerate(skeletons):
+            if s != skeletons[0]:
+                j = next((j for j, (a, b) in enumerate(zip(s, skeletons[0])) if a != b), min(len(s), len(skeletons[0])))
+                mine, first = (" ".join([*x[j][:2], *(f"{a}={v}" for a, v in x[j][2].items())])
+                               if j < len(x) else "nothing" for x in (s, skeletons[0]))
+                raise ValueError(f"job {i} differs from job 0 at layer {j}: {mine} vs {first}")
+        plan, layers, dropout = [], nn.ModuleDict(), {}
+        children = [dict(m.named_children()) for m in models]
+        for pos in range(len(skeletons[0]) + 1):
+            if any(pos in d for d in drops):
+                name = next(d[pos][0] for d in drops if pos in d)
+                dropout[name] = [d[pos][1] if pos in d else 0.0 for d in drops]
+                plan.append((name, "dropout", {}))
+            if pos < len(skeletons[0]):
+                name, kind, args = skeletons[0][pos]
+                plan.append((name, kind, {k: v for k, v in args.items() if k != "shape"}))
+                if kind in ("linear", "conv", "bn"):
+                    mods, holder = [c[name] for c in children], nn.Module()
+                    for n, p in mods[0].named_parameters(recurse=False):
+                        holder.register_parameter(n, nn.Parameter(torch.stack([m.get_parameter(n).detach()
+                                                                               for m in mods])))
+                    for n, _ in mods[0].named_buffers(recurse=False):
+                        holder.register_buffer(n, torch.stack([m.get_buffer(n) for m in mods]))
+                    layers[name] = holder
+        return cls(plan, layers, dropout).train(models[0].training)
+
+    def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Logits (K, B, 10) for a batch all jobs share (B, 1, 28, 28) or one per job (K, B, 1, 28, 28); in training
+        mode job k's dropout masks come from generators[k] (None: torch's default generator)."""
+        k = self.num_jobs
+        if x.dim() == 5 and x.shape[0] == k:
+            layout = JOBS
+        elif x.dim() == 4:
+            layout = SHARED
+        else:
+            raise ValueError(f"input of shape {tuple(x.shape)}: expected (B, 1, 28, 28) or ({k}, B, 1, 28, 28)")
+        for name, kind, args in self.plan:
+            h = self.layers[name] if name in self.layers else None
+            if kind == "linear" and layout == SHARED:  # one wide product, not K copies of the input
+                x, layout = F.linear(x, h.weight.flatten(0, 1), h.bias.flatten()), WIDE
+            elif kind == "linear":  # W @ x^T: the weight's gradient comes out in its own layout, no copy to accumulate
+                x = torch.baddbmm(h.bias.unsqueeze(2), h.weight, self._jobs(x, layout).transpose(1, 2)).transpose(1, 2)
+                layout = JOBS
+            elif kind == "conv":
+                w, b = h.weight.flatten(0, 1), h.bias.flatten()
+                x = F.conv2d(x, w, b, **args) if layout == SHARED else F.conv2d(self._wide(x, layout), w, b, groups=k,
+                                                                                **args)
+                layout = WIDE
+            elif kind == "bn":
+                stats = h.running_mean.view(-1), h.running_var.view(-1), h.weight.flatten(), h.bias.flatten()
+                if layout == JOBS and x.dim() == 3:  # (K, B, F) as (1, K*F, B): same statistics, no transpose copy
+                    kf = x.shape[0] * x.shape[2]
+                    y = F.batch_norm(x.transpose(1, 2).reshape(1, kf, -1), *stats, self.training, **args)
+                    x = y.view(k, -1, x.shape[1]).transpose(1, 2)
+                else:
+                    x, layout = F.batch_norm(self._wide(x, layout), *stats, self.training, **args), WIDE
+                if self.training:
+                    h.num_batches_tracked.add_(1)
+            elif kind == "relu":
+                x = F.relu(x)
+            elif kind == "pool":
+                x = F.max_pool2d(self._wide(x, layout) if layout == JOBS else x, **args)
+                layout = SHARED if layout == SHARED else WIDE
+            elif kind == "flatten":
+                x = x.flatten(1) if layout == SHARED else self._jobs(x, layout).flatten(2)
+                layout = SHARED if layout == SHARED else JOBS
+            elif kind == "dropout" and self.training:
+                x = self._jobs(x, layout)
+                x, layout = x * self._mask(self.dropout[name], x, generators), JOBS
+        return self._jobs(x, layout)
+
+    def _jobs(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+        if layout == SHARED:
+            return x.expand(self.num_jobs, *x.shape)
+        if layout == WIDE:
+            return x.view(x.shape[0], self.num_jobs, -1, *x.shape[2:]).transpose(0, 1)
+        return x
+
+    def _wide(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+        if layout == SHARED:
+            return x.unsqueeze(1).expand(-1, self.num_jobs, *x.shape[1:]).flatten(1, 2)
+        return x.transpose(0, 1).flatten(1, 2) if layout == JOBS else x
+
+    @staticmethod
+    def _mask(ps: list[float], x: torch.Tensor, generators) -> torch.Tensor:
+        """Inverted-dropout masks, job k's drawn from its own generator (jobs with p = 0 draw nothing)."""
+        mask = torch.ones_like(x)  # in x's memory layout, so the product keeps it
+        for k, p in enumerate(ps):
+            if p > 0:
+                mask[k].bernoulli_(1 - p, generator=None if generators is None else generators[k])
+                mask[k].mul_(1 / (1 - p) if p < 1 else 0.0)
+        return mask
+
+    def job_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Job k's weights and BatchNorm stats under its own model's keys (loads strict into models.MLP / CNN)."""
+        return {f"{name}.{key}": t[k].clone() for name, h in self.layers.items() for key, t in h.state_dict().items()}
+
+    def load_job_state_dict(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite job k's weights and BatchNorm stats with a state dict of its own model."""
+        mine = {f"{name}.{key}": t for name, h in self.layers.items() for key, t in h.state_dict(keep_vars=True).items()}
+        if set(state) != set(mine):
+            raise KeyError(f"state dict keys differ: missing {sorted(set(mine) - set(state))}, "
+                           f"unexpected {sorted(set(state) - set(mine))}")
+        with torch.no_grad():
+            for key, t in mine.items():
+                t[k].copy_(state[key])
+
+    def select(self, keep: list[int]) -> StackedModel:
+        """A new stacked model of only these jobs (in this order), so a stopped job stops costing compute."""
+        if not keep:
+            raise ValueError("select needs at least one job")
+        layers = nn.ModuleDict()
+        for name, h in self.layers.items():
+            layers[name] = new = nn.Module()
+            for n, p in h.named_parameters(recurse=False):
+                new.register_parameter(n, nn.Parameter(p.detach()[keep], requires_grad=p.requires_grad))
+            for n, b in h.named_buffers(recurse=False):
+                new.register_buffer(n, b[keep])
+        dropout = {name: [ps[i] for i in keep] for name, ps in self.dropout.items()}
+        return StackedModel(self.plan, layers, dropout).train(self.training)
+
+
+def _hyper(h: dict) -> dict:
+    """One job's optimizer settings with torch's defaults filled in."""
+    kind = h["kind"]
+    if kind not in ("sgd", "adam", "adamw"):
+        raise ValueError(f"unknown optimizer kind {kind!r}: expected sgd, adam or adamw")
+    out = dict(kind=kind, lr=float(h["lr"]), weight_decay=float(h.get("weight_decay", 1e-2 if kind == "adamw" else 0)))
+    if kind == "sgd":
+        out.update(momentum=float(h.get("momentum", 0.0)), nesterov=bool(h.get("nesterov", False)))
+        if out["nesterov"] and out["momentum"] <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+    else:
+        b1, b2 = h.get("betas", (0.9, 0.999))
+        out.update(betas=(float(b1), float(b2)), eps=float(h.get("eps", 1e-8)))
+    return out
+
+
+class StackedOptimizer:
+    """SGD (momentum, nesterov, L2 decay; dampening 0) / Adam (L2) / AdamW (decoupled) per job over stacked
+    parameters (leading dim K), equal job by job to torch.optim; jobs of different kinds share one optimizer."""
+
+    def __init__(self, params: list[torch.Tensor], hyper: list[dict]):
+        self.params, self.hyper = list(params), [_hyper(h) for h in hyper]
+        if any(p.shape[0] != len(self.hyper) for p in self.params):
+            raise ValueError(f"{len(self.hyper)} jobs' settings for parameters of {self.params[0].shape[0]} jobs")
+        device = self.params[0].device
+        self.lr = torch.tensor([h["lr"] for h in self.hyper], dtype=torch.float32, device=device)
+        self.steps = torch.zeros(len(self.hyper), dtype=torch.float32, device=device)  # float32: what fused Adam reads
+        adam = any(h["kind"] != "sgd" for h in self.hyper)
+        momentum = adam or any(h.get("momentum") for h in self.hyper)
+        # Zeroed momentum buffers give torch's first step (buf = grad) without a first-step branch.
+        zeros = lambda: [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+        self.exp_avg = zeros() if momentum else []  # SGD jobs keep their momentum buffer here
+        self.exp_avg_sq = zeros() if adam else []
+        with torch.no_grad():  # per-job views, built once: in-place updates reach the stacked tensors
+            self._views = [self._per_job(ts) for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
+            self._lr, self._steps = self.lr.unbind(0), self.steps.unbind(0)
+
+    def _per_job(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [list(v) for v in zip(*(t.unbind(0) for t in tensors))] if tensors else [[] for _ in self.hyper]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step of every job from the parameters' .grad; no host sync (lr and steps are read on the device)."""
+        self.steps.add_(1)
+        grads = self._per_job([p.grad for p in self.params])
+        for h, ps, ms, vs, g, lr, step in zip(self.hyper, *self._views, grads, self._lr, self._steps):
+            if h["kind"] == "sgd":
+                torch._fused_sgd_(ps, g, ms if h["momentum"] else [], weight_decay=h["weight_decay"],
+                                  momentum=h["momentum"], lr=lr, dampening=0.0, nesterov=h["nesterov"],
+                                  maximize=False, is_first_step=False)
+            else:
+                fused = torch._fused_adam_ if h["kind"] == "adam" else torch._fused_adamw_
+                fused(ps, g, ms, vs, [], [step] * len(ps), lr=lr, beta1=h["betas"][0],
+                      beta2=h["betas"][1], weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=False, maximize=False)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def set_lr(self, k: int, value: float) -> None:
+        """Change job k's learning rate in place (a schedule between epochs; a captured graph sees it)."""
+        self.lr[k].fill_(value)
+        self.hyper[k]["lr"] = float(value)
+
+    def lr_of(self, k: int) -> float:
+        return self.hyper[k]["lr"]
+
+    def job_state(self, k: int) -> dict:
+        """Job k's optimizer state as its own torch.optim optimizer's state_dict() (loads into one), cloned."""
+        h, state = self.hyper[k], {}
+        for i in range(len(self.params)):
+            if h["kind"] == "sgd":
+                state[i] = {"momentum_buffer": self.exp_avg[i][k].clone() if h["momentum"] else None}
+            else:
+                state[i] = {"step": self.steps[k].clone(), "exp_avg": self.exp_avg[i][k].clone(),
+                            "exp_avg_sq": self.exp_avg_sq[i][k].clone()}
+        group = {key: v for key, v in h.items() if key != "kind"} | {"params": list(range(len(self.params)))}
+        if h["kind"] == "sgd":
+            group["dampening"] = 0.0  # torch.optim.SGD's load_state_dict does not default it
+        return {"state": state, "param_groups": [group]}
+
+    def load_job_state(self, k: int, state: dict) -> None:
+        """Overwrite job k's state (and lr) with `job_state` output or its torch.optim optimizer's state_dict()."""
+        with torch.no_grad():
+            self.steps[k].zero_()
+            for i in range(len(self.params)):
+                s = state["state"].get(i, {})
+                for buf, key in ((self.exp_avg, "exp_avg"), (self.exp_avg_sq, "exp_avg_sq")):
+                    value = s.get(key, s.get("momentum_buffer") if key == "exp_avg" else None)
+                    if buf:
+                        buf[i][k].copy_(value) if value is not None else buf[i][k].zero_()
+                if "step" in s:
+                    self.steps[k].copy_(s["step"])
+        self.set_lr(k, state["param_groups"][0]["lr"])
+
+    def select(self, keep: list[int], new_params: list[torch.Tensor]) -> StackedOptimizer:
+        """The optimizer of `StackedModel.select(keep)`: these jobs' settings and state, on `new_params`."""
+        new = StackedOptimizer(new_params, [self.hyper[i] for i in keep])
+        with torch.no_grad():
+            new.lr.copy_(self.lr[keep])
+            new.steps.copy_(self.steps[keep])
+            for mine, theirs in ((self.exp_avg, new.exp_avg), (self.exp_avg_sq, new.exp_avg_sq)):
+                for a, b in zip(mine, theirs):
+                    b.copy_(a[keep])
+        return new

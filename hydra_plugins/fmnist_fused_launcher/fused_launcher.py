@@ -1,0 +1,32 @@
+"""A Hydra launcher that trains the jobs of a sweep that can share a training step as one stacked model."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class FusedLauncher(Launcher):
+    """Receives the whole batch of a sweep's jobs (Hydra's launcher API is batch-oriented), groups the ones that
+    fuse and trains each group in this process; jobs of apps other than fmnist_exp run one by one."""
+
+    def __init__(self, max_group: Optional[int] = 64, **kwargs: Any) -> None:
+        self.max_group = max_group
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.task_function = task_function
+        self.hydra_context = hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from . import _core
+        return _core.launch(self, job_overrides, initial_job_idx)

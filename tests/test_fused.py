@@ -1,0 +1,137 @@
+"""Fused sweeps: what fuses, a job trained in a group equals the job trained alone, and `hydra/launcher=fused`
+run the way a user runs it (failures, signals, resume), plus Hydra's own launcher test suites against it."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+from mlflow import MlflowClient
+
+from conftest import compose_cfg, run_cli, store_runs, tiny_overrides
+from fmnist_exp import job, train
+from hydra_plugins.fmnist_fused_launcher.fused_launcher import FusedLauncher
+
+
+def test_the_launcher_is_found_the_way_hydra_finds_plugins():
+    assert FusedLauncher.__name__ in [p.__name__ for p in Plugins.instance().discover(Launcher)]
+
+
+def test_what_fuses_and_what_does_not():
+    cfgs = [compose_cfg(*o) for o in [
+        [],                                                        # 0: the defaults
+        ["optimizer=sgd", "train.seed=3", "schedule=cosine"],      # 1: optimizer, seed, schedule: per job
+        ["model.init=he", "model.dropout=[0.5,0.2]", "train.monitor=valid_acc"],  # 2: init, dropout, monitor
+        ["train.early_stopping.patience=2", "optimizer=adamw"],    # 3: early stopping, AdamW
+        ["data.batch_size=16"],                                    # 4: another step shape
+        ["model.hidden=[256,64]"],                                 # 5: another architecture
+        ["regularization=batchnorm"],                              # 6: BatchNorm: its own group
+        ["train.epochs=3"],                                        # 7: another number of epochs
+        ["data.batch_size=16", "optimizer=sgd"],                   # 8: with 4
+    ]]
+    assert job.plan_groups(cfgs, None) == [[0, 1, 2, 3], [4, 8], [5], [6], [7]]
+    assert job.plan_groups(cfgs, 3) == [[0, 1, 2], [3], [4, 8], [5], [6], [7]]  # fused.max_group caps a group
+
+
+def history(outcome_job_dir):
+    return torch.load(outcome_job_dir / "last.pt", weights_only=True)["loop"]["history"]
+
+
+def test_a_job_trained_in_a_group_matches_the_job_trained_alone(tmp_path, tiny_root):
+    """3 jobs without dropout (SGD+momentum, Adam, AdamW with a schedule, different seeds), fused vs alone."""
+    variants = [["optimizer=sgd", "optimizer.momentum=0.9", "train.seed=1"],
+                ["optimizer=adam", "train.seed=2", "model.init=he"],
+                ["optimizer=adamw", "train.seed=3", "schedule=step", "schedule.step_size=1"]]
+    cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2", "tracking.enabled=false", *v)
+            for v in variants]
+    fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(3)]
+    alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(3)]
+    process = job.Process()
+    outcomes = job.run_group(list(zip(cfgs, fused)), train.StopOnSignal(), process)
+    assert [o.status for o in outcomes] == ["FINISHED"] * 3
+    for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):
+        assert job.run(cfg, ctx_a, train.StopOnSignal(), process).status == "FINISHED"
+        initial = job.build(cfg, torch.device("cpu")).model.state_dict()
+        assert all(torch.equal(initial[k], v) for k, v in
+                   job.build(cfg, torch.device("cpu")).model.state_dict().items())  # seeded: the same start
+        f, a = history(ctx_f.job_dir), history(ctx_a.job_dir)
+        assert [h["epoch"] for h in f] == [1, 2]
+        for hf, ha in zip(f, a):
+            assert hf["valid_loss"] == pytest.approx(ha["valid_loss"], rel=1e-4)
+            assert hf["lr"] == ha["lr"]
+
+
+def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root):
+    result = run_cli("-m", "hydra/launcher=fused", *tiny_overrides(tiny_root), "train.epochs=2",
+                     "optimizer=sgd,adam", "data.batch_size=16,100", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "Group 1/2: 2 job(s) sharing model MLP [128, 64], batch 16" in out
+    runs = store_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(parents) == 1 and len(children) == 4 and {r["status"] for r in runs} == {"FINISHED"}
+    assert {c["tags"]["fmnist.group"] for c in children} == {"1", "2"}
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    for child in children:
+        r = c.get_run(child["run_uuid"])
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "valid_loss")] == [1, 2]
+        assert {"test_acc", "ckpt_valid_loss", "best_epoch"} <= set(r.data.metrics)
+        assert {"best_model.pt", "config.yaml", "model_summary.txt"} <= {a.path for a in c.list_artifacts(
+            r.info.run_id)}
+        job_dir = r.data.tags["fmnist.job_dir"]
+        assert (tmp_path / job_dir / ".hydra" / "overrides.yaml").is_file()  # as Hydra's own launchers leave it
+        from fmnist_exp import models
+        from omegaconf import OmegaConf
+        models.load_best(OmegaConf.load(f"{job_dir}/config.yaml").model, job_dir)  # loads strict, weights_only
+    assert sum(line.startswith("| ★") for line in result.stdout.splitlines()) == 1
+
+
+def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
+    result = run_cli("-m", "hydra/launcher=fused", *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd",
+                     "optimizer.lr=0.1,1e12", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-3000:]
+    assert "1 of 2 jobs failed" in out and "training diverged: loss is nan at epoch 1" in out
+    runs = store_runs(tmp_path)
+    bad = next(r for r in runs if r["name"].endswith("optimizer.lr=1000000000000.0"))
+    good = next(r for r in runs if r["name"].endswith("optimizer.lr=0.1"))
+    assert bad["status"] == "FAILED" and good["status"] == "FINISHED"
+    assert bad["tags"]["fmnist.group"] == good["tags"]["fmnist.group"]  # they trained together
+
+
+def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
+    from conftest import make_tiny_set
+    from test_reliability import interrupt_after, start_cli
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)
+    args = ["hydra/launcher=fused", *tiny_overrides(root), "data.batch_size=16", "train.epochs=2",
+            "optimizer.lr=0.001,0.003"]
+    rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    assert rc == 130, out[-3000:]
+    runs = store_runs(tmp_path)
+    assert sorted(r["status"] for r in runs) == ["KILLED"] * 3  # both jobs, each with its checkpoint, and the parent
+    again = run_cli("-m", *args, "sweep.skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stdout.count("Resuming after epoch 1 of 2") == 2
+    children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 2 and {r["status"] for r in children} == {"FINISHED"}
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
+
+
+# Hydra's own expectations of a launcher: its apps are not fmnist_exp jobs, so they run one by one.
+@pytest.mark.parametrize("launcher_name, overrides", [("fused", [])])
+class TestFusedLauncher(LauncherTestSuite):
+    pass
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags",
+                         [({}, ["-m", "hydra/job_logging=hydra_debug", "hydra/job_logging=disabled",
+                                "hydra/launcher=fused"])])
+class TestFusedLauncherIntegration(IntegrationTestSuite):
+    pass
