@@ -4,14 +4,15 @@
 
 1. For Adam and SGD at batch 100 and 16 it alternates epochs of (a) the notebook's code -- torchvision
    FashionMNIST + ToTensor per item + DataLoader, .item() every step -- and (b) fmnist_exp's loop
-   (train.train_epoch + evaluate on one in-memory tensor, the optimizer as conf/ builds it, denormals flushed as
-   the CLI does, for both), same model and split sizes, and reports median seconds per epoch (train + validation), the
+   (train.train_epoch on a group of one, as a single run trains, with the optimizer settings conf/ gives,
+   denormals flushed as the CLI does, for both), same model and split sizes, and reports median seconds per epoch (train + validation), the
    ratio, and both valid accuracies after the same number of epochs.
 2. The CLI (`python -m fmnist_exp`, the default 17-epoch run), tracking on and off, alternating: time from process
    start to the first training step and to the end of epoch 1, seconds per epoch, whole-run wall time, and peak
    RSS of each process.
-3. --ideas: what each speed idea is worth in our loop (optimizer implementation, denormals, threads, evaluation
-   batch size, torch.compile), each against the same baseline in the same process.
+3. --ideas: what each speed idea still open in our loop is worth (denormals, threads, evaluation batch size), each
+   against the same baseline in the same process. (The optimizer implementations, batch gathering and
+   torch.compile were measured on the eager loop before fused sweeps: benchmarks/RESULTS.md, 2026-11-28.)
 4. --sweep: the 16-run `+experiment=notebook` sweep, sequential (1 job x 2 threads) and with joblib (2 jobs x 1
    thread), wall time.
 """
@@ -35,8 +36,8 @@ from torch import nn, optim
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fmnist_exp import config, data, train  # noqa: E402
-from fmnist_exp.models import MLP  # noqa: E402
+from fmnist_exp import config, data, job, train  # noqa: E402
+from fmnist_exp.stacked import StackedModel, StackedOptimizer  # noqa: E402
 
 SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
@@ -84,21 +85,25 @@ def notebook_epoch(model, optimizer, trainloader, validloader) -> tuple[float, f
     return time.perf_counter() - start, valid_accuracy / len(validloader)
 
 
-def our_epoch(model, optimizer, dataset, batch_size, generator, eval_batch_size=1000) -> tuple[float, float]:
-    start = time.perf_counter()
-    train.train_epoch(model, optimizer, dataset, batch_size, generator, 1, progress=False)
-    _, acc = train.evaluate(model, dataset.valid_x, dataset.valid_y, eval_batch_size)
-    return time.perf_counter() - start, acc
+class OurJob:
+    """fmnist_exp's training loop for one job (a group of one, as a single run trains), stepped epoch by epoch,
+    with the model and optimizer settings exactly as conf/ builds them."""
 
+    def __init__(self, optimizer: str, batch_size: int, n_train: int):
+        from hydra import compose, initialize_config_dir
+        config.register()
+        with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"optimizer={optimizer}", f"data.batch_size={batch_size}"])
+        self.member = job.build(cfg, torch.device("cpu"))
+        self.model = StackedModel.from_models([self.member.model])
+        self.optimizer = StackedOptimizer(list(self.model.parameters()), [self.member.hyper])
+        self.sizes = data.batch_sizes(n_train, batch_size)
 
-def our_optimizer(name: str, params, **changes):
-    """The optimizer exactly as conf/optimizer/<name>.yaml builds it (fused Adam), with optional changes."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    config.register()
-    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"optimizer={name}"])
-    return instantiate(cfg.optimizer, **changes)(params=params)
+    def epoch(self, dataset, eval_batch_size=1000) -> tuple[float, float]:
+        start = time.perf_counter()
+        train.train_epoch(self.model, self.optimizer, [self.member], dataset, self.sizes, 1, False, None)
+        _, accs = train.evaluate_stack(self.model, dataset.valid_x, dataset.valid_y, eval_batch_size)
+        return time.perf_counter() - start, accs[0]
 
 
 def notebook_optimizer(name: str, params):
@@ -118,14 +123,11 @@ def compare(epochs: int, raw_root: Path) -> list[dict]:
             torch.manual_seed(0)
             nb_model = NotebookDNN()
             nb_opt = notebook_optimizer(opt_name, nb_model.parameters())
-            torch.manual_seed(0)
-            our_model = MLP()
-            our_opt = our_optimizer(opt_name, our_model.parameters())
-            gen = torch.Generator().manual_seed(0)
+            ours_job = OurJob(opt_name, batch_size, len(dataset.train_y))
             nb, ours = [], []
             for _ in range(epochs):  # alternate, so machine noise hits both alike
                 nb.append(notebook_epoch(nb_model, nb_opt, trainloader, validloader))
-                ours.append(our_epoch(our_model, our_opt, dataset, batch_size, gen))
+                ours.append(ours_job.epoch(dataset))
             row = dict(optimizer=opt_name, batch_size=batch_size,
                        notebook_s=statistics.median(t for t, _ in nb), ours_s=statistics.median(t for t, _ in ours),
                        notebook_acc=nb[-1][1], ours_acc=ours[-1][1])
@@ -137,66 +139,32 @@ def compare(epochs: int, raw_root: Path) -> list[dict]:
     return rows
 
 
-def indexing_loop(model, optimizer, dataset, batch_size, generator) -> None:
-    """Our training loop as it was before: advanced indexing for each batch and optimizer.zero_grad()."""
-    model.train()
-    for idx in data.batches(len(dataset.train_y), batch_size, generator, dataset.train_x.device):
-        loss = F.cross_entropy(model(data.pixels(dataset.train_x[idx])), dataset.train_y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
 def ideas(epochs: int) -> list[tuple[str, str, float, float]]:
-    """(idea, variant, s/epoch at batch 100, s/epoch at batch 16) for our loop with Adam unless named otherwise."""
+    """(idea, variant, s/epoch at batch 100, s/epoch at batch 16) for our loop with Adam."""
     dataset = load_ours()
     threads = torch.get_num_threads()
 
-    def run(make_opt, batch_size, flush=True, nthreads=threads, eval_bs=1000, compiled=False, loop=None) -> float:
+    def run(batch_size, flush=True, nthreads=threads, eval_bs=1000) -> float:
         torch.set_num_threads(nthreads)
         torch.set_flush_denormal(flush)  # reaches only this thread: the denormal variants run on 1 thread
-        torch.manual_seed(0)
-        model = MLP()
-        opt = make_opt(model.parameters())
-        if compiled:
-            model = torch.compile(model)
-        gen = torch.Generator().manual_seed(0)
-        times = []
-        for _ in range(epochs):
-            if loop is None:
-                times.append(our_epoch(model, opt, dataset, batch_size, gen, eval_bs)[0])
-            else:
-                start = time.perf_counter()
-                loop(model, opt, dataset, batch_size, gen)
-                train.evaluate(model, dataset.valid_x, dataset.valid_y, eval_bs)
-                times.append(time.perf_counter() - start)
+        ours = OurJob("adam", batch_size, len(dataset.train_y))
+        times = [ours.epoch(dataset, eval_bs)[0] for _ in range(epochs)]
         torch.set_num_threads(threads)
         torch.set_flush_denormal(True)
-        return statistics.median(times[1:] if compiled else times)  # compiled: the first epoch compiles
+        return statistics.median(times)
 
-    fused = lambda p: our_optimizer("adam", p)  # noqa: E731 -- the default: fused=true
     variants = [
-        ("Adam implementation", "for-loop (torch's CPU default)", lambda p: our_optimizer("adam", p, fused=False), {}),
-        ("Adam implementation", "foreach", lambda p: our_optimizer("adam", p, fused=False, foreach=True), {}),
-        ("Adam implementation", "fused (ours)", fused, {}),
-        ("SGD implementation", "for-loop (ours)", lambda p: our_optimizer("sgd", p), {}),
-        ("SGD implementation", "foreach", lambda p: our_optimizer("sgd", p, foreach=True), {}),
-        ("SGD implementation", "fused", lambda p: our_optimizer("sgd", p, fused=True), {}),
-        ("denormals (fused Adam, 1 thread)", "kept", fused, {"flush": False, "nthreads": 1}),
-        ("denormals (fused Adam, 1 thread)", "flushed to zero (ours)", fused, {"flush": True, "nthreads": 1}),
-        ("batch gather + zero_grad", "x[idx] + optimizer.zero_grad()", fused, {"loop": indexing_loop}),
-        ("batch gather + zero_grad", "index_select + grad = None (ours)", fused, {}),
-        ("threads per job", "1", fused, {"nthreads": 1}),
-        ("threads per job", f"{threads} (all cores)", fused, {"nthreads": threads}),
-        ("evaluation batch", "100", fused, {"eval_bs": 100}),
-        ("evaluation batch", "1000 (ours)", fused, {"eval_bs": 1000}),
-        ("evaluation batch", "10000", fused, {"eval_bs": 10000}),
-        ("torch.compile(model)", "no (ours)", fused, {}),
-        ("torch.compile(model)", "yes, after the compiling epoch", fused, {"compiled": True}),
+        ("denormals (1 thread)", "kept", {"flush": False, "nthreads": 1}),
+        ("denormals (1 thread)", "flushed to zero (ours)", {"flush": True, "nthreads": 1}),
+        ("threads per job", "1", {"nthreads": 1}),
+        ("threads per job", f"{threads} (all cores)", {"nthreads": threads}),
+        ("evaluation batch", "100", {"eval_bs": 100}),
+        ("evaluation batch", "1000 (ours)", {"eval_bs": 1000}),
+        ("evaluation batch", "10000", {"eval_bs": 10000}),
     ]
     rows = []
-    for idea, variant, make, kw in variants:
-        t100, t16 = run(make, 100, **kw), run(make, 16, **kw)
+    for idea, variant, kw in variants:
+        t100, t16 = run(100, **kw), run(16, **kw)
         print(f"{idea:34} {variant:36} batch 100 {t100:.3f} s/epoch, batch 16 {t16:.3f} s/epoch", flush=True)
         rows.append((idea, variant, t100, t16))
     return rows

@@ -150,7 +150,8 @@ def main() -> None:
     for batch in args.batches:
         for k in args.ks:
             steps = max(5, 2000 // (k * batch // 16 + 4))
-            order = torch.stack([torch.randperm(N, generator=g)[: steps * batch].view(steps, batch) for _ in range(k)], 1)
+            order = torch.stack([torch.randperm(N, generator=g)[: steps * batch].view(steps, batch)
+                                 for _ in range(k)], 1)  # (steps, K, B): each job its own data order
             fns = {"separate": separate(k, images, labels), "stacked": stacked(k, images, labels),
                    "shared": stacked(k, images, labels, shared=True)}
             if not args.no_vmap:

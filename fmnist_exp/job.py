@@ -180,9 +180,34 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
         except Exception:  # a config that cannot even say what it is fails in its own group, with its reason
             key = f"alone-{i}"
         by_key.setdefault(key, []).append(i)
-    size = max_group if max_group and max_group > 0 else None
-    return [ids[j: j + size] if size else ids for ids in by_key.values()
-            for j in range(0, len(ids), size or len(ids))]
+    groups = []
+    for ids in by_key.values():
+        size = min(max_group or len(ids), jobs_that_fit(cfgs[ids[0]])) if len(ids) > 1 else 1
+        groups += [ids[j: j + size] for j in range(0, len(ids), size)]
+    return groups
+
+
+def jobs_that_fit(cfg: DictConfig, share: float = 0.5) -> int:
+    """How many jobs of this config one stacked model may hold: `share` of the device's free memory over one job's
+    weights, gradients, optimizer state and a training and an evaluation batch's activations (at least 1)."""
+    try:
+        device = pick_device(cfg.train.device)
+        model = instantiate(cfg.model)
+    except Exception:  # the job's own preparation will report what is wrong with it
+        return 1
+    widths = []
+    hooks = [m.register_forward_hook(lambda mod, i, out: widths.append(out[0].numel())) for m in model.children()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    per_job = 4 * (4 * params + sum(widths) * (3 * cfg.data.batch_size + cfg.data.eval_batch_size))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, int(share * free // per_job))
 
 
 def loop_settings(cfg: DictConfig) -> train.LoopSettings:

@@ -75,32 +75,41 @@ def sample_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, cols
     return fig
 
 
-def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str = "valid_acc"):
-    """One line per job: `metric` per epoch, all jobs of a sweep overlaid."""
+def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str = "valid_acc", highlight: int = 10):
+    """`metric` per epoch for every job of a sweep, given in rank order (best first): the top `highlight` in
+    colour with a legend, the rest as thin grey lines, so 256 jobs stay readable."""
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    for name, points in curves.items():
+    items = list(curves.items())
+    for name, points in items[highlight:][::-1]:
         if points:
-            ax.plot(*zip(*points), marker=".", label=name)
+            ax.plot(*zip(*points), color="0.75", linewidth=0.6, zorder=1)
+    for name, points in items[:highlight]:
+        if points:
+            ax.plot(*zip(*points), marker=".", label=name, zorder=2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", title=f"top {min(highlight, len(items))} of {len(items)} (ranked on "
+              "validation)" if len(items) > highlight else None, title_fontsize=7)
     ax.set_title(f"{metric} per epoch, every job of the sweep")
     fig.tight_layout()
     return fig
 
 
-def sweep_bars(names: list[str], values: list[float], metric: str = "test_acc"):
-    """`metric` per job, best on top."""
-    order = np.argsort(values)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
-    ax.barh([names[i] for i in order], [values[i] for i in order], color="tab:blue")
-    for y, i in enumerate(order):
-        ax.text(values[i], y, f" {values[i]:.4f}", va="center", fontsize=8)
-    lo = min(values) if values else 0
-    ax.set_xlim(max(0.0, lo - 0.05), min(1.0, max(values, default=1) + 0.03))
+def sweep_bars(names: list[str], values: list[float], metric: str = "test_acc", limit: int = 30):
+    """`metric` of each job, in the given rank order (best on top; at most `limit` jobs)."""
+    shown = list(zip(names, values))[:limit]
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(shown) + 1.5))
+    y = np.arange(len(shown))[::-1]
+    ax.barh(y, [v for _, v in shown], color="tab:blue")
+    ax.set_yticks(y, [n for n, _ in shown])
+    for yi, (_, v) in zip(y, shown):
+        ax.text(v, yi, f" {v:.4f}", va="center", fontsize=8)
+    lo = min((v for _, v in shown), default=0)
+    ax.set_xlim(max(0.0, lo - 0.05), min(1.0, max((v for _, v in shown), default=1) + 0.03))
     ax.set_xlabel(metric)
-    ax.set_title(f"{metric} per job")
+    more = f", top {len(shown)} of {len(names)}" if len(names) > limit else ""
+    ax.set_title(f"{metric} per job, ranked on validation data (best on top{more})")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     return fig

@@ -109,3 +109,12 @@ def test_where_how_keys_change_neither_run_names_nor_the_config_hash():
                                     config.where_how_keys())
     assert config_hash("optimizer=sgd") == config_hash("optimizer=sgd", *where_how)
     assert config_hash("optimizer=sgd") != config_hash("optimizer=sgd", "train.seed=1")
+
+
+def test_cnn_experiment_is_the_measured_recipe():
+    cfg = compose_cfg("+experiment=cnn")
+    assert cfg.model._target_ == "fmnist_exp.models.CNN" and cfg.model.batch_norm and list(cfg.model.dropout) == [0.5, 0.2]
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.002, 0.05)
+    assert cfg.schedule._target_.endswith("CosineAnnealingLR") and cfg.schedule.T_max == cfg.train.epochs == 17
+    assert cfg.train.monitor == "valid_acc"
+    config.validate(cfg)

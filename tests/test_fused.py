@@ -36,6 +36,13 @@ def test_what_fuses_and_what_does_not():
     assert job.plan_groups(cfgs, 3) == [[0, 1, 2], [3], [4, 8], [5], [6], [7]]  # fused.max_group caps a group
 
 
+def test_a_group_never_holds_more_jobs_than_fit_in_memory(monkeypatch):
+    cfgs = [compose_cfg(f"train.seed={i}") for i in range(5)]
+    assert 1 <= job.jobs_that_fit(cfgs[0]) and job.jobs_that_fit(cfgs[0], share=1e-12) == 1
+    monkeypatch.setattr(job, "jobs_that_fit", lambda cfg: 2)
+    assert job.plan_groups(cfgs, 64) == [[0, 1], [2, 3], [4]]
+
+
 def history(outcome_job_dir):
     return torch.load(outcome_job_dir / "last.pt", weights_only=True)["loop"]["history"]
 
@@ -125,6 +132,15 @@ def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
 
 
 # Hydra's own expectations of a launcher: its apps are not fmnist_exp jobs, so they run one by one.
+@pytest.fixture
+def fresh_hydra_version(hydra_restore_singletons):
+    """As in Hydra's own plugin test runs (a process of their own): no version_base set by an earlier test's
+    compose, so Hydra's test apps get the defaults they were written for (e.g. chdir into the job dir)."""
+    from hydra.version import _UNSPECIFIED_, VersionBase
+    VersionBase.instance().version_base = _UNSPECIFIED_
+
+
+@pytest.mark.usefixtures("fresh_hydra_version")
 @pytest.mark.parametrize("launcher_name, overrides", [("fused", [])])
 class TestFusedLauncher(LauncherTestSuite):
     pass

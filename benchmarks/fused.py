@@ -1,0 +1,78 @@
+"""Fused vs one-job-at-a-time sweeps, side by side: wall time of real `python -m fmnist_exp -m ...` commands.
+
+    .venv/bin/python benchmarks/fused.py                        # design-card sweep + notebook grid + 64 jobs
+    .venv/bin/python benchmarks/fused.py --only design --reps 3 --epochs 2
+    .venv/bin/python benchmarks/fused.py --device cuda          # the GPU table (see README: GPU)
+
+Each sweep runs with hydra/launcher=basic and hydra/launcher=fused, alternating (the machine is shared and noisy:
+each side keeps its best), tracking on, in a fresh directory. Prints a markdown table; --out appends it to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SWEEPS = {  # name -> (overrides, jobs, note)
+    "design": (["optimizer=sgd,adam", "data.batch_size=16,100"], 4, "design card: SGD/Adam x batch 16/100"),
+    "notebook": (["+experiment=notebook"], 16, "notebook grid: 16 jobs"),
+    "64": (["optimizer.lr=0.0005,0.001,0.002,0.004", "optimizer.weight_decay=0,0.0001,0.001,0.01",
+            "train.seed=0,1,2,3"], 64, "64 jobs: lr x weight decay x seed"),
+}
+
+
+def run(overrides: list[str], launcher: str, epochs: int | None, device: str, data_root: Path) -> float:
+    """Wall seconds of one sweep command, which must succeed."""
+    with tempfile.TemporaryDirectory() as cwd:
+        args = [sys.executable, "-m", "fmnist_exp", "-m", f"hydra/launcher={launcher}", *overrides,
+                "train.progress=off", f"train.device={device}", f"data.root={data_root}"]
+        if epochs:
+            args.append(f"train.epochs={epochs}")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        start = time.perf_counter()
+        result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"{launcher} {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
+        return wall
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=list(SWEEPS), action="append", help="sweeps to time (default: all)")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: each sweep's own)")
+    ap.add_argument("--epochs-64", type=int, default=3, help="epochs of the 64-job sweep")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    data_root = Path(tempfile.mkdtemp(prefix="fmnist-bench-data-"))  # one decoded-array cache for every run
+    rows = ["| sweep | jobs | epochs | basic (s) | fused (s) | fused / basic | basic s/job | fused s/job |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in args.only or list(SWEEPS):
+        overrides, jobs, note = SWEEPS[name]
+        epochs = args.epochs_64 if name == "64" else args.epochs
+        best = {"basic": float("inf"), "fused": float("inf")}
+        for rep in range(args.reps):
+            for launcher in (("basic", "fused") if rep % 2 == 0 else ("fused", "basic")):
+                wall = run(overrides, launcher, epochs, args.device, data_root)
+                best[launcher] = min(best[launcher], wall)
+                print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s", file=sys.stderr, flush=True)
+        b, f = best["basic"], best["fused"]
+        rows.append(f"| {note} | {jobs} | {epochs or 'default'} | {b:.1f} | {f:.1f} | {f / b:.2f} | "
+                    f"{b / jobs:.2f} | {f / jobs:.2f} |")
+    table = "\n".join(rows)
+    print(table)
+    if args.out:
+        with args.out.open("a") as fh:
+            fh.write(f"\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
