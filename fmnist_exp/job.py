@@ -330,6 +330,11 @@ class Job:
 
     def complete(self, final: dict) -> Outcome:
         """Log the final scores, the best checkpoint, plots and (single runs) the model; end the run FINISHED."""
+        self.submit_results(final)
+        return self.end_run(final)
+
+    def submit_results(self, final: dict) -> None:
+        """Everything `complete` logs, handed to the tracker's thread (which writes it while the caller goes on)."""
         tracker = self.tracker
         tracker.log_metrics(final)
         tracker.log_artifact(self.member.checkpoint)
@@ -338,8 +343,11 @@ class Job:
             tracker.flush()
             tracking.log_model(tracker.uri, tracker.run_id, models.load_best(self.cfg.model, self.ctx.job_dir),
                                data.example_input(self.dataset.test_x))
-        tracker.finish("FINISHED")
-        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=tracker.run_id)
+
+    def end_run(self, final: dict) -> Outcome:
+        """Wait for the job's writes, then end its run FINISHED."""
+        self.tracker.finish("FINISHED")
+        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=self.tracker.run_id)
 
     def _log_plots(self, final: dict) -> None:
         """Once at the end: learning curves, test confusion matrix, the 4x8 sample grid; hparams for TensorBoard."""
@@ -469,12 +477,24 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
                 m = jobs[i].member
                 if m.final is None and m.error is None:
                     m.error = e
+        # every job's results first, then every job's end: one job's writes (its own thread) overlap the next
+        # job's plotting, so a group's end-of-run work costs little more than drawing the plots
+        for i in ids:
+            m = jobs[i].member
+            if m.error is None:
+                try:
+                    stop.recording = True
+                    jobs[i].submit_results(m.final)
+                except Exception as e:
+                    m.error = e
+                finally:
+                    stop.recording = False
         for i in ids:
             m = jobs[i].member
             if m.error is not None:
                 fail(i, m.error)
             else:
-                end(i, lambda i=i: jobs[i].complete(jobs[i].member.final))
+                end(i, lambda i=i: jobs[i].end_run(jobs[i].member.final))
     if stop.signum is not None:  # the signal came after the last step (testing, plots): the runs are complete
         for o in outcomes:
             if o.signum is None:
