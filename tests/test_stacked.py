@@ -210,3 +210,30 @@ def test_dropout_probability_is_per_job_and_reproducible():
     assert not torch.equal(out, stacked(x, [torch.Generator().manual_seed(s) for s in (20, 11, 12)]))
     assert torch.equal(stacked.eval()(x), torch.ones(3, 300, 10))
     assert stacked.select([1, 0]).dropout == {"dropout1": [0.0, 0.5]}
+
+
+def test_a_diverged_job_leaves_the_others_untouched():
+    models = seeded_models(MLP, dict(hidden=[32, 16], batch_norm=True))
+    stacked = StackedModel.from_models(models)
+    broken = {key: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+              for key, v in models[1].state_dict().items()}
+    stacked.load_job_state_dict(1, broken)
+    # SGD: Adam would turn the bias before BatchNorm's ~0 gradient (rounding noise) into full-size steps
+    hyper = [dict(kind="sgd", lr=0.1, weight_decay=0.0, momentum=0.9, nesterov=False)] * 3
+    opt = StackedOptimizer(list(stacked.parameters()), hyper)
+    refs = [torch_optimizer(m.parameters(), h) for m, h in zip(models, hyper)]
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.rand(3, 8, 1, 28, 28, generator=g), torch.rand(8, 1, 28, 28, generator=g)):
+        y = torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        losses = job_losses(stacked(x), y)
+        losses.sum().backward()
+        opt.step()
+        assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
+        for k in (0, 2):
+            refs[k].zero_grad()
+            F.cross_entropy(models[k](x[k] if x.dim() == 5 else x), y).backward()
+            refs[k].step()
+    for k in (0, 2):
+        for key, v in models[k].state_dict().items():
+            torch.testing.assert_close(stacked.job_state_dict(k)[key], v, rtol=0, atol=1e-5, msg=f"job {k} {key}")
