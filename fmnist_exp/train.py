@@ -340,6 +340,7 @@ def save_checkpoint(m: Member, weights: dict, optimizer_state: dict) -> None:
         "best_model": m.best_weights,
         "optimizer": optimizer_state,
         "scheduler": m.scheduler.state_dict(),
+        "lr": m.lr,  # the next epoch's, as the schedule set it (the schedule's state does not hold it)
         "loop": {"epoch": state.epoch, "best": state.best, "best_epoch": state.best_epoch,
                  "stale_epochs": state.stale_epochs, "history": state.history},
         "rng": {"generator": m.generator.get_state(), "dropout": m.dropout.get_state(),
@@ -356,13 +357,18 @@ def restore_checkpoint(path: Path, m: Member) -> None:
         kind = "momentum_buffer" if m.hyper["kind"] == "sgd" else "exp_avg"
         if any(kind not in s for s in ckpt["optimizer"]["state"].values()):
             raise ValueError(f"its optimizer state is not {m.hyper['kind']}'s")
-        m.generator.set_state(ckpt["rng"]["generator"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointMismatch(f"{path}: this checkpoint does not fit the configured model/optimizer ({first}); "
                                  "resume with the same model and optimizer overrides as the original run")
+    try:
+        m.generator.set_state(ckpt["rng"]["generator"])
+    except (RuntimeError, KeyError):
+        raise CheckpointMismatch(f"{path}: its data-order state was saved on a GPU by an older version and cannot "
+                                 "continue here; resume it on a machine with a GPU (train.device=cuda)")
     m.optimizer_state = ckpt["optimizer"]
     m.scheduler.load_state_dict(ckpt["scheduler"])
+    m.scheduler.optimizer.param_groups[0]["lr"] = ckpt["lr"]
     if ckpt["rng"]["dropout_device"] == m.dropout.device.type:
         m.dropout.set_state(ckpt["rng"]["dropout"])
     else:  # resumed on another kind of device: dropout masks continue from a fresh, still seeded stream
