@@ -152,3 +152,12 @@ def test_a_built_wheel_runs_from_anywhere(tmp_path, tiny_root):
                             timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     assert "Epoch 1/1" in result.stdout
+
+
+@pytest.mark.slow
+def test_cnn_recipe_reaches_092(tmp_path, real_data):
+    """The CNN's own run, +experiment=cnn, 17 epochs on the real data: test accuracy >= 0.92 (0.925 measured)."""
+    result = run_cli("+experiment=cnn", "train.progress=off", "tracking.enabled=false", cwd=tmp_path, timeout=3000)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    line = next(l for l in result.stdout.splitlines() if "Test (best checkpoint" in l)
+    assert float(line.rsplit("accuracy", 1)[1]) >= 0.92, line

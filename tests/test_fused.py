@@ -151,3 +151,12 @@ class TestFusedLauncher(LauncherTestSuite):
                                 "hydra/launcher=fused"])])
 class TestFusedLauncherIntegration(IntegrationTestSuite):
     pass
+
+
+def test_fused_is_the_launcher_of_a_plain_sweep(tmp_path, tiny_root):
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,0.001", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert "Launching 2 jobs as 1 fused group(s)" in result.stdout + result.stderr
+    basic = run_cli("-m", "hydra/launcher=basic", *tiny_overrides(tiny_root), "train.epochs=1",
+                    "optimizer.lr=0.01,0.001", cwd=tmp_path)
+    assert basic.returncode == 0 and "fused group" not in basic.stdout + basic.stderr

@@ -102,8 +102,19 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
         ctx.group = group_name
         members.append((task_config(config), ctx))
         callbacks.on_job_start(config=config, task_function=launcher.task_function)
-    with train.StopOnSignal() as stop:
-        outcomes = job.run_group(members, stop)
+    # each job dir gets the log of its group's run (the lines of every job in it, each prefixed with its name)
+    root = logging.getLogger()
+    handlers = [logging.FileHandler(ctx.job_dir / "group.log") for _, ctx in members]
+    for h in handlers:
+        h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(h)
+    try:
+        with train.StopOnSignal() as stop:
+            outcomes = job.run_group(members, stop)
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
     results = []
     for config, hydra_cfg, (task_cfg, ctx), outcome in zip(configs, hydra_cfgs, members, outcomes):
         outcome.write(ctx.job_dir)
