@@ -20,6 +20,7 @@ from torch import nn
 
 from fmnist_exp.data import FashionMNIST, batch_sizes, pixels
 from fmnist_exp.data import orders as data_orders
+from fmnist_exp.stacked import StackedModel, StackedOptimizer, job_losses
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,12 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
     stopped or diverged member leaves the stack, so it costs nothing more. A signal caught by `stop` raises
     Interrupted between steps: members not yet done keep the checkpoint of their last completed epoch.
     """
-    from fmnist_exp.stacked import StackedModel, StackedOptimizer, job_losses
     group = [m for m in members if m.running]
     if not group:
         return
     for m in group:
         m.label = f"[{m.name}] " if len(group) > 1 else ""
-    device, first = data.train_x.device, group[0]
+    first = group[0]
     model = StackedModel.from_models([m.model for m in group])
     optimizer = StackedOptimizer(list(model.parameters()), [m.hyper for m in group])
     for k, m in enumerate(group):
@@ -207,7 +207,6 @@ def train_epoch(model, optimizer, group: list[Member], data: FashionMNIST, sizes
                 progress: bool, stop: StopOnSignal | None) -> list[float]:
     """One pass over the training split for every member, each in its own order; returns each member's mean batch
     loss (as the notebook reports). A member whose loss turns non-finite gets its `error` and trains no more."""
-    from fmnist_exp.stacked import job_losses
     model.train()
     device, k = data.train_x.device, len(group)
     # each member's own shuffle; members that share a seed share an order, and then one batch serves them all
@@ -313,7 +312,6 @@ def finish(m: Member, data: FashionMNIST) -> None:
 @torch.no_grad()
 def evaluate_stack(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[list[float], list[float]]:
     """Each job's mean cross-entropy and accuracy over (x, y), in eval mode; one host sync."""
-    from fmnist_exp.stacked import job_losses
     model.eval()
     loss_sum = torch.zeros(model.num_jobs, device=x.device)
     correct = torch.zeros(model.num_jobs, device=x.device, dtype=torch.long)
