@@ -106,8 +106,9 @@ def format_table(table: pd.DataFrame) -> str:
     if list(shown.columns[:2]) == ["best", "status"]:  # nothing varies (one job): name it by its overrides
         shown.insert(1, "run", table["name"])
     shown = shown.astype(object)
-    for col in shown.columns:  # config values stay as written (1e-05); scores get 4 decimals; blanks for missing
-        shown[col] = ["" if pd.isna(v) else f"{v:.4f}" if isinstance(v, float) and col in METRICS else str(v)
+    for col in shown.columns:  # config values stay as written (1e-05); scores 4 decimals, seconds 1; blanks if missing
+        digits = 1 if col == "train_time" else 4
+        shown[col] = ["" if pd.isna(v) else f"{v:.{digits}f}" if isinstance(v, float) and col in METRICS else str(v)
                       for v in shown[col]]
     align = ["right" if c in METRICS or c == "runs" else "left" for c in shown.columns]
     return shown.to_markdown(index=False, missingval="", disable_numparse=True, colalign=align)

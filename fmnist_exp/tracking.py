@@ -268,6 +268,9 @@ class Tracker:
     def _open_writer(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # train and valid loss on one chart (CUSTOM SCALARS tab) from the job's own two tags: add_scalars would
+        # make two extra TensorBoard runs per job
+        self.writer.add_custom_scalars({"Loss": {"train and valid": ["Multiline", ["Loss/train", "Loss/valid"]]}})
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard. Raises a failed
@@ -282,8 +285,6 @@ class Tracker:
         w = self.writer
         w.add_scalar("Loss/train", metrics["train_loss"], epoch)
         w.add_scalar("Loss/valid", metrics["valid_loss"], epoch)
-        w.add_scalars("Loss/train and valid", {"train": metrics["train_loss"], "valid": metrics["valid_loss"]},
-                      epoch)
         w.add_scalar("Accuracy/valid", metrics["valid_acc"], epoch)
         w.add_scalar("LR", metrics["lr"], epoch)
         w.flush()

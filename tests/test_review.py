@@ -2,9 +2,11 @@
 records, the report command, the logged winner model and the MLflow UI in headless Chromium."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -53,6 +55,8 @@ def test_table_at_the_end_of_the_sweep(sweep):
     assert losses == sorted(losses) and len(losses) == 2
     assert "Ranked by ckpt_valid_loss (lowest first" in result.stdout
     assert rows[0][0] == "★" and all(r[0] == "" for r in rows[1:])
+    times = [r[header.index("train_time")] for r in rows if r[header.index("train_time")]]
+    assert len(times) == 2 and all(re.fullmatch(r"\d+\.\d", t) for t in times), times  # seconds, one decimal
     failed = rows[-1]
     assert failed[header.index("status")] == "FAILED" and "optimizer.lr=-1.0 is invalid" in failed[header.index("error")]
     assert rows[0][header.index("epochs_run")] == "3"
@@ -87,6 +91,11 @@ def test_child_plots_dataset_and_experiment_kind(sweep):
 
 def test_tensorboard_hparams_and_sample_grid(sweep):
     for r in (r for r in sweep["children"] if r.info.status == "FINISHED"):
+        job_dir = Path(r.data.tags["fmnist.job_dir"])
+        assert [p for p in job_dir.iterdir() if p.is_dir() and p.name.startswith("Loss")] == []  # one run per job
+        (layout,) = EventAccumulator(str(job_dir)).Reload().Tensors("custom_scalars__config__")
+        chart = layout.tensor_proto.string_val[0]  # the serialized layout: one chart of both loss tags
+        assert b"train and valid" in chart and b"Loss/train" in chart and b"Loss/valid" in chart
         events = EventAccumulator(r.data.tags["fmnist.job_dir"], size_guidance={"images": 0}).Reload()
         assert "Samples/test" in events.Tags()["images"]
         hparams = events.PluginTagToContent("hparams")
