@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fmnist_exp import config, job, tracking, train
+from fmnist_exp import config, job, train
 
 config.register()
 
@@ -28,9 +28,7 @@ def task(cfg: DictConfig) -> float | None:
         outcome = job.run(cfg, ctx, stop)
     outcome.write(ctx.job_dir)
     if outcome.signum is not None:
-        if ctx.parent:  # the user stopped the sweep: close its parent too
-            tracking.end_run(ctx.parent["uri"], ctx.parent["run_id"], "KILLED")
-        sys.exit(128 + outcome.signum)
+        job.stop_sweep(ctx.parent, outcome.signum)
     if outcome.status in ("FAILED", "KILLED") and not ctx.multirun:
         sys.exit(1)
     return outcome.value  # a failed sweep job returns None: the sweep goes on, its end exits 1 (callbacks.py)

@@ -418,6 +418,14 @@ def hparams(cfg: DictConfig, name: str) -> dict:
     return out
 
 
+def stop_sweep(parent: dict | None, signum: int):
+    """The user stopped the process with signal `signum`: close the sweep's parent run too (if any), and exit as
+    an interrupted process does (128 + N). Every launcher ends a stopped sweep this way."""
+    if parent:
+        tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+    sys.exit(128 + signum)
+
+
 KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
                   tracking.TrackingError)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -92,7 +91,7 @@ def enter_job(config: DictConfig) -> Path:
 
 def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobReturn]:
     """Train `configs` together (fmnist_exp.job.run_group); each job gets its JobReturn and callbacks."""
-    from fmnist_exp import job, tracking, train
+    from fmnist_exp import job, train
     callbacks = launcher.hydra_context.callbacks
     members, hydra_cfgs = [], []
     for config in configs:
@@ -125,9 +124,6 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
         callbacks.on_job_end(config=config, job_return=ret)
         results.append(ret)
     signums = [o.signum for o in outcomes if o.signum is not None]
-    if signums:  # the user stopped the sweep: close its parent too, exit as the basic launcher's jobs do
-        parent = members[0][1].parent
-        if parent:
-            tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
-        sys.exit(128 + signums[0])
+    if signums:
+        job.stop_sweep(members[0][1].parent, signums[0])
     return results
