@@ -222,8 +222,8 @@ class Job:
     """One experiment with its own MLflow run, TensorBoard events, checkpoints and outcome.
 
     Driven as: `prepare()` (validate, build, skip or resume, start the run; may already return an Outcome),
-    `on_epoch(metrics, state)` after every epoch, then `complete(final)` or `fail(status, error)`; `close()`
-    always, which releases the tracker's thread and writers.
+    `on_epoch(metrics, state)` after every epoch, then `submit_results(final)` and `end_run(final)`, or
+    `fail(status, error)`; `close()` always, which releases the tracker's thread and writers.
     """
 
     def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS):
@@ -328,13 +328,9 @@ class Job:
     def on_epoch(self, metrics: dict, state: train.LoopState) -> None:
         self.tracker.log_epoch(state.epoch, metrics)
 
-    def complete(self, final: dict) -> Outcome:
-        """Log the final scores, the best checkpoint, plots and (single runs) the model; end the run FINISHED."""
-        self.submit_results(final)
-        return self.end_run(final)
-
     def submit_results(self, final: dict) -> None:
-        """Everything `complete` logs, handed to the tracker's thread (which writes it while the caller goes on)."""
+        """Log the final scores, the best checkpoint, plots and (single runs) the model, handed to the tracker's
+        thread, which writes them while the caller goes on; `end_run` then waits and ends the run FINISHED."""
         tracker = self.tracker
         tracker.log_metrics(final)
         tracker.log_artifact(self.member.checkpoint)
