@@ -165,21 +165,24 @@ def where_how_keys() -> frozenset[str]:
 
 
 def register() -> None:
-    """Put the schema in Hydra's ConfigStore; conf/*.yaml extend these nodes."""
+    """Put the schemas in Hydra's ConfigStore; conf/*.yaml extend these nodes (`- /adam_schema@_here_`).
+
+    They are stored at the top level, not in the `model`/`optimizer`/`schedule` groups, so `--help` and shell
+    completion offer only the real options, while every option is still checked against its schema."""
     cs = ConfigStore.instance()
-    cs.store(name="fmnist_schema", node=Config)
-    for group, name, node in [
-        ("model", "mlp_schema", MLPConfig),
-        ("model", "cnn_schema", CNNConfig),
-        ("optimizer", "sgd_schema", SGDConfig),
-        ("optimizer", "adam_schema", AdamConfig),
-        ("optimizer", "adamw_schema", AdamWConfig),
-        ("schedule", "constant_schema", ConstantScheduleConfig),
-        ("schedule", "step_schema", StepScheduleConfig),
-        ("schedule", "cosine_schema", CosineScheduleConfig),
-        ("schedule", "plateau_schema", PlateauScheduleConfig),
+    for name, node in [
+        ("fmnist_schema", Config),
+        ("mlp_schema", MLPConfig),
+        ("cnn_schema", CNNConfig),
+        ("sgd_schema", SGDConfig),
+        ("adam_schema", AdamConfig),
+        ("adamw_schema", AdamWConfig),
+        ("constant_schema", ConstantScheduleConfig),
+        ("step_schema", StepScheduleConfig),
+        ("cosine_schema", CosineScheduleConfig),
+        ("plateau_schema", PlateauScheduleConfig),
     ]:
-        cs.store(group=group, name=name, node=node)
+        cs.store(name=name, node=node)
 
 
 INITS = ("default", "he", "xavier", "zeros", "normal")

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli, store_runs, tiny_overrides
+from conftest import cli_env, run_cli, store_runs, tiny_overrides
 from fmnist_exp import data, train
 
 EPOCH_METRICS = {"train_loss", "valid_loss", "valid_acc", "lr", "epoch_time"}
@@ -38,6 +38,7 @@ def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
     history = mlflow_client(tmp_path).get_metric_history(r.info.run_id, "valid_loss")
     assert [m.step for m in history] == [1, 2]
     assert r.data.tags["fmnist.job_dir"].startswith(str(tmp_path / "outputs"))
+    assert (Path(r.data.tags["fmnist.job_dir"]) / "fmnist_exp.log").is_file()  # hydra.job.name, not __main__
 
 
 def test_console_script_composes_the_same_config(tmp_path):
@@ -47,6 +48,45 @@ def test_console_script_composes_the_same_config(tmp_path):
     assert result.returncode == 0, result.stderr
     cfg = yaml.safe_load(result.stdout)
     assert cfg["optimizer"]["_target_"] == "torch.optim.SGD" and cfg["train"]["epochs"] == 17
+
+
+def test_help_is_the_apps_own(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("fmnist-exp: train Fashion-MNIST models") and "powered by Hydra" not in out
+    assert "fmnist-exp -m optimizer=sgd,adam data.batch_size=16,100" in out and "python -m fmnist_exp.report" in out
+    groups = dict(line.split(": ", 1) for line in out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+                  .splitlines() if ": " in line)
+    assert groups["model"] == "cnn, mlp" and groups["optimizer"] == "adam, adamw, sgd"
+    assert groups["schedule"] == "constant, cosine, plateau, step" and "schema" not in "".join(groups.values())
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in out and "-sc install=bash" in out
+
+
+def test_schemas_are_not_options_but_still_check(tmp_path):
+    result = run_cli("--cfg", "job", "optimizer=adam_schema", cwd=tmp_path)
+    assert result.returncode == 1 and "Could not find 'optimizer/adam_schema'" in result.stderr
+    result = run_cli("--cfg", "job", "optimizer=sgd", "optimizer.momentum=fast", cwd=tmp_path)
+    assert result.returncode == 1 and "optimizer.momentum" in result.stderr  # the typed schema refuses it
+
+
+def test_bash_completion_offers_the_real_options(tmp_path):
+    """What `eval "$(fmnist-exp -sc install=bash)"` gives a user: <TAB> after `optimizer=` and `optimizer.m`."""
+    bin_dir = Path(sys.executable).parent
+    script = """eval "$(fmnist-exp -sc install=bash)"
+complete_words() { COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1));
+                   hydra_bash_completion; echo "${COMPREPLY[*]}"; }
+complete_words fmnist-exp optimizer=
+complete_words fmnist-exp optimizer=sgd optimizer.mo
+complete_words fmnist-exp sched
+"""
+    env = cli_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["optimizer=adam", "optimizer=adamw", "optimizer=sgd"]
+    assert lines[1].split() == ["optimizer.momentum="]
+    assert "schedule=" in lines[2].split()
 
 
 def test_bad_value_is_one_line_and_leaves_no_run(tmp_path, tiny_root):
