@@ -392,8 +392,10 @@ def log_model(uri: str, run_id: str, model, example) -> None:
     """Log `model` as an MLflow model named 'model' on `run_id` (once per run or sweep), with a signature and
     an input example, so `mlflow models predict -m runs:/<run_id>/model` serves it.
 
-    Pickled with this package beside it (code_paths), not exported with torch.export (MLflow 3's default): the
-    export costs ~1.5 s and ~190 MB of peak memory more for the same servable model (benchmarks/RESULTS.md)."""
+    Saved as MLflow's `pt2` (a `torch.export` graph with its weights), which loads without unpickling code: a
+    pickled model runs arbitrary code when loaded (MLflow warns on every save and may refuse such loads). The graph
+    costs ~1-3 s more to save than a pickle on 2 cores (benchmarks/RESULTS.md); a sweep pays it once, for its
+    winner. The batch dimension stays dynamic (the example has 2 rows)."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -405,4 +407,4 @@ def log_model(uri: str, run_id: str, model, example) -> None:
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output),
                                  input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                 serialization_format="pickle", code_paths=[str(Path(__file__).parent)])
+                                 serialization_format="pt2")

@@ -39,6 +39,8 @@ def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
     assert [m.step for m in history] == [1, 2]
     assert r.data.tags["fmnist.job_dir"].startswith(str(tmp_path / "outputs"))
     assert (Path(r.data.tags["fmnist.job_dir"]) / "fmnist_exp.log").is_file()  # hydra.job.name, not __main__
+    assert len(r.outputs.model_outputs) == 1  # the MLflow model of a single run
+    assert "pickle" not in (result.stdout + result.stderr).lower()  # the model is logged as pt2, no warning
 
 
 def test_console_script_composes_the_same_config(tmp_path):

@@ -2,6 +2,7 @@
 records, the report command, the logged winner model and the MLflow UI in headless Chromium."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -129,6 +130,7 @@ def test_report_groups_replicates(tmp_path, tiny_root):
 
 
 def test_winner_is_a_servable_mlflow_model(sweep):
+    import mlflow.artifacts
     import mlflow.pyfunc
     mlflow.set_tracking_uri(sweep["uri"])
     parent = sweep["client"].get_run(sweep["parent"].info.run_id)
@@ -141,6 +143,23 @@ def test_winner_is_a_servable_mlflow_model(sweep):
     assert model.metadata.signature is not None
     out = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
     assert np.asarray(out).shape == (3, 10)
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{parent.info.run_id}/model"))
+    assert [p.name for p in (local / "data").iterdir()] == ["model.pt2"]  # a torch.export graph, not a pickle
+    output = sweep["result"].stdout + sweep["result"].stderr
+    assert "pickle" not in output.lower() and "WARNING" not in output
+
+
+def test_winner_serves_through_mlflow_models_predict(sweep, tmp_path):
+    """The README's serving command, as a user runs it, on the winner the sweep logged."""
+    (tmp_path / "input.json").write_text(json.dumps({"inputs": np.zeros((4, 1, 28, 28)).tolist()}))
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    result = subprocess.run([str(mlflow_cli), "models", "predict", "-m",
+                             f"runs:/{sweep['parent'].info.run_id}/model", "-i", "input.json", "-t", "json",
+                             "--env-manager", "local"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=cli_env({"MLFLOW_TRACKING_URI": sweep["uri"]}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    predictions = json.loads(result.stdout.strip().splitlines()[-1])["predictions"]
+    assert np.asarray(predictions).shape == (4, 10)
 
 
 @pytest.mark.slow
