@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from fmnist_exp import job, tracking
 
 log = logging.getLogger(__name__)
 
+WINNER_METRICS = {"ckpt_valid_loss": "winner_valid_loss", "ckpt_valid_acc": "winner_valid_acc",
+                  "test_loss": "winner_test_loss", "test_acc": "winner_test_acc"}  # sweep table column -> parent metric
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes or hosts find their parent
 
 
@@ -35,6 +38,8 @@ class SweepCallback(Callback):
         uri = tracking.resolve_uri(config.tracking.uri)
         exp_id, run_id = tracking.create_run(uri, config.tracking.experiment, name=str(sweep_dir),
                                              tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
+        tracking.log_params(uri, run_id, sweep_params(config))
+        tracking.add_sweeps_view(uri, exp_id)
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
 
@@ -64,14 +69,60 @@ class SweepCallback(Callback):
             c.log_artifact(parent_id, str(path))
         finished = table[table["status"] == "FINISHED"]
         try:
+            log_summary(uri, parent_id, table)
             log_sweep_plots(uri, parent_id, finished, sweep_dir)
             if len(finished) and table.loc[0, "best"] == "★":  # ranked on validation data (report.py)
                 log_winner(uri, parent_id, table.loc[0, "run_id"], table.attrs["ranked_by"][0])
         except Exception as e:  # the jobs' results are safe in the store; a plotting failure must not hide them
-            log.error("could not log the sweep's plots or winning model: %s", e)
+            log.error("could not log the sweep's summary, plots or winning model: %s", e)
         failed = table[table["status"] != "FINISHED"]
         tracking.end_run(uri, parent_id, "FAILED" if len(failed) else "FINISHED")
+        where = "" if uri.startswith("http") else " (after make ui)"
+        print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
         return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
+
+
+def command_line() -> str:
+    """The command as typed: `python -m fmnist_exp ...` or `fmnist-exp ...`."""
+    prog = Path(sys.argv[0])
+    prog_name = "python -m fmnist_exp" if prog.name == "__main__.py" else prog.name
+    return " ".join([prog_name, *map(shlex.quote, sys.argv[1:])])
+
+
+def sweep_params(config: DictConfig) -> dict[str, str]:
+    """What the sweep was, as the parent's params: each swept key with its values as written
+    (`sweep.optimizer` = `sgd,adam`), from the sweeper's params (e.g. +experiment=notebook) and the command line
+    (which wins, as in Hydra's sweeper), and the command line itself (`sweep.command`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    params = {f"sweep.{k}": str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
+    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if o.is_sweep_override():
+            params[f"sweep.{o.key_or_group}"] = o.input_line.split("=", 1)[1]  # as typed: sgd,adam or range(1,4)
+        else:
+            params.pop(f"sweep.{o.key_or_group}", None)  # optimizer=sgd +experiment=notebook: SGD only
+    params["sweep.command"] = command_line()
+    return params
+
+
+def log_summary(uri: str, parent_id: str, table) -> None:
+    """The sweep's results on its parent run, so the runs list can sort and filter whole sweeps: the config
+    values every job shares (params), how many jobs ran and failed, the winner's scores (metrics; the winner is
+    chosen on validation data, report.py) and the data set the jobs trained on (input)."""
+    import pandas as pd
+    from mlflow.entities import DatasetInput
+    c = tracking.client(uri)
+    runs = [c.get_run(run_id) for run_id in table["run_id"]]
+    params = [r.data.params for r in runs if r.data.params]
+    shared = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params[1:])} if params else {}
+    tracking.log_params(uri, parent_id, shared)
+    metrics = {"jobs": len(table), "jobs_failed": int((table["status"] != "FINISHED").sum())}
+    if len(table) and table.loc[0, "best"] == "★":
+        winner = table.loc[0]
+        metrics.update({name: float(winner[col]) for col, name in WINNER_METRICS.items() if pd.notna(winner[col])})
+    tracking.log_metrics(uri, parent_id, metrics)
+    inputs = next((r.inputs.dataset_inputs for r in runs if r.inputs and r.inputs.dataset_inputs), [])
+    if inputs:
+        c.log_inputs(parent_id, [DatasetInput(i.dataset, i.tags) for i in inputs])
 
 
 def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None:

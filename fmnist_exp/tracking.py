@@ -23,7 +23,16 @@ class TrackingError(RuntimeError):
 
 
 METRICS_EVERY_S = 2.0  # per-epoch metrics reach MLflow at most this often: each write costs ~15 ms of CPU
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 UI: not a GenAI experiment
+# A saved view of the MLflow UI's runs list that compares whole sweeps: each parent run's winner scores, job counts
+# and command (a new runs list shows no metric columns). Open it at <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps
+SWEEPS_VIEW = "sweeps"
+SWEEPS_VIEW_STATE = json.dumps({
+    "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in (
+        "winner_test_acc", "winner_valid_loss", "winner_valid_acc", "jobs", "jobs_failed", "ckpt_valid_loss",
+        "test_acc")), "params.`sweep.command`"],
+    "orderByKey": "attributes.start_time", "orderByAsc": False})
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",  # MLflow 3 UI: not a GenAI experiment
+                   f"mlflow.sharedViewState.{SWEEPS_VIEW}": SWEEPS_VIEW_STATE}
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -75,6 +84,17 @@ def experiment_id(uri: str, name: str) -> str:
     return exp.experiment_id
 
 
+def add_sweeps_view(uri: str, experiment_id: str) -> None:
+    """Experiments made by older versions lack the sweeps view; it is set again before every sweep."""
+    client(uri).set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{SWEEPS_VIEW}", SWEEPS_VIEW_STATE)
+
+
+def sweeps_view_url(uri: str, experiment_id: str) -> str:
+    """Where the sweeps view opens: in `make ui` for a local store, else on the tracking server."""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"  # make ui
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={SWEEPS_VIEW}"
+
+
 def git_commit() -> str | None:
     """The commit of the checkout the code runs from, if it is a git checkout."""
     try:
@@ -113,6 +133,21 @@ def create_run(uri: str, experiment: str, name: str, tags: dict[str, str] | None
         tags["mlflow.source.git.commit"] = commit
     run = client(uri).create_run(exp_id, run_name=name, tags=tags)
     return exp_id, run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+    """Params on a run, in batches of MLflow's limit, values cut to its length limit."""
+    from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+    items = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client(uri).log_batch(run_id, params=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

@@ -129,6 +129,31 @@ def test_report_groups_replicates(tmp_path, tiny_root):
     assert means == sorted(means) and "Ranked by mean ckpt_valid_loss" in out  # groups ranked on validation data
 
 
+def test_parent_run_describes_the_sweep(sweep):
+    """What the runs list sorts and filters sweeps by: what was swept, how it was run, what every job shared, the
+    winner's scores (the winner picked on validation data), job counts, the data set."""
+    parent = sweep["client"].get_run(sweep["parent"].info.run_id)
+    params, metrics = parent.data.params, parent.data.metrics
+    assert params["sweep.optimizer.lr"] == "0.01,0.00001,-1"
+    assert params["sweep.command"].startswith("python -m fmnist_exp -m data.root=")
+    assert params["sweep.command"].endswith("train.epochs=3 optimizer.lr=0.01,0.00001,-1")
+    assert params["train.epochs"] == "3" and params["optimizer._target_"] == "torch.optim.Adam"  # shared
+    assert "optimizer.lr" not in params  # varies: not a shared value
+    finished = [r for r in sweep["children"] if r.info.status == "FINISHED"]
+    best = min(finished, key=lambda r: r.data.metrics["ckpt_valid_loss"])
+    assert metrics["jobs"] == 3 and metrics["jobs_failed"] == 1
+    assert metrics["winner_valid_loss"] == best.data.metrics["ckpt_valid_loss"]
+    assert metrics["winner_valid_acc"] == best.data.metrics["ckpt_valid_acc"]
+    assert metrics["winner_test_acc"] == best.data.metrics["test_acc"]
+    assert parent.data.tags["fmnist.winner_run_id"] == best.info.run_id
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.name == "fashion-mnist" and json.loads(dataset.dataset.profile)["train"] > 0
+    view = sweep["client"].get_experiment(sweep["exp"].experiment_id).tags["mlflow.sharedViewState.sweeps"]
+    assert "metrics.`winner_test_acc`" in json.loads(view)["selectedColumns"]
+    url = f"/#/experiments/{sweep['exp'].experiment_id}/runs?viewStateShareKey=sweeps"
+    assert f"All sweeps side by side: http://127.0.0.1:5000{url} (after make ui)" in sweep["result"].stdout
+
+
 def test_winner_is_a_servable_mlflow_model(sweep):
     import mlflow.artifacts
     import mlflow.pyfunc
@@ -168,14 +193,20 @@ def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
     if chromium is None:
         pytest.fail("chromium is not installed: make test installs it (apt-get install -y chromium)")
     with mlflow_server(sweep["uri"]) as url:
-        page = f"{url}/#/experiments/{sweep['exp'].experiment_id}/runs"
+        page = f"{url}/#/experiments/{sweep['exp'].experiment_id}/runs?viewStateShareKey=sweeps"  # printed by the sweep
         dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                              "--window-size=2400,1200",  # the runs table only renders the columns in view
                               "--virtual-time-budget=20000", "--disable-background-networking",
                               "--disable-component-update", "--disable-default-apps", "--disable-sync",
                               "--no-first-run", "--disable-extensions", "--metrics-recording-only",
                               f"--user-data-dir={tmp_path / 'chrome'}", page],
                              capture_output=True, text=True, timeout=180).stdout
     assert sweep["parent"].info.run_name in dom
+    parent = sweep["client"].get_run(sweep["parent"].info.run_id)
+    for metric in ("winner_test_acc", "winner_valid_loss", "jobs_failed"):
+        assert f'col-id="metrics.`{metric}`"' in dom and f">{metric}<" in dom  # the column and its header
+    value = parent.data.metrics["winner_test_acc"]
+    assert f">{int(value) if value.is_integer() else value}<" in dom  # the parent's row shows it, as JS prints it
 
 
 @pytest.mark.parametrize("monitor,order", [("valid_loss", ["a", "c", "b"]), ("valid_acc", ["c", "a", "b"])])
@@ -195,3 +226,20 @@ def test_jobs_are_ranked_on_validation_data_never_on_test_scores(tmp_path, monit
     table = report.sweep_table(uri, exp_id, parent)
     assert list(table["name"]) == order and list(table["best"]) == ["★", "", ""]
     assert table.attrs["ranked_by"][0] == {"valid_loss": "ckpt_valid_loss", "valid_acc": "ckpt_valid_acc"}[monitor]
+
+
+def test_sweep_params_follow_hydras_precedence(monkeypatch):
+    """The sweeper's params (+experiment=notebook) as written, the command line winning, as Hydra's sweeper does."""
+    from omegaconf import OmegaConf
+
+    from fmnist_exp import callbacks
+    cfg = OmegaConf.create({"hydra": {"sweeper": {"params": {"optimizer": "sgd,adam", "data.batch_size": "100,16",
+                                                             "ablation": "plain,he,he_bn,he_bn_dropout"}},
+                                      "overrides": {"task": ["+experiment=notebook", "optimizer=sgd",
+                                                             "data.batch_size=16,32", "train.seed=range(0,3)"]}}})
+    monkeypatch.setattr(sys, "argv", ["/x/fmnist-exp", "+experiment=notebook", "optimizer=sgd",
+                                      "data.batch_size=16,32", "train.seed=range(0,3)"])
+    assert callbacks.sweep_params(cfg) == {
+        "sweep.data.batch_size": "16,32", "sweep.ablation": "plain,he,he_bn,he_bn_dropout",
+        "sweep.train.seed": "range(0,3)",
+        "sweep.command": "fmnist-exp +experiment=notebook optimizer=sgd data.batch_size=16,32 'train.seed=range(0,3)'"}
