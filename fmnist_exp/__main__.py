@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fmnist_exp import config, job, train
+from fmnist_exp import config, tracking
 
 config.register()
 
@@ -23,6 +23,7 @@ config.register()
 def task(cfg: DictConfig) -> float | None:
     """One job: a single run, or one child of a sweep. Returns the best checkpoint's monitored validation score
     (what an optimising sweeper would use); exits 1 for a failed single run, 128+N after signal N."""
+    from fmnist_exp import job, train  # torch: imported after the tracking process has started (main)
     ctx = job.JobContext.from_hydra(HydraConfig.get())
     with train.StopOnSignal() as stop:
         outcome = job.run(cfg, ctx, stop)
@@ -44,9 +45,19 @@ def fast_exit_is_safe() -> bool:
     return not others and not multiprocessing.active_children()
 
 
+def tracks_in_this_process(args: list[str]) -> bool:
+    """Whether jobs of this command will likely log from this process: not for --help/--cfg/-sc, not with
+    tracking.enabled=false, not with a launcher that runs jobs in other processes."""
+    info = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--version"}
+    return not (info & set(args) or "tracking.enabled=false" in args
+                or any(a.startswith("hydra/launcher=") and a.split("=", 1)[1] not in ("fused", "basic") for a in args))
+
+
 def main() -> None:
     """`python -m fmnist_exp` and the console script `fmnist-exp`."""
     code: int | str | None = 0
+    if tracks_in_this_process(sys.argv[1:]):
+        tracking.TRACKING_PROCESS.start()  # its imports (MLflow, TensorBoard) overlap ours (torch, the data)
     try:
         task()
     except SystemExit as e:

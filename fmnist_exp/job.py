@@ -223,7 +223,7 @@ class Job:
 
     Driven as: `prepare()` (validate, build, skip or resume, start the run; may already return an Outcome),
     `on_epoch(metrics, state)` after every epoch, then `submit_results(final)` and `end_run(final)`, or
-    `fail(status, error)`; `close()` always, which releases the tracker's thread and writers.
+    `fail(status, error)`; `close()` always, which releases what the tracking process holds for the job.
     """
 
     def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS):
@@ -238,6 +238,8 @@ class Job:
         """Everything before the first step. Returns an Outcome when there is nothing to train (skipped)."""
         cfg, ctx = self.cfg, self.ctx
         tracking.silence_noisy_loggers()
+        if not cfg.tracking.enabled:
+            tracking.TRACKING_PROCESS.discard_unused()  # started ahead by __main__: not needed
         ctx.job_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = tracking.Tracker(ctx.parent["uri"] if ctx.parent else cfg.tracking.uri,
                                         cfg.tracking.experiment, ctx.job_dir, enabled=cfg.tracking.enabled)
@@ -277,9 +279,14 @@ class Job:
             self.tracker.start(ctx.run_name, self.params, tags,
                                parent_run_id=ctx.parent["run_id"] if ctx.parent else None)
             self.tracker.log_artifact(ctx.job_dir / "config.yaml")
+        if not ctx.multirun:
+            self.tracker.warm_up()  # its plots and model at the end, imported while it trains
         if ctx.group:
             self.tracker.set_tag("fmnist.group", ctx.group)
         self._log_start()
+        # the run exists, and the tracking process's start-up work (imports, store, warm-up) is done, before the
+        # first step: running beside training, it would take a core from torch's threads (benchmarks/RESULTS.md)
+        self.tracker.flush()
         return None
 
     def _log_start(self) -> None:
@@ -335,10 +342,9 @@ class Job:
         tracker.log_metrics(final)
         tracker.log_artifact(self.member.checkpoint)
         self._log_plots(final)
-        if not self.ctx.multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py): this is slow
-            tracker.flush()
-            tracking.log_model(tracker.uri, tracker.run_id, models.load_best(self.cfg.model, self.ctx.job_dir),
-                               data.example_input(self.dataset.test_x))
+        if not self.ctx.multirun:  # a sweep logs only its winner (callbacks.py)
+            tracker.log_model(OmegaConf.to_container(self.cfg.model, resolve=True), self.ctx.job_dir,
+                              data.example_input(self.dataset.test_x))
 
     def end_run(self, final: dict) -> Outcome:
         """Wait for the job's writes, then end its run FINISHED."""
@@ -350,19 +356,18 @@ class Job:
         tracker, dataset, model = self.tracker, self.dataset, self.member.model
         if not tracker.enabled:
             return
-        from fmnist_exp import plots
         y_pred = train.predict(model, dataset.test_x, self.cfg.data.eval_batch_size).cpu().numpy()
         y_true = dataset.test_y.cpu().numpy()
         folder = self.ctx.job_dir / "plots"
         folder.mkdir(exist_ok=True)
-        tracker.log_image(plots.render(plots.learning_curves(self.member.state.history, final["best_epoch"],
-                                                             self.ctx.run_name)), folder / "learning_curves.png")
-        tracker.log_image(plots.render(plots.confusion_matrix(y_true, y_pred)), folder / "confusion_matrix.png")
+        tracker.log_figure("learning_curves", (self.member.state.history, final["best_epoch"], self.ctx.run_name),
+                           folder / "learning_curves.png")
+        tracker.log_figure("confusion_matrix", (y_true, y_pred), folder / "confusion_matrix.png")
         grid = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(y_true), generator=grid)[:32].numpy()  # the same 32 images for every run
         images = data.pixels(dataset.test_x[pick]).cpu().numpy()
-        tracker.log_image(plots.render(plots.sample_grid(images, y_true[pick], y_pred[pick])),
-                          folder / "test_samples.png", tensorboard_tag="Samples/test")
+        tracker.log_figure("sample_grid", (images, y_true[pick], y_pred[pick]), folder / "test_samples.png",
+                           tensorboard_tag="Samples/test")
         scores = ("ckpt_valid_loss", "ckpt_valid_acc", "test_acc")
         tracker.log_hparams(hparams(self.cfg, self.ctx.run_name), {k: final[k] for k in scores})
 

@@ -1,17 +1,18 @@
-"""Experiment tracking: the only module that imports mlflow and tensorboard.
+"""Experiment tracking: the MLflow store (runs, params, lookups by config hash) and each job's `Tracker`.
 
-A run logs through `Tracker` (start / log_epoch / log_metrics / log_artifact / finish). A sweep's parent run is
-made once, before its jobs start (see callbacks.py), and each job's child run points at it.
+A run logs through `Tracker` (start / log_epoch / log_metrics / log_artifact / finish), which hands every write
+to the tracking process (tracking_process.py). A sweep's parent run is made once, before its jobs start (see
+callbacks.py), and each job's child run points at it.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
-import queue
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -198,14 +199,111 @@ def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | Non
         return None
 
 
+class _TrackingProcess:
+    """This process's tracking process (tracking_process.py), started on first use, shared by its Trackers."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.conn = None
+        self.trackers: dict[int, Tracker] = {}
+        self.next_id = 0
+        self.next_token = 0
+        self.done: dict[int, str | None] = {}  # token -> error of a finished sync/finish
+        self.used = False  # a Tracker has sent it work (else it may be discarded at once)
+
+    def start(self) -> None:
+        """Start the process now if it is not running (__main__ does, before importing torch, so that its own
+        imports overlap the training process's start-up)."""
+        if self.proc is None or self.proc.poll() is not None:
+            import socket
+            from multiprocessing.connection import Connection
+            ours, theirs = socket.socketpair()
+            self.proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp.tracking_process", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], env=_child_env())
+            theirs.close()
+            self.conn = Connection(ours.detach())
+            self.used = False
+            atexit.register(self.stop)
+
+    def discard_unused(self) -> None:
+        """Stop a process started ahead that no job needs (tracking.enabled=false, jobs in other processes)."""
+        if self.proc is not None and not self.used:
+            self.proc.kill()
+            self.stop()
+
+    def register(self, tracker: Tracker) -> int:
+        self.start()
+        self.used = True
+        self.next_id += 1
+        self.trackers[self.next_id] = tracker
+        return self.next_id
+
+    def send(self, tid: int, op: str, *args) -> None:
+        try:
+            self.conn.send((tid, op, args))
+        except OSError as e:
+            raise TrackingError(f"the tracking process ended unexpectedly ({e}); rerun, or pass "
+                                "tracking.enabled=false") from e
+
+    def drain(self, token: int | None = None) -> None:
+        """Take in the replies that have arrived (without waiting), or until the reply to `token`."""
+        while token not in self.done if token is not None else self.conn.poll():
+            try:
+                kind, tid, *rest = self.conn.recv()
+            except (EOFError, OSError) as e:
+                raise TrackingError("the tracking process ended unexpectedly; rerun, or pass "
+                                    "tracking.enabled=false") from e
+            tracker = self.trackers.get(tid)
+            if kind == "done":
+                self.done[rest[0]] = rest[1]
+            elif tracker is None:
+                continue
+            elif kind == "run":
+                tracker.run_id = rest[0]
+            elif kind == "error" and tracker._error is None:
+                tracker._error = TrackingError(rest[0])
+
+    def call(self, tid: int, op: str, *args) -> str | None:
+        """Send op(token, *args) and wait for its reply: None, or the error message of a failed write."""
+        self.next_token += 1
+        token = self.next_token
+        self.send(tid, op, token, *args)
+        self.drain(token)
+        return self.done.pop(token)
+
+    def release(self, tid: int) -> None:
+        self.trackers.pop(tid, None)
+
+    def stop(self) -> None:
+        """At exit: close the connection and wait for the process to end (it has nothing left to write by then;
+        a run still open is ended KILLED by it)."""
+        if self.proc is not None:
+            if not self.used:
+                self.proc.kill()
+            self.conn.close()
+            self.proc.wait(timeout=120)
+            self.proc, self.conn = None, None
+
+
+def _child_env() -> dict[str, str]:
+    """The tracking process imports this same fmnist_exp (an editable checkout, or a wheel)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root,
+            "OMP_NUM_THREADS": "1"}  # it never trains: one thread for torch.export and the plots
+
+
+TRACKING_PROCESS = _TrackingProcess()
+
+
 class Tracker:
     """One job's MLflow run plus TensorBoard event files in `log_dir`; every call is a no-op when disabled.
 
-    Every write happens on one background thread, in the order it was asked for, so training never waits for
-    MLflow or TensorBoard (importing them, creating the run, logging). Per-epoch metrics go to TensorBoard every
-    epoch and to MLflow at most every METRICS_EVERY_S (several short epochs per write). `check` raises a write that
-    failed (the loop calls it every epoch), `flush` waits for all writes, and `finish` flushes before it ends the
-    run.
+    The writes happen in the tracking process (tracking_process.py), in the order they were asked for, so training
+    never waits for MLflow or TensorBoard (importing them, creating the run, logging, plotting, exporting the
+    model). Per-epoch metrics go to TensorBoard every epoch and to MLflow at most every METRICS_EVERY_S. `check`
+    raises a write that failed (the loop calls it every epoch), `flush` waits for all writes, and `finish`
+    flushes before it ends the run.
     """
 
     def __init__(self, uri: str | None, experiment: str, log_dir: Path, enabled: bool = True):
@@ -213,207 +311,105 @@ class Tracker:
         self.uri = resolve_uri(uri) if enabled else None
         self.experiment = experiment
         self.log_dir = Path(log_dir)
-        self.run_id: str | None = None
-        self.writer = None  # TensorBoard's SummaryWriter, made by the writer thread
-        self._client = None
-        self._queue: queue.Queue | None = None
-        self._error: Exception | None = None  # the first failed write, until check/flush raises it
-        self._thread: threading.Thread | None = None
-        self._unsent: list = []  # per-epoch MLflow metrics not yet written (writer thread only)
-        self._last_sent = 0.0
+        self.run_id: str | None = None  # set when the tracking process has made (or reopened) the run
+        self._error: TrackingError | None = None  # the first failed write, until check/flush raises it
+        self._id: int | None = None
+        if enabled:
+            self._id = TRACKING_PROCESS.register(self)
+            TRACKING_PROCESS.send(self._id, "new", self.uri, experiment, str(self.log_dir))
 
-    # --- the writer thread -------------------------------------------------------------------------------------
-    def _submit(self, fn, *args) -> None:
-        if not self.enabled:
-            return
-        if self._queue is None:
-            self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._work, name="fmnist-tracker", daemon=True)
-            self._thread.start()
-        self._queue.put((fn, args))
-
-    def _work(self) -> None:
-        while True:
-            fn, args = self._queue.get()
-            if fn is None:  # close(): the job is over
-                self._queue.task_done()
-                return
-            try:
-                if self._error is None:  # after a failure, skip writes until it has been reported
-                    fn(*args)
-            except Exception as e:
-                self._error = e
-            finally:
-                self._queue.task_done()
+    def _submit(self, op: str, *args) -> None:
+        if self.enabled:
+            if self._id is None:
+                raise TrackingError("this tracker was closed")
+            TRACKING_PROCESS.send(self._id, op, *args)
 
     def check(self) -> None:
-        """Raise (as TrackingError, once) a background write that failed."""
+        """Raise (as TrackingError, once) a write that failed; later writes go through again."""
+        if self.enabled and self._id is not None:
+            TRACKING_PROCESS.drain()
         error, self._error = self._error, None
         if error is not None:
-            if isinstance(error, TrackingError):
-                raise error
-            raise store_error(self.uri, error) from error
+            self._submit("resume")
+            raise error
 
     def flush(self) -> None:
         """Wait until every write asked for so far is done; raise the first that failed."""
-        if self._queue is not None:
-            self._queue.put((self._send_metrics, ()))
-            self._queue.join()
+        if self.enabled and self._id is not None:
+            self._submit("send_metrics_if_any")
+            TRACKING_PROCESS.call(self._id, "sync")
         self.check()
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = client(self.uri)
-        return self._client
 
     # --- what a job logs -------------------------------------------------------------------------------------
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str],
               parent_run_id: str | None = None) -> None:
         """Create the MLflow run (logging params and tags) and open the TensorBoard writer."""
-        self._submit(self._start, run_name, params, tags, parent_run_id)
-
-    def _start(self, run_name, params, tags, parent_run_id) -> None:
-        from mlflow.entities import Param
-        try:
-            _, self.run_id = create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
-            items = [Param(k, v[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(self.run_id, params=items[i: i + 100])
-        except TrackingError:
-            raise
-        except Exception as e:
-            raise store_error(self.uri, e) from e
-        self._open_writer()
+        self._submit("start", run_name, params, tags, parent_run_id)
 
     def reopen(self, run_id: str, tags: dict[str, str]) -> None:
         """Continue an earlier (KILLED/FAILED) run: RUNNING again, new tags, metrics continue at later steps."""
-        self._submit(self._reopen, run_id, tags)
+        self._submit("reopen", run_id, tags)
 
-    def _reopen(self, run_id: str, tags: dict[str, str]) -> None:
-        self.run_id = run_id
-        c = self.client
-        c.update_run(run_id, status="RUNNING")
-        for k, v in tags.items():
-            c.set_tag(run_id, k, v)
-        if "error" in c.get_run(run_id).data.tags:
-            c.delete_tag(run_id, "error")
-        self._open_writer()
-
-    def _open_writer(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        # train and valid loss on one chart (CUSTOM SCALARS tab) from the job's own two tags: add_scalars would
-        # make two extra TensorBoard runs per job
-        self.writer.add_custom_scalars({"Loss": {"train and valid": ["Multiline", ["Loss/train", "Loss/valid"]]}})
+    def warm_up(self) -> None:
+        """Import what logging plots and a model needs while training goes on (a single run's end)."""
+        self._submit("warm_up")
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard. Raises a failed
         earlier write here, so a broken store stops training after one epoch, not at the end."""
         self.check()
-        self._submit(self._log_epoch, epoch, dict(metrics))
-
-    def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._add_metrics(metrics, epoch)
-        if time.monotonic() - self._last_sent >= METRICS_EVERY_S:  # short epochs: several per write
-            self._send_metrics()
-        w = self.writer
-        w.add_scalar("Loss/train", metrics["train_loss"], epoch)
-        w.add_scalar("Loss/valid", metrics["valid_loss"], epoch)
-        w.add_scalar("Accuracy/valid", metrics["valid_acc"], epoch)
-        w.add_scalar("LR", metrics["lr"], epoch)
-        w.flush()
-
-    def _add_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        self._unsent += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-
-    def _send_metrics(self) -> None:
-        batch, self._unsent = self._unsent, []
-        for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=batch[i: i + 1000])
-        self._last_sent = time.monotonic()
+        self._submit("log_epoch", epoch, dict(metrics))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self._submit(self._add_metrics, dict(metrics), step)
-        self._submit(self._send_metrics)
+        self._submit("log_metrics", dict(metrics), step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Upload a file that no longer changes (the writer thread reads it later)."""
-        self._submit(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        """Upload a file that no longer changes (the tracking process reads it later)."""
+        self._submit("log_artifact", str(path), artifact_path)
 
     def log_text(self, text: str, filename: str) -> None:
-        self._submit(lambda: self.client.log_text(self.run_id, text, filename))
+        self._submit("log_text", text, filename)
 
-    def log_image(self, image, path: Path, tensorboard_tag: str | None = None) -> None:
-        """An RGB(A) uint8 image (H, W, C), e.g. a rendered figure: saved as PNG at `path`, logged under the run's
+    def log_figure(self, kind: str, args: tuple, path: Path, tensorboard_tag: str | None = None) -> None:
+        """`plots.<kind>(*args)` drawn by the tracking process, saved as a PNG at `path`, logged under the run's
         plots/, optionally shown in TensorBoard's IMAGES tab."""
-        def write():
-            from PIL import Image
-            Image.fromarray(image).save(path)
-            if tensorboard_tag:
-                self.writer.add_image(tensorboard_tag, image[..., :3], dataformats="HWC")
-            self.client.log_artifact(self.run_id, str(path), "plots")
-        self._submit(write)
+        self._submit("log_figure", kind, args, str(path), tensorboard_tag)
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """TensorBoard's HPARAMS tab: this job's settings against its scores, beside every job of the sweep."""
-        self._submit(lambda: self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()},
-                                                     run_name="."))
+        self._submit("log_hparams", hparams, metrics)
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, int]) -> None:
         """The data set as an MLflow dataset input: the runs table's Dataset column."""
-        def write():
-            from mlflow.entities import Dataset, DatasetInput, InputTag
-            ds = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
-                         profile=json.dumps(profile))
-            inputs = [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])]
-            for attempt in range(5):
-                try:
-                    return self.client.log_inputs(self.run_id, inputs)
-                except Exception as e:
-                    # two jobs logging the same new dataset at once: MLflow's check-then-insert loses the race
-                    # for one of them (UNIQUE constraint); by the retry the row exists and is reused
-                    if "UNIQUE constraint" not in str(e) or attempt == 4:
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
-        self._submit(write)
+        self._submit("log_dataset", name, digest, source, profile)
+
+    def log_model(self, model_cfg: dict, job_dir: Path, example) -> None:
+        """The best checkpoint in `job_dir` as an MLflow model on this run (see log_model)."""
+        self._submit("log_model", model_cfg, str(job_dir), example)
 
     def set_tag(self, key: str, value: str) -> None:
-        self._submit(lambda: self.client.set_tag(self.run_id, key, value))
+        self._submit("set_tag", key, value)
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Wait for every write, close TensorBoard, then end the MLflow run with `status` (FINISHED, FAILED,
         KILLED). A failed write is raised after the run has ended (never left RUNNING)."""
-        if not self.enabled:
+        if not self.enabled or self._id is None:
             return
-        failure = None
-        try:
-            self.flush()
-        except TrackingError as e:
-            failure = e
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.run_id is not None:
-            if error:
-                self.client.set_tag(self.run_id, "error", error[:5000])
-            end_run(self.uri, self.run_id, status)
+        reply = TRACKING_PROCESS.call(self._id, "finish", status, error)
+        failure, self._error = self._error or (TrackingError(reply) if reply else None), None
         if failure is not None:
             raise failure
 
     def close(self) -> None:
-        """Release what this tracker started (its thread, TensorBoard writer, client); finish() first to keep
-        the writes. Safe to call more than once."""
-        if self._thread is not None:
-            self._queue.put((None, ()))
-            self._thread.join(timeout=60)
-            self._thread, self._queue = None, None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        self._client = None
+        """Release what this tracker holds in the tracking process; finish() first to keep the writes. Safe to
+        call more than once."""
+        if self._id is not None:
+            try:
+                TRACKING_PROCESS.send(self._id, "close")
+            except TrackingError:
+                pass
+            TRACKING_PROCESS.release(self._id)
+            self._id = None
 
 
 def silence_noisy_loggers() -> None:

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import compose_cfg, tiny_overrides
-from fmnist_exp import job, train
+from fmnist_exp import job, tracking, train
 
 
 def run_job(tmp_path, tiny_root, name: str, *overrides: str, process=None):
@@ -34,12 +34,14 @@ def test_a_failed_job_returns_its_outcome_instead_of_exiting(tmp_path, tiny_root
     assert outcome.value is None and outcome.run_id is not None
 
 
-def test_finished_jobs_release_their_tracker_threads(tmp_path, tiny_root):
+def test_finished_jobs_release_their_trackers(tmp_path, tiny_root):
     process = job.Process()  # one process, several jobs (the basic launcher)
     for i in range(3):
         assert run_job(tmp_path, tiny_root, f"job{i}", f"train.seed={i}", process=process).status == "FINISHED"
-        assert [t.name for t in threading.enumerate() if t.name == "fmnist-tracker"] == []
+        assert tracking.TRACKING_PROCESS.trackers == {}  # nothing of the job is held in the tracking process
+        assert [t.name for t in threading.enumerate() if t.name.startswith("fmnist")] == []
     assert len(process._datasets) == 1  # the data set was loaded once for the three jobs
+    assert tracking.TRACKING_PROCESS.proc.poll() is None  # one tracking process served the three jobs
 
 
 def test_outcomes_are_recorded_for_the_sweep_end(tmp_path):

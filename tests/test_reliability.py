@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -266,6 +267,22 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, me
     assert errors == [] or line in errors
     if (tmp_path / "mlruns" / "mlflow.db").exists():
         assert store_runs(tmp_path) == []  # nothing half-written: no RUNNING run, no empty run
+
+
+def test_a_killed_training_process_leaves_no_running_run(tmp_path, slow_root):
+    """SIGKILL (the OOM killer, a scheduler's hard limit) cannot be handled: the tracking process, which outlives
+    the training process, ends its run KILLED with the reason."""
+    proc = start_cli(*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=5", cwd=tmp_path)
+    code, out = interrupt_after(proc, "Epoch 2/5", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    for _ in range(100):  # the tracking process sees its connection close and ends the run
+        runs = store_runs(tmp_path)
+        if runs and runs[0]["status"] != "RUNNING":
+            break
+        time.sleep(0.1)
+    (run,) = assert_nothing_running(tmp_path)
+    assert run["status"] == "KILLED" and "training process ended" in run["tags"]["error"]
+    assert history(client(tmp_path), run["run_uuid"])[0][0] == 1  # what it was sent before is kept
 
 
 def test_second_signal_stops_at_once_and_still_records_killed(tmp_path, slow_root):

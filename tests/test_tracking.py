@@ -1,4 +1,4 @@
-"""The Tracker writes on a background thread: in order, all of it by `finish`, and a failed write is never lost."""
+"""The Tracker writes through the tracking process: in order, all of it by `finish`, and a failed write is never lost."""
 from __future__ import annotations
 
 import pytest
@@ -35,7 +35,8 @@ def test_writes_arrive_in_order_and_finish_waits_for_them(tracker, tmp_path):
 def test_a_failed_write_stops_the_next_epoch_and_the_run_ends_failed(tracker, tmp_path):
     tracker.start("a run", {}, {})
     tracker.log_artifact(tmp_path / "no such file")
-    tracker._queue.join()  # the writer thread has reached the failing upload
+    from fmnist_exp.tracking import TRACKING_PROCESS
+    TRACKING_PROCESS.call(tracker._id, "sync")  # the tracking process has reached the failing upload
     with pytest.raises(tracking.TrackingError) as e:
         tracker.log_epoch(1, EPOCH)
     assert "\n" not in str(e.value) and "tracking.enabled=false" in str(e.value)
