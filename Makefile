@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser sweep notebook test ui tensorboard
+.PHONY: setup data browser cluster sweep notebook test ui tensorboard
 
 setup: $(VENV)/.installed data
 
@@ -32,7 +32,12 @@ sweep: setup  ## the design-card sweep: SGD/Adam x batch 16/100
 notebook: setup  ## the notebook's full 16-run grid
 	$(PY) -m fmnist_exp +experiment=notebook
 
-test: setup browser
+# a one-node SLURM cluster (munged, slurmctld, slurmd) runs the hydra/launcher=slurm tests (tests/slurm_cluster.py)
+cluster:
+	@if ! command -v slurmctld >/dev/null && [ ! -x /usr/sbin/slurmctld ] && command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y slurm-wlm munge || { $(SUDO) apt-get update && $(SUDO) apt-get install -y slurm-wlm munge; }; fi
+
+test: setup browser cluster
 	$(PY) -m pytest
 
 ui:  ## MLflow UI on this store, bound to 127.0.0.1

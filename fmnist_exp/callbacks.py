@@ -1,6 +1,7 @@
 """Hydra callback for sweeps: one MLflow parent run made before any job starts, the sweep table at the end."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import shlex
@@ -42,6 +43,7 @@ class SweepCallback(Callback):
         tracking.add_sweeps_view(uri, exp_id)
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
+        atexit.register(end_if_running, uri, run_id)  # a launcher that raises never calls on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep table and winner (tracked sweeps), then exit 1 if any job did not finish, tracked or not."""
@@ -80,6 +82,19 @@ class SweepCallback(Callback):
         where = "" if uri.startswith("http") else " (after make ui)"
         print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
         return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
+
+
+def end_if_running(uri: str, run_id: str) -> None:
+    """At exit: a parent run still RUNNING means the sweep ended without its table (its launcher raised, e.g.
+    its cluster jobs were cancelled): end it KILLED with that reason, never RUNNING."""
+    try:
+        c = tracking.client(uri)
+        if c.get_run(run_id).info.status == "RUNNING":
+            c.set_tag(run_id, "error", "the sweep ended before all its jobs reported (a launcher error, or its jobs "
+                                       "were cancelled); rerun it with sweep.skip_finished=true")
+            tracking.end_run(uri, run_id, "KILLED")
+    except Exception as e:  # exiting anyway: say why the run may still show RUNNING
+        log.error("could not end the sweep's parent run %s: %s", run_id, e)
 
 
 def command_line() -> str:

@@ -243,3 +243,17 @@ def test_sweep_params_follow_hydras_precedence(monkeypatch):
         "sweep.data.batch_size": "16,32", "sweep.ablation": "plain,he,he_bn,he_bn_dropout",
         "sweep.train.seed": "range(0,3)",
         "sweep.command": "fmnist-exp +experiment=notebook optimizer=sgd data.batch_size=16,32 'train.seed=range(0,3)'"}
+
+
+def test_a_parent_left_running_is_ended_at_exit(tmp_path):
+    """What the exit hook of a sweep does when its launcher raised before the sweep's end (cancelled cluster jobs)."""
+    from fmnist_exp import callbacks
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, parent = tracking.create_run(uri, "fmnist", "sweep")
+    callbacks.end_if_running(uri, parent)
+    run = MlflowClient(tracking_uri=uri).get_run(parent)
+    assert run.info.status == "KILLED" and "sweep.skip_finished=true" in run.data.tags["error"]
+    _, done = tracking.create_run(uri, "fmnist", "finished sweep")
+    tracking.end_run(uri, done, "FINISHED")
+    callbacks.end_if_running(uri, done)
+    assert MlflowClient(tracking_uri=uri).get_run(done).info.status == "FINISHED"  # a sweep that ended is untouched
