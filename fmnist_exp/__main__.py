@@ -28,7 +28,8 @@ def task(cfg: DictConfig) -> float | None:
     with train.StopOnSignal() as stop:
         outcome = job.run(cfg, ctx, stop)
     outcome.write(ctx.job_dir)
-    if outcome.signum is not None:
+    if outcome.signum is not None and not os.environ.get("SUBMITIT_EXECUTOR"):
+        # a cluster job (submitit) that was cancelled ends alone: the sweep that submitted it goes on to its table
         job.stop_sweep(ctx.parent, outcome.signum)
     if outcome.status in ("FAILED", "KILLED") and not ctx.multirun:
         sys.exit(1)

@@ -1,4 +1,5 @@
-"""`hydra/launcher=fused`: the launcher's knobs, registered where Hydra looks for launchers."""
+"""Our launchers' knobs, registered where Hydra looks for launchers: `fused`, and `fmnist_slurm` (what
+hydra/launcher=slurm uses)."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,3 +15,16 @@ class FusedLauncherConf:
 
 ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf,
                              provider="fmnist_fused_launcher")
+
+
+try:  # hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml) builds on hydra-submitit-launcher, when installed
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    @dataclass
+    class FmnistSlurmConf(SlurmQueueConf):
+        _target_: str = "hydra_plugins.fmnist_fused_launcher.slurm.FmnistSlurmLauncher"
+
+    ConfigStore.instance().store(group="hydra/launcher", name="fmnist_slurm", node=FmnistSlurmConf,
+                                 provider="fmnist_fused_launcher")
+except ImportError:
+    pass
