@@ -51,6 +51,9 @@ class SweepCallback(Callback):
         parent = read_parent(sweep_dir)
         if parent:
             failures, total = self._report(parent, sweep_dir)
+            lost = [f"{name}: {o.error or o.status}" for name, o in job.read_outcomes(sweep_dir)
+                    if o.run_id is None and o.status not in ("FINISHED", "SKIPPED")]  # e.g. cancelled before it ran
+            failures, total = failures + lost, total + len(lost)
         else:  # untracked: each job's outcome.json is all there is
             outcomes = job.read_outcomes(sweep_dir)
             failures = [f"{name}: {o.error or o.status}" for name, o in outcomes
