@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +123,7 @@ def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tu
             if meta.get("version") == CACHE_VERSION and meta.get("stamp") == stamp:
                 arrays = {part: np.load(cache_dir / f"{part}.npy") for part in FILES}
                 return arrays, meta["digest"], source
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError):
             pass  # a damaged cache is rebuilt from the verified files below
     arrays, digests = {}, []
     for part, path in files.items():
@@ -135,9 +137,15 @@ def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tu
     if cache:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
+            # each file whole or not at all (written aside, then renamed): jobs starting together read the cache
+            # while others write it
             for part, a in arrays.items():
-                np.save(cache_dir / f"{part}.npy", a)
-            meta_path.write_text(json.dumps({"version": CACHE_VERSION, "stamp": stamp, "digest": digest}))
+                with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy", delete=False) as f:
+                    np.save(f, a)
+                os.replace(f.name, cache_dir / f"{part}.npy")
+            with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".json", delete=False) as f:
+                f.write(json.dumps({"version": CACHE_VERSION, "stamp": stamp, "digest": digest}))
+            os.replace(f.name, meta_path)
         except OSError as e:
             log.warning("could not write the data cache in %s (%s); start-up will decode again", cache_dir, e)
     return arrays, digest, source

@@ -129,3 +129,12 @@ def mlflow_server(backend_uri: str, *extra: str):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server_uri(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifacts under tmp_path."""
+    store = tmp_path / "server"
+    store.mkdir()
+    with mlflow_server(f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")) as url:
+        yield url

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import cli_env, make_tiny_set, mlflow_server, run_cli, store_runs, tiny_overrides
+from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
 from fmnist_exp import train
 from fmnist_exp.models import MLP
 
@@ -159,14 +159,6 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     sgd = job.build(compose_cfg("model.hidden=[32,16]", "optimizer=sgd"), cpu, job_dir=tmp_path / "sgd")
     with pytest.raises(train.CheckpointMismatch, match="its optimizer state is not sgd's"):
         train.restore_checkpoint(tmp_path / "last.pt", sgd)
-
-
-@pytest.fixture
-def server_uri(tmp_path):
-    store = tmp_path / "server"
-    store.mkdir()
-    with mlflow_server(f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")) as url:
-        yield url
 
 
 @pytest.mark.slow
