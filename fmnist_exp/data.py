@@ -14,6 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -110,6 +111,15 @@ def locate(root: Path, system_dir: Path, download: bool) -> dict[str, Path]:
                     f"data.root={root}, {last}")
 
 
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write a file whole or not at all: `write` fills a uniquely named temporary file beside it, which is then
+    renamed over it. A crash never leaves half a file, and writers of the same file at once each rename a whole
+    one."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        write(f)
+    os.replace(f.name, path)
+
+
 def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tuple[dict[str, np.ndarray], str, str]:
     """The four decoded uint8 arrays, a digest of their content and their folder; cached while the files are unchanged."""
     files = locate(root, system_dir, download)
@@ -137,15 +147,11 @@ def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tu
     if cache:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            # each file whole or not at all (written aside, then renamed): jobs starting together read the cache
-            # while others write it
+            # jobs starting together read the cache while others write it: each file whole or not at all
             for part, a in arrays.items():
-                with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy", delete=False) as f:
-                    np.save(f, a)
-                os.replace(f.name, cache_dir / f"{part}.npy")
-            with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".json", delete=False) as f:
-                f.write(json.dumps({"version": CACHE_VERSION, "stamp": stamp, "digest": digest}))
-            os.replace(f.name, meta_path)
+                write_atomic(cache_dir / f"{part}.npy", lambda f: np.save(f, a))
+            meta = {"version": CACHE_VERSION, "stamp": stamp, "digest": digest}
+            write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
         except OSError as e:
             log.warning("could not write the data cache in %s (%s); start-up will decode again", cache_dir, e)
     return arrays, digest, source

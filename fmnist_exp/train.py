@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_exp.data import FashionMNIST, batch_sizes, pixels
+from fmnist_exp.data import FashionMNIST, batch_sizes, pixels, write_atomic
 from fmnist_exp.data import orders as data_orders
 from fmnist_exp.stacked import StackedModel, StackedOptimizer, job_losses
 
@@ -323,10 +323,8 @@ def evaluate_stack(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> 
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary file, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """torch.save whole or not at all: a crash never leaves a half-written checkpoint."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(m: Member, weights: dict, optimizer_state: dict) -> None:
