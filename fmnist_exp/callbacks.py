@@ -49,16 +49,15 @@ class SweepCallback(Callback):
         """The sweep table and winner (tracked sweeps), then exit 1 if any job did not finish, tracked or not."""
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = read_parent(sweep_dir)
+        outcomes = job.read_outcomes(sweep_dir)
+        unfinished = [(f"{name}: {o.error or o.status}", o) for name, o in outcomes
+                      if o.status not in ("FINISHED", "SKIPPED")]
         if parent:
             failures, total = self._report(parent, sweep_dir)
-            lost = [f"{name}: {o.error or o.status}" for name, o in job.read_outcomes(sweep_dir)
-                    if o.run_id is None and o.status not in ("FINISHED", "SKIPPED")]  # e.g. cancelled before it ran
+            lost = [line for line, o in unfinished if o.run_id is None]  # no run in the table: cancelled before it ran
             failures, total = failures + lost, total + len(lost)
         else:  # untracked: each job's outcome.json is all there is
-            outcomes = job.read_outcomes(sweep_dir)
-            failures = [f"{name}: {o.error or o.status}" for name, o in outcomes
-                        if o.status not in ("FINISHED", "SKIPPED")]
-            total = len(outcomes)
+            failures, total = [line for line, _ in unfinished], len(outcomes)
         if failures:
             print(f"{len(failures)} of {total} jobs failed: {'; '.join(failures)}", file=sys.stderr, flush=True)
             sys.exit(1)
@@ -74,7 +73,7 @@ class SweepCallback(Callback):
             c.log_artifact(parent_id, str(path))
         finished = table[table["status"] == "FINISHED"]
         try:
-            log_summary(uri, parent_id, table)
+            log_summary(uri, parent_id, table, tracking.child_runs(uri, parent["experiment_id"], parent_id))
             log_sweep_plots(uri, parent_id, finished, sweep_dir)
             if len(finished) and table.loc[0, "best"] == "★":  # ranked on validation data (report.py)
                 log_winner(uri, parent_id, table.loc[0, "run_id"], table.attrs["ranked_by"][0])
@@ -122,14 +121,13 @@ def sweep_params(config: DictConfig) -> dict[str, str]:
     return params
 
 
-def log_summary(uri: str, parent_id: str, table) -> None:
+def log_summary(uri: str, parent_id: str, table, runs: list) -> None:
     """The sweep's results on its parent run, so the runs list can sort and filter whole sweeps: the config
     values every job shares (params), how many jobs ran and failed, the winner's scores (metrics; the winner is
-    chosen on validation data, report.py) and the data set the jobs trained on (input)."""
+    chosen on validation data, report.py) and the data set the jobs trained on (input). `runs`: the table's runs
+    (tracking.child_runs)."""
     import pandas as pd
     from mlflow.entities import DatasetInput
-    c = tracking.client(uri)
-    runs = [c.get_run(run_id) for run_id in table["run_id"]]
     params = [r.data.params for r in runs if r.data.params]
     shared = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params[1:])} if params else {}
     tracking.log_params(uri, parent_id, shared)
@@ -140,7 +138,7 @@ def log_summary(uri: str, parent_id: str, table) -> None:
     tracking.log_metrics(uri, parent_id, metrics)
     inputs = next((r.inputs.dataset_inputs for r in runs if r.inputs and r.inputs.dataset_inputs), [])
     if inputs:
-        c.log_inputs(parent_id, [DatasetInput(i.dataset, i.tags) for i in inputs])
+        tracking.client(uri).log_inputs(parent_id, [DatasetInput(i.dataset, i.tags) for i in inputs])
 
 
 def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None:

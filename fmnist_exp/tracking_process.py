@@ -152,8 +152,7 @@ class RunWriter:
     def finish(self, status: str, error: str | None) -> None:
         """Send what is left, close TensorBoard, end the run with `status` (and its reason)."""
         try:
-            if self.run_id is not None and self.unsent:
-                self.send_metrics()
+            self.send_metrics_if_any()
         finally:
             self.close()
             if self.run_id is not None:

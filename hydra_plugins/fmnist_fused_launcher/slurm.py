@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -43,12 +43,13 @@ class _SacctNoise(logging.Filter):
 
 class FmnistSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        jobs, dirs = self._submit(job_overrides, initial_job_idx)
-        return watch(jobs, dirs, self.params)
+        jobs = self._submit(job_overrides, initial_job_idx)
+        return watch(jobs, lambda i: job_dir(self.hydra_context, self.config, list(job_overrides[i]),
+                                             initial_job_idx + i), self.params)
 
     def _submit(self, job_overrides, initial_job_idx):
         """submitit's executor and job array, as BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2.0) makes
-        them; returns the jobs and each job's directory."""
+        them."""
         import submitit
         logging.getLogger("submitit").addFilter(_SacctNoise())
         params = self.params
@@ -61,12 +62,11 @@ class FmnistSlurmLauncher(SlurmLauncher):
                                       if x not in specific_init_keys | {"submitit_folder"}})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        job_params, dirs = [], []
+        job_params = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-            dirs.append(job_dir(self.hydra_context, self.config, list(overrides), idx))
-        return executor.map_array(self, *zip(*job_params)), dirs
+        return executor.map_array(self, *zip(*job_params))
 
 
 def job_dir(hydra_context, config, overrides: list[str], idx: int) -> Path:
@@ -95,8 +95,9 @@ def impossible_request(reason: str, params: dict[str, Any]) -> str:
             f"timeout_min or choose hydra.launcher.partition (sinfo -o '%P %c %m %G %l' lists what nodes have)")
 
 
-def watch(jobs, dirs: list[Path], params: dict[str, Any]) -> list[JobReturn]:
-    """Wait for every job of the array, with one status line; lost jobs are recorded, impossible ones stop it."""
+def watch(jobs, dir_of: Callable[[int], Path], params: dict[str, Any]) -> list[JobReturn]:
+    """Wait for every job of the array, with one status line; lost jobs are recorded (in `dir_of(i)`, job i's
+    output dir), impossible ones stop it."""
     from fmnist_exp import job as fjob
     array_id = jobs[0].job_id.split("_")[0]
     results: dict[int, JobReturn] = {}
@@ -114,10 +115,11 @@ def watch(jobs, dirs: list[Path], params: dict[str, Any]) -> list[JobReturn]:
                     error = (f"SLURM job {j.job_id} ended without a result (cancelled, or killed by SLURM: "
                              f"see {j.paths.stderr})")
                     log.error("%s", error)
-                    if not (dirs[i] / fjob.OUTCOME_FILE).is_file():
-                        dirs[i].mkdir(parents=True, exist_ok=True)
-                        fjob.Outcome("KILLED", error=error).write(dirs[i])
-                    results[i] = _lost(error)
+                    folder = dir_of(i)
+                    if not (folder / fjob.OUTCOME_FILE).is_file():
+                        folder.mkdir(parents=True, exist_ok=True)
+                        fjob.Outcome("KILLED", error=error).write(folder)
+                    results[i] = _no_return()
         states = [queue.get(j.job_id, ("", ""))[0] for i, j in enumerate(jobs) if i not in results]
         stuck = {reason for state, reason in queue.values() if state == "PENDING" and reason in IMPOSSIBLE}
         if stuck:
@@ -140,10 +142,10 @@ def _result(j) -> JobReturn:
         return j.results()[0]
     except Exception as e:  # the job's own process raised outside our task (Hydra's run_job)
         log.error("SLURM job %s failed: %s", j.job_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return _lost(str(e))
+        return _no_return()
 
 
-def _lost(error: str) -> JobReturn:
+def _no_return() -> JobReturn:
     """A job that produced no return value: COMPLETED for Hydra's sweeper (which would raise on FAILED and skip the
     sweep's table), None as value; its run or outcome.json says what happened."""
     r = JobReturn()
