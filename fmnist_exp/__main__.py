@@ -28,9 +28,7 @@ def task(cfg: DictConfig) -> float | None:
     with train.StopOnSignal() as stop:
         outcome = job.run(cfg, ctx, stop)
     outcome.write(ctx.job_dir)
-    if outcome.signum is not None and not os.environ.get("SUBMITIT_EXECUTOR"):
-        # a cluster job (submitit) that was cancelled ends alone: the sweep that submitted it goes on to its table
-        job.stop_sweep(ctx.parent, outcome.signum)
+    job.after_signal([outcome], ctx.parent, ctx.parent["uri"] if ctx.parent else cfg.tracking.uri)
     if outcome.status in ("FAILED", "KILLED") and not ctx.multirun:
         sys.exit(1)
     return outcome.value  # a failed sweep job returns None: the sweep goes on, its end exits 1 (callbacks.py)

@@ -72,14 +72,20 @@ class Outcome:
         (job_dir / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
 
 
+def read_outcome(job_dir: Path) -> Outcome | None:
+    try:
+        return Outcome(**json.loads((job_dir / OUTCOME_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
     """(job dir name, outcome) of every job of a sweep that got as far as recording one."""
     out = []
     for path in sorted(sweep_dir.glob(f"*/{OUTCOME_FILE}")):
-        try:
-            out.append((path.parent.name, Outcome(**json.loads(path.read_text()))))
-        except (OSError, ValueError, TypeError):
-            continue
+        outcome = read_outcome(path.parent)
+        if outcome is not None:
+            out.append((path.parent.name, outcome))
     return out
 
 
@@ -190,6 +196,8 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
 def jobs_that_fit(cfg: DictConfig, share: float = 0.5) -> int:
     """How many jobs of this config one stacked model may hold: `share` of the device's free memory over one job's
     weights, gradients, optimizer state and a training and an evaluation batch's activations (at least 1)."""
+    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
+        return sys.maxsize  # a cluster's login node plans for GPU nodes: max_group caps the group
     try:
         device = pick_device(cfg.train.device)
         model = instantiate(cfg.model)
@@ -252,6 +260,13 @@ class Job:
         resume_id = cfg.train.resume
         if resume_id and not cfg.tracking.enabled:
             raise config.ConfigError("train.resume needs tracking.enabled=true: checkpoints are found via MLflow")
+        requeued = requeued_outcome(ctx.job_dir)
+        if requeued is not None:
+            if requeued.status != "KILLED":  # it had ended before the signal stopped the rest of its group
+                log.info("Requeued by SLURM: this job had already ended %s", requeued.status)
+                return requeued
+            resume_id = resume_id or requeued.run_id
+            tags["fmnist.requeues"] = os.environ["SLURM_RESTART_COUNT"]
         if ctx.multirun and cfg.sweep.skip_finished and not resume_id and self.tracker.enabled:
             action, earlier = self._reuse_earlier_run(config_hash)
             if action == "skip":
@@ -272,10 +287,15 @@ class Job:
             if resume_from is not None:  # read before the run is touched: a bad checkpoint leaves it as it was
                 train.restore_checkpoint(resume_from, self.member)
             self.tracker.reopen(resume_id, tags)
-            log.info("Continuing MLflow run %s (%s)", resume_id, earlier.info.run_name)
+            log.info("%s MLflow run %s (%s)", "Requeued by SLURM: continuing" if requeued else "Continuing",
+                     resume_id, earlier.info.run_name)
             if resume_from is not None:
                 log.info("Resuming after epoch %d of %d", self.member.state.epoch, cfg.train.epochs)
         else:
+            if requeued is not None and (ctx.job_dir / "last.pt").is_file():  # untracked: its job dir has it all
+                train.restore_checkpoint(ctx.job_dir / "last.pt", self.member)
+                log.info("Requeued by SLURM: resuming after epoch %d of %d from %s", self.member.state.epoch,
+                         cfg.train.epochs, ctx.job_dir / "last.pt")
             self.tracker.start(ctx.run_name, self.params, tags,
                                parent_run_id=ctx.parent["run_id"] if ctx.parent else None)
             self.tracker.log_artifact(ctx.job_dir / "config.yaml")
@@ -417,6 +437,49 @@ def hparams(cfg: DictConfig, name: str) -> dict:
         key, _, value = override.lstrip("+~").partition("=")
         out.setdefault(key, value)
     return out
+
+
+def requeued_outcome(job_dir: Path) -> Outcome | None:
+    """How this job's previous attempt ended, when SLURM requeued it (after SIGUSR2, see after_signal): None for a
+    first attempt."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None
+    earlier = read_outcome(job_dir)
+    if earlier is None or earlier.signum != signal.SIGUSR2:
+        return None
+    return Outcome(earlier.status, value=earlier.value, error=earlier.error, run_id=earlier.run_id)
+
+
+def after_signal(outcomes: list[Outcome], parent: dict | None, uri: str | None) -> None:
+    """What a process does once its jobs stopped on a signal (each run KILLED with its checkpoint, each outcome
+    written to its job dir):
+
+    - SIGUSR2 is SLURM's warning before a time limit or preemption. submitit's handler (installed before ours)
+      decides: it requeues the job and exits this process (the requeued job continues each run from its last
+      checkpoint: Job.prepare), or raises saying why not; then each run says so in its error.
+    - In a cluster job (submitit) any signal ends only this job: the sweep that submitted it goes on to its table.
+    - Otherwise the user stopped the sweep: its parent run ends too and the process exits 128+N (stop_sweep).
+    """
+    signum = next((o.signum for o in outcomes if o.signum is not None), None)
+    if signum is None:
+        return
+    requeue = signal.getsignal(signal.SIGUSR2)
+    if signum == signal.SIGUSR2 and callable(requeue):
+        try:
+            requeue(signum, None)  # submitit: checkpoint this call, `scontrol requeue`, sys.exit
+        except Exception as e:  # submitit's UncompletedJobError: "Job not requeued because: ..."
+            reason = str(e).split("because:", 1)[-1].strip().rstrip(".")
+            for o in outcomes:
+                if o.status == "KILLED":
+                    o.error = (f"{o.error}; not requeued ({reason}: hydra.launcher.max_num_timeout is how many "
+                               f"time limits a job may be requeued after)")
+                    if o.run_id:  # only tracked jobs have one
+                        tracking.client(tracking.resolve_uri(uri)).set_tag(o.run_id, "error", o.error)
+            log.error("Not requeued by SLURM (%s): resume from the runs' checkpoints with train.resume=RUN_ID",
+                      reason)
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    stop_sweep(parent, signum)
 
 
 def stop_sweep(parent: dict | None, signum: int):

@@ -90,8 +90,9 @@ def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str = "vali
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", title=f"top {min(highlight, len(items))} of {len(items)} (ranked on "
-              "validation)" if len(items) > highlight else None, title_fontsize=7)
+    if any(points for _, points in items[:highlight]):  # a sweep whose jobs all stopped before an epoch has none
+        ax.legend(fontsize=7, loc="lower right", title=f"top {min(highlight, len(items))} of {len(items)} (ranked "
+                  "on validation)" if len(items) > highlight else None, title_fontsize=7)
     ax.set_title(f"{metric} per epoch, every job of the sweep")
     fig.tight_layout()
     return fig

@@ -241,6 +241,7 @@ def serve(conn: Connection) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and scancel reach the whole process group: the
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # training process handles them and ends its runs through us
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's time-limit warning, sent to every process of the job
     tracking.silence_noisy_loggers()
     conn = Connection(int(sys.argv[1]))
     prefetch()

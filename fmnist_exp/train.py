@@ -32,10 +32,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: the current epoch was abandoned; the last completed one is checkpointed."""
+    """SIGINT, SIGTERM or SIGUSR2 arrived: the current epoch was abandoned; the last completed one is
+    checkpointed."""
 
     def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        why = " (SLURM's warning before a time limit or preemption)" if signum == signal.SIGUSR2 else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{why}")
         self.signum = signum
 
 
@@ -43,10 +45,15 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the configured model or optimizer."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 class StopOnSignal:
-    """While active, SIGINT/SIGTERM only set `signum`: the loop stops at the next step and the job records itself
-    KILLED. A second signal during training stops it at once (raised where it lands; the last epoch's checkpoint
-    is intact), a second one after training (testing, logging, or recording a stop) is ignored, and a third gets Python's default behaviour."""
+    """While active, SIGINT/SIGTERM/SIGUSR2 only set `signum`: the loop stops at the next step and the job records
+    itself KILLED (SIGUSR2 is SLURM's warning before a time limit or preemption: job.after_signal then hands it to
+    submitit, which requeues the job). A second signal during training stops it at once (raised where it lands; the
+    last epoch's checkpoint is intact), a second one after training (testing, logging, or recording a stop) is
+    ignored, and a third gets Python's default behaviour."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -66,7 +73,7 @@ class StopOnSignal:
 
     def __enter__(self):
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread (some launchers): leave the default handlers
             self._previous.clear()

@@ -23,32 +23,46 @@ log = logging.getLogger(__name__)
 
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     setup_globals()
-    config, context = launcher.config, launcher.hydra_context
+    config = launcher.config
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    configs = load_configs(launcher, job_overrides, initial_job_idx)
+    groups = plan(configs, launcher.max_group)
+    if groups is None:
+        return [run_one(launcher, c) for c in configs]
+    results: list[JobReturn | None] = [None] * len(configs)
+    for n, members in enumerate(groups, start=1):
+        for i, ret in zip(members, run_group(launcher, [configs[i] for i in members], group_name=f"{n}")):
+            results[i] = ret
+    return results
+
+
+def load_configs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[DictConfig]:
+    """Each job's composed config (hydra node included), numbered as Hydra numbers them; one log line each."""
     configs = []
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
+        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
         configs.append(sweep_config)
+    return configs
+
+
+def plan(configs: list[DictConfig], max_group: int | None) -> list[list[int]] | None:
+    """Indices of `configs` in fused groups (job.plan_groups), with a log line per group saying what it shares;
+    None when they are not all fmnist_exp jobs (nothing to fuse: they run one by one)."""
     if not all(is_fmnist_job(c) for c in configs):
         log.info(f"Launching {len(configs)} jobs one by one (not fmnist_exp jobs: nothing to fuse)")
-        return [run_one(launcher, c) for c in configs]
-
+        return None
     from fmnist_exp import job
-    groups = job.plan_groups([task_config(c) for c in configs], launcher.max_group)
+    groups = job.plan_groups([task_config(c) for c in configs], max_group)
     log.info(f"Launching {len(configs)} jobs as {len(groups)} fused group(s)")
-    results: list[JobReturn | None] = [None] * len(configs)
     for n, members in enumerate(groups, start=1):
         log.info(f"Group {n}/{len(groups)}: {len(members)} job(s) sharing "
                  f"{job.describe_fusion(task_config(configs[members[0]]))}")
-        for i, ret in zip(members, run_group(launcher, [configs[i] for i in members], group_name=f"{n}")):
-            results[i] = ret
-    return results
+    return groups
 
 
 def is_fmnist_job(config: DictConfig) -> bool:
@@ -123,7 +137,6 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
         ret.return_value = outcome.value  # a failed job returns None: the sweep goes on and its end exits 1
         callbacks.on_job_end(config=config, job_return=ret)
         results.append(ret)
-    signums = [o.signum for o in outcomes if o.signum is not None]
-    if signums:
-        job.stop_sweep(members[0][1].parent, signums[0])
+    task_cfg, ctx = members[0]
+    job.after_signal(outcomes, ctx.parent, ctx.parent["uri"] if ctx.parent else task_cfg.tracking.uri)
     return results

@@ -23,6 +23,9 @@ try:  # hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml) builds on hydra-su
     @dataclass
     class FmnistSlurmConf(SlurmQueueConf):
         _target_: str = "hydra_plugins.fmnist_fused_launcher.slurm.FmnistSlurmLauncher"
+        # jobs that can share a training step go as one array task, trained as one stacked model (as `fused`)
+        fuse: bool = True
+        max_group: Optional[int] = 64
 
     ConfigStore.instance().store(group="hydra/launcher", name="fmnist_slurm", node=FmnistSlurmConf,
                                  provider="fmnist_fused_launcher")

@@ -4,7 +4,10 @@ Submission is submitit's (the same `sbatch` job array). Waiting is ours, from `s
 than `sacct`, which many clusters (and the tests' one-node cluster) do not run: submitit then logs three warnings
 per poll and never learns that a job was cancelled, so the sweep waits forever. Here:
 
+- a sweep's jobs that can share a training step go as one array task per fused group (`fuse: true`, the default);
 - one status line (pending / running / done / failed), written again only when it changes;
+- SIGUSR2 (SLURM's warning before a time limit or preemption) stops a task's jobs at the next step, each run KILLED
+  with its checkpoint; submitit requeues the task and the requeued task continues each job's own run from it;
 - a job that left the queue without a result (scancel, killed by SLURM) is reported and recorded as KILLED in its
   job dir (`outcome.json`), and the sweep goes on to its table and exits 1;
 - jobs pending for a reason that waiting will not clear (the request exceeds every node: PartitionConfig,
@@ -17,10 +20,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
@@ -42,14 +45,29 @@ class _SacctNoise(logging.Filter):
 
 
 class FmnistSlurmLauncher(SlurmLauncher):
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        jobs = self._submit(job_overrides, initial_job_idx)
-        return watch(jobs, lambda i: job_dir(self.hydra_context, self.config, list(job_overrides[i]),
-                                             initial_job_idx + i), self.params)
+    """One SLURM array task per fused group (`fuse: true`, as hydra/launcher=fused groups jobs on one machine), or
+    per job; each task runs its jobs through the same lifecycle as every other launcher (fmnist_exp.job)."""
 
-    def _submit(self, job_overrides, initial_job_idx):
+    def __init__(self, fuse: bool = True, max_group: Optional[int] = 64, **params: Any) -> None:
+        super().__init__(**params)
+        self.fuse, self.max_group = fuse, max_group
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from . import _core
+        groups = None
+        if self.fuse:
+            groups = _core.plan(_core.load_configs(self, job_overrides, initial_job_idx), self.max_group)
+        else:
+            for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+                log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        groups = groups or [[i] for i in range(len(job_overrides))]
+        tasks = self._submit([[(list(job_overrides[i]), initial_job_idx + i) for i in g] for g in groups])
+        return watch(tasks, groups, lambda i: job_dir(self.hydra_context, self.config, list(job_overrides[i]),
+                                                      initial_job_idx + i), self.params)
+
+    def _submit(self, tasks: list[list[tuple[list[str], int]]]):
         """submitit's executor and job array, as BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2.0) makes
-        them."""
+        them; one array task per entry of `tasks` (its jobs' overrides and numbers)."""
         import submitit
         logging.getLogger("submitit").addFilter(_SacctNoise())
         params = self.params
@@ -60,13 +78,31 @@ class FmnistSlurmLauncher(SlurmLauncher):
         baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{x if x in baseparams else f"{self._EXECUTOR}_{x}": y for x, y in params.items()
                                       if x not in specific_init_keys | {"submitit_folder"}})
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        job_params = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-        return executor.map_array(self, *zip(*job_params))
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        state = Singleton.get_state()
+        return executor.map_array(self, tasks, ["hydra.sweep.dir"] * len(tasks), [state] * len(tasks))
+
+    def __call__(self, jobs: list[tuple[list[str], int]], job_dir_key: str,
+                 singleton_state: dict) -> list[JobReturn]:
+        """One array task, on a node: its jobs trained together as one fused group, or its one job as Hydra runs it.
+        A requeued task (after SIGUSR2, `checkpoint`) is this call again: each job continues its own run."""
+        import submitit
+
+        from . import _core
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        configs = []
+        for overrides, idx in jobs:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            with open_dict(sweep_config.hydra.job):
+                sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
+                sweep_config.hydra.job.num = idx
+            configs.append(sweep_config)
+        if len(configs) == 1:
+            return [run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=configs[0],
+                            job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")]
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return _core.run_group(self, configs, group_name=submitit.JobEnvironment().job_id)
 
 
 def job_dir(hydra_context, config, overrides: list[str], idx: int) -> Path:
@@ -77,13 +113,13 @@ def job_dir(hydra_context, config, overrides: list[str], idx: int) -> Path:
     return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
 
 
-def squeue(array_id: str) -> dict[str, tuple[str, str]]:
-    """{job id: (state, reason)} of the array's tasks still in the queue (`-r`: one line per task)."""
-    out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T %r"], capture_output=True, text=True)
+def squeue(array_id: str) -> dict[str, tuple[str, str, str]]:
+    """{job id: (state, reason, start time)} of the array's tasks still in the queue (`-r`: one line per task)."""
+    out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T %S %r"], capture_output=True, text=True)
     queue = {}
     for line in out.stdout.splitlines():
-        job_id, state, reason = (line.split(None, 2) + ["", ""])[:3]
-        queue[job_id] = (state, reason.strip())
+        job_id, state, start, reason = (line.split(None, 3) + ["", "", ""])[:4]
+        queue[job_id] = (state, reason.strip(), start)
     return queue
 
 
@@ -95,54 +131,68 @@ def impossible_request(reason: str, params: dict[str, Any]) -> str:
             f"timeout_min or choose hydra.launcher.partition (sinfo -o '%P %c %m %G %l' lists what nodes have)")
 
 
-def watch(jobs, dir_of: Callable[[int], Path], params: dict[str, Any]) -> list[JobReturn]:
-    """Wait for every job of the array, with one status line; lost jobs are recorded (in `dir_of(i)`, job i's
-    output dir), impossible ones stop it."""
+def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params: dict[str, Any]) -> list[JobReturn]:
+    """Wait for every task of the array (task t runs the jobs `groups[t]`), with one status line; jobs of a lost
+    task are recorded (in `dir_of(i)`, job i's output dir), impossible requests stop the sweep."""
     from fmnist_exp import job as fjob
-    array_id = jobs[0].job_id.split("_")[0]
-    results: dict[int, JobReturn] = {}
+    array_id = tasks[0].job_id.split("_")[0]
+    n_jobs = sum(len(g) for g in groups)
+    results: dict[int, JobReturn] = {}  # by job
+    ended: set[int] = set()  # tasks
     gone_since: dict[int, float] = {}
+    started: dict[int, str] = {}  # task -> its start time; a new one means SLURM requeued it
     last_line = ""
-    while len(results) < len(jobs):
+    while len(ended) < len(tasks):
         queue = squeue(array_id)
-        for i, j in enumerate(jobs):
-            if i in results:
+        for t, task in enumerate(tasks):
+            if t in ended:
                 continue
-            if j.paths.result_pickle.exists():
-                results[i] = _result(j)
-            elif j.job_id not in queue:
-                if time.monotonic() - gone_since.setdefault(i, time.monotonic()) >= LOST_AFTER_S:
-                    error = (f"SLURM job {j.job_id} ended without a result (cancelled, or killed by SLURM: "
-                             f"see {j.paths.stderr})")
+            if task.paths.result_pickle.exists():
+                results.update(zip(groups[t], _result(task, len(groups[t]))))
+                ended.add(t)
+            elif task.job_id not in queue:
+                if time.monotonic() - gone_since.setdefault(t, time.monotonic()) >= LOST_AFTER_S:
+                    error = (f"SLURM job {task.job_id} ended without a result (cancelled, or killed by SLURM: "
+                             f"see {task.paths.stderr})")
                     log.error("%s", error)
-                    folder = dir_of(i)
-                    if not (folder / fjob.OUTCOME_FILE).is_file():
-                        folder.mkdir(parents=True, exist_ok=True)
-                        fjob.Outcome("KILLED", error=error).write(folder)
-                    results[i] = _no_return()
-        states = [queue.get(j.job_id, ("", ""))[0] for i, j in enumerate(jobs) if i not in results]
-        stuck = {reason for state, reason in queue.values() if state == "PENDING" and reason in IMPOSSIBLE}
+                    for i in groups[t]:
+                        folder = dir_of(i)
+                        if not (folder / fjob.OUTCOME_FILE).is_file():
+                            folder.mkdir(parents=True, exist_ok=True)
+                            fjob.Outcome("KILLED", error=error).write(folder)
+                        results[i] = _no_return()
+                    ended.add(t)
+        for t, task in enumerate(tasks):
+            state, _, start = queue.get(task.job_id, ("", "", ""))
+            if state == "RUNNING" and t not in started:
+                started[t] = start
+            elif t in started and state and start != started[t] and t not in ended:  # requeued (after SIGUSR2)
+                del started[t]
+                log.info("SLURM job %s was requeued (time limit or preemption): its jobs will continue their runs "
+                         "from their last checkpoints", task.job_id)
+        states = [queue.get(task.job_id, ("",))[0] for t, task in enumerate(tasks) if t not in ended]
+        stuck = {reason for state, reason, _ in queue.values() if state == "PENDING" and reason in IMPOSSIBLE}
         if stuck:
             subprocess.run(["scancel", array_id], capture_output=True)
             print(file=sys.stderr)
             raise SystemExit(impossible_request(sorted(stuck)[0], params))
         failed = sum(r.status == JobStatus.FAILED or r.return_value is None for r in results.values())
-        line = (f"SLURM job {array_id}: {states.count('PENDING')} pending, {states.count('RUNNING')} running, "
-                f"{len(results) - failed} done, {failed} failed or lost")
+        line = (f"SLURM job {array_id}: tasks {states.count('PENDING')} pending, {states.count('RUNNING')} running; "
+                f"jobs {len(results) - failed} of {n_jobs} done, {failed} failed or lost")
         if line != last_line:
             log.info("%s", line)
             last_line = line
-        if len(results) < len(jobs):
+        if len(ended) < len(tasks):
             time.sleep(POLL_S)
-    return [results[i] for i in range(len(jobs))]
+    return [results[i] for i in range(n_jobs)]
 
 
-def _result(j) -> JobReturn:
+def _result(task, n: int) -> list[JobReturn]:
     try:
-        return j.results()[0]
-    except Exception as e:  # the job's own process raised outside our task (Hydra's run_job)
-        log.error("SLURM job %s failed: %s", j.job_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return _no_return()
+        return list(task.results()[0])
+    except Exception as e:  # the task's own process raised outside our jobs (Hydra's run_job)
+        log.error("SLURM job %s failed: %s", task.job_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return [_no_return() for _ in range(n)]
 
 
 def _no_return() -> JobReturn:
