@@ -5,11 +5,13 @@
     .venv/bin/python benchmarks/fused.py --device cuda          # the GPU table (see README: GPU)
 
 Each sweep runs with hydra/launcher=basic and hydra/launcher=fused, alternating (the machine is shared and noisy:
-each side keeps its best), tracking on, in a fresh directory. Prints a markdown table; --out appends it to a file.
+each side keeps its best), tracking on, in a fresh directory. Prints a markdown table, and a second one comparing
+each job's test accuracy trained alone (basic) and in its group (fused); --out appends them to a file.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -27,8 +29,8 @@ SWEEPS = {  # name -> (overrides, jobs, note)
 }
 
 
-def run(overrides: list[str], launcher: str, epochs: int | None, device: str, data_root: Path) -> float:
-    """Wall seconds of one sweep command, which must succeed."""
+def run(overrides: list[str], launcher: str, epochs: int | None, device: str, data_root: Path) -> tuple[float, dict]:
+    """Wall seconds of one sweep command, which must succeed, and its jobs' test accuracy {run name: test_acc}."""
     with tempfile.TemporaryDirectory() as cwd:
         args = [sys.executable, "-m", "fmnist_exp", "-m", f"hydra/launcher={launcher}", *overrides,
                 "train.progress=off", f"train.device={device}", f"data.root={data_root}"]
@@ -40,7 +42,9 @@ def run(overrides: list[str], launcher: str, epochs: int | None, device: str, da
         wall = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"{launcher} {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
-        return wall
+        with next(Path(cwd).glob("multirun/*/*/sweep_table.csv")).open() as fh:
+            accuracy = {row["name"]: float(row["test_acc"]) for row in csv.DictReader(fh)}
+        return wall, accuracy
 
 
 def main(argv=None) -> None:
@@ -55,19 +59,28 @@ def main(argv=None) -> None:
     data_root = Path(tempfile.mkdtemp(prefix="fmnist-bench-data-"))  # one decoded-array cache for every run
     rows = ["| sweep | jobs | epochs | basic (s) | fused (s) | fused / basic | basic s/job | fused s/job |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    accuracy_rows = []
     for name in args.only or list(SWEEPS):
         overrides, jobs, note = SWEEPS[name]
         epochs = args.epochs_64 if name == "64" else args.epochs
         best = {"basic": float("inf"), "fused": float("inf")}
+        accuracy = {}
         for rep in range(args.reps):
             for launcher in (("basic", "fused") if rep % 2 == 0 else ("fused", "basic")):
-                wall = run(overrides, launcher, epochs, args.device, data_root)
+                wall, accuracy[launcher] = run(overrides, launcher, epochs, args.device, data_root)
                 best[launcher] = min(best[launcher], wall)
                 print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s", file=sys.stderr, flush=True)
+        # the same jobs trained alone and in a group: their test accuracy, job by job
+        diffs = {name: accuracy["fused"][name] - acc for name, acc in accuracy["basic"].items()}
+        worst = max(diffs, key=lambda n: abs(diffs[n]))
+        accuracy_rows.append(f"| {note} | {len(diffs)} | {sum(accuracy['basic'].values()) / len(diffs):.4f} | "
+                             f"{sum(accuracy['fused'].values()) / len(diffs):.4f} | {diffs[worst]:+.4f} "
+                             f"({worst}) |")
         b, f = best["basic"], best["fused"]
         rows.append(f"| {note} | {jobs} | {epochs or 'default'} | {b:.1f} | {f:.1f} | {f / b:.2f} | "
                     f"{b / jobs:.2f} | {f / jobs:.2f} |")
-    table = "\n".join(rows)
+    table = "\n".join(rows + ["", "| sweep | jobs | mean test_acc basic | mean test_acc fused | largest job "
+                                    "difference (fused - basic) |", "|---|---:|---:|---:|---|", *accuracy_rows])
     print(table)
     if args.out:
         with args.out.open("a") as fh:

@@ -440,7 +440,7 @@ def hparams(cfg: DictConfig, name: str) -> dict:
 
 
 def requeued_outcome(job_dir: Path) -> Outcome | None:
-    """How this job's previous attempt ended, when SLURM requeued it (after SIGUSR2, see after_signal): None for a
+    """How this job's previous attempt ended, when SLURM requeued it (after SIGUSR2, see settle): None for a
     first attempt."""
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None
@@ -450,9 +450,9 @@ def requeued_outcome(job_dir: Path) -> Outcome | None:
     return Outcome(earlier.status, value=earlier.value, error=earlier.error, run_id=earlier.run_id)
 
 
-def after_signal(outcomes: list[Outcome], parent: dict | None, uri: str | None) -> None:
-    """What a process does once its jobs stopped on a signal (each run KILLED with its checkpoint, each outcome
-    written to its job dir):
+def settle(outcomes: list[Outcome], job_dirs: list[Path], parent: dict | None, uri: str | None) -> None:
+    """What a process does once its jobs have ended: each outcome goes to its job dir (for the sweep's end, and for
+    a requeued job), then, if a signal stopped them (each run KILLED with its checkpoint):
 
     - SIGUSR2 is SLURM's warning before a time limit or preemption. submitit's handler (installed before ours)
       decides: it requeues the job and exits this process (the requeued job continues each run from its last
@@ -460,6 +460,8 @@ def after_signal(outcomes: list[Outcome], parent: dict | None, uri: str | None) 
     - In a cluster job (submitit) any signal ends only this job: the sweep that submitted it goes on to its table.
     - Otherwise the user stopped the sweep: its parent run ends too and the process exits 128+N (stop_sweep).
     """
+    for outcome, job_dir in zip(outcomes, job_dirs):
+        outcome.write(job_dir)
     signum = next((o.signum for o in outcomes if o.signum is not None), None)
     if signum is None:
         return
@@ -469,10 +471,11 @@ def after_signal(outcomes: list[Outcome], parent: dict | None, uri: str | None) 
             requeue(signum, None)  # submitit: checkpoint this call, `scontrol requeue`, sys.exit
         except Exception as e:  # submitit's UncompletedJobError: "Job not requeued because: ..."
             reason = str(e).split("because:", 1)[-1].strip().rstrip(".")
-            for o in outcomes:
+            for o, job_dir in zip(outcomes, job_dirs):
                 if o.status == "KILLED":
                     o.error = (f"{o.error}; not requeued ({reason}: hydra.launcher.max_num_timeout is how many "
                                f"time limits a job may be requeued after)")
+                    o.write(job_dir)
                     if o.run_id:  # only tracked jobs have one
                         tracking.client(tracking.resolve_uri(uri)).set_tag(o.run_id, "error", o.error)
             log.error("Not requeued by SLURM (%s): resume from the runs' checkpoints with train.resume=RUN_ID",

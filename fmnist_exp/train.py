@@ -50,7 +50,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 class StopOnSignal:
     """While active, SIGINT/SIGTERM/SIGUSR2 only set `signum`: the loop stops at the next step and the job records
-    itself KILLED (SIGUSR2 is SLURM's warning before a time limit or preemption: job.after_signal then hands it to
+    itself KILLED (SIGUSR2 is SLURM's warning before a time limit or preemption: job.settle then hands it to
     submitit, which requeues the job). A second signal during training stops it at once (raised where it lands; the
     last epoch's checkpoint is intact), a second one after training (testing, logging, or recording a stop) is
     ignored, and a third gets Python's default behaviour."""

@@ -130,7 +130,6 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
             h.close()
     results = []
     for config, hydra_cfg, (task_cfg, ctx), outcome in zip(configs, hydra_cfgs, members, outcomes):
-        outcome.write(ctx.job_dir)
         ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task), cfg=task_cfg,
                         hydra_cfg=hydra_cfg, working_dir=os.getcwd(), task_name=JobRuntime.instance().get("name"),
                         status=JobStatus.COMPLETED)
@@ -138,5 +137,6 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
         callbacks.on_job_end(config=config, job_return=ret)
         results.append(ret)
     task_cfg, ctx = members[0]
-    job.after_signal(outcomes, ctx.parent, ctx.parent["uri"] if ctx.parent else task_cfg.tracking.uri)
+    job.settle(outcomes, [c.job_dir for _, c in members], ctx.parent,
+               ctx.parent["uri"] if ctx.parent else task_cfg.tracking.uri)
     return results
