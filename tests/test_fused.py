@@ -43,6 +43,13 @@ def test_a_group_never_holds_more_jobs_than_fit_in_memory(monkeypatch):
     assert job.plan_groups(cfgs, 64) == [[0, 1], [2, 3], [4]]
 
 
+def test_a_login_node_without_a_gpu_plans_groups_for_gpu_nodes(monkeypatch):
+    """hydra/launcher=slurm plans groups where the sweep is submitted; train.device=cuda jobs run on GPU nodes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfgs = [compose_cfg(f"train.seed={i}", "train.device=cuda") for i in range(5)]
+    assert job.plan_groups(cfgs, 4) == [[0, 1, 2, 3], [4]]
+
+
 def history(outcome_job_dir):
     return torch.load(outcome_job_dir / "last.pt", weights_only=True)["loop"]["history"]
 
