@@ -72,6 +72,9 @@ def main(argv=None) -> None:
                 print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s", file=sys.stderr, flush=True)
         # the same jobs trained alone and in a group: their test accuracy, job by job
         diffs = {name: accuracy["fused"][name] - acc for name, acc in accuracy["basic"].items()}
+        for name, diff in sorted(diffs.items(), key=lambda item: -abs(item[1])):
+            print(f"{note} | test_acc alone {accuracy['basic'][name]:.4f} fused {accuracy['fused'][name]:.4f} "
+                  f"({diff:+.4f}) | {name}", file=sys.stderr)
         worst = max(diffs, key=lambda n: abs(diffs[n]))
         accuracy_rows.append(f"| {note} | {len(diffs)} | {sum(accuracy['basic'].values()) / len(diffs):.4f} | "
                              f"{sum(accuracy['fused'].values()) / len(diffs):.4f} | {diffs[worst]:+.4f} "
