@@ -412,7 +412,9 @@ class Job:
             except tracking.TrackingError as e:
                 log.error("%s", e)
             run_id = tracker.run_id
-        if status == "KILLED" and run_id:
+        if status == "KILLED" and run_id and signum == signal.SIGUSR2 and os.environ.get("SUBMITIT_EXECUTOR"):
+            log.warning("Checkpointed for SLURM's requeue: the requeued job continues run %s", run_id)
+        elif status == "KILLED" and run_id:
             log.error("Resume with: python -m fmnist_exp %s train.resume=%s", " ".join(self.ctx.overrides), run_id)
         return Outcome(status, error=error, signum=signum, run_id=run_id)
 

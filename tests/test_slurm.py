@@ -193,6 +193,7 @@ def test_preempted_task_is_requeued_and_continues_its_runs_exactly(slurm, tmp_pa
     assert "was requeued (time limit or preemption)" in out
     logs = next((cluster_dir / "multirun").glob("*/*/*/group.log")).read_text()  # the group's lines, both jobs'
     assert logs.count("interrupted by SIGUSR2") == 2 and logs.count("Requeued by SLURM: continuing MLflow run") == 2
+    assert logs.count("Checkpointed for SLURM's requeue") == 2 and "Resume with" not in logs
     children, _ = children_of_sweep(cluster_dir)
     assert len(children) == 2 and {c["status"] for c in children} == {"FINISHED"}
     assert all(c["tags"]["fmnist.requeues"] == "1" and "error" not in c["tags"] for c in children)
@@ -210,13 +211,14 @@ def test_preempted_task_is_requeued_and_continues_its_runs_exactly(slurm, tmp_pa
 
 
 def test_time_limit_requeues_up_to_max_num_timeout_then_ends_killed_with_checkpoint(slurm, tmp_path):
-    """A 1-minute limit with SLURM's own --signal=USR2@30: the first warning requeues the job, which continues its
-    run; the second (max_num_timeout=1) leaves the run KILLED with its last checkpoint and the reason."""
+    """A 2-minute limit with SLURM's own --signal=USR2@90 (SLURM checks limits now and then: the margin keeps the
+    warning well before the limit): the first warning requeues the job, which continues its run; the second
+    (max_num_timeout=1) leaves the run KILLED with its last checkpoint and the reason."""
     root = tmp_path / "slowdata"
     make_tiny_set(root, n_train=16000, n_test=500)
     proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", "-m", "hydra/launcher=slurm",
                              "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=2",
-                             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
+                             "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=90",
                              "hydra.launcher.max_num_timeout=1", *tiny_overrides(root), "data.batch_size=16",
                              "train.epochs=10000", "optimizer=adam"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli_env(slurm.env))
@@ -224,14 +226,15 @@ def test_time_limit_requeues_up_to_max_num_timeout_then_ends_killed_with_checkpo
     assert proc.returncode == 1, f"{out[-3000:]}\n{slurm.jobs()}\n{slurm.log_tails()}"
     assert "was requeued (time limit or preemption)" in out
     submission = next((tmp_path / "multirun").glob("*/*/.submitit/*/*_submission.sh")).read_text()
-    assert "#SBATCH --signal=USR2@30" in submission and "#SBATCH --time=1" in submission
+    assert "#SBATCH --signal=USR2@90" in submission and "#SBATCH --time=2" in submission
     children, parents = children_of_sweep(tmp_path)
-    assert len(children) == 1 and children[0]["status"] == "KILLED"
+    log = next((tmp_path / "multirun").glob("*/*/*/fmnist_exp.log")).read_text()
+    assert len(children) == 1 and children[0]["status"] == "KILLED", f"{out[-2000:]}\n{log[-3000:]}"
     run = children[0]
+    assert "fmnist.requeues" in run["tags"], f"{run['tags'].get('error')}\n{log[-3000:]}"
     assert run["tags"]["fmnist.requeues"] == "1"
     assert "interrupted by SIGUSR2" in run["tags"]["error"]
     assert "not requeued (timed-out too many times" in run["tags"]["error"]
-    log = next((tmp_path / "multirun").glob("*/*/*/fmnist_exp.log")).read_text()
     first = int(re.search(r"Resuming after epoch (\d+) of 10000", log).group(1))
     epochs = [e for e, _ in epochs_logged(tmp_path)[run["name"]]]
     assert epochs == list(range(1, len(epochs) + 1)) and first < len(epochs)  # continued, nothing repeated
