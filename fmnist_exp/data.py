@@ -21,7 +21,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
 FILES = {  # part -> (file stem, IDX magic, rank)
     "train_images": ("train-images-idx3-ubyte", 0x0803, 3),
     "train_labels": ("train-labels-idx1-ubyte", 0x0801, 1),

@@ -299,13 +299,11 @@ class Job:
             self.tracker.start(ctx.run_name, self.params, tags,
                                parent_run_id=ctx.parent["run_id"] if ctx.parent else None)
             self.tracker.log_artifact(ctx.job_dir / "config.yaml")
-        if not ctx.multirun:
-            self.tracker.warm_up()  # its plots and model at the end, imported while it trains
         if ctx.group:
             self.tracker.set_tag("fmnist.group", ctx.group)
         self._log_start()
-        # the run exists, and the tracking process's start-up work (imports, store, warm-up) is done, before the
-        # first step: running beside training, it would take a core from torch's threads (benchmarks/RESULTS.md)
+        # the run exists, and the tracking process's start-up work (imports, store) is done, before the first step:
+        # running beside training, it would take a core from torch's threads (benchmarks/RESULTS.md)
         self.tracker.flush()
         return None
 
@@ -362,9 +360,11 @@ class Job:
         tracker.log_metrics(final)
         tracker.log_artifact(self.member.checkpoint)
         self._log_plots(final)
-        if not self.ctx.multirun:  # a sweep logs only its winner (callbacks.py)
-            tracker.log_model(OmegaConf.to_container(self.cfg.model, resolve=True), self.ctx.job_dir,
-                              data.example_input(self.dataset.test_x))
+        if not self.ctx.multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py)
+            example = data.example_input(self.dataset.test_x)
+            graph = self.ctx.job_dir / "model.pt2"  # exported here, beside the plots being drawn, see log_model
+            output = models.export(models.load_best(self.cfg.model, self.ctx.job_dir), example, graph)
+            tracker.log_model(graph, example, output, str(torch.__version__))
 
     def end_run(self, final: dict) -> Outcome:
         """Wait for the job's writes, then end its run FINISHED."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,3 +107,14 @@ def load_best(model_cfg, job_dir: Path) -> nn.Module:
     model = instantiate(model_cfg)
     model.load_state_dict(torch.load(Path(job_dir) / "best_model.pt", map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def export(model: nn.Module, example: np.ndarray, path: Path) -> np.ndarray:
+    """Save `model` as a `torch.export` graph at `path` (what tracking.log_model logs as an MLflow model), its batch
+    dimension dynamic, as mlflow.pytorch does; returns the model's output for `example` (for the signature)."""
+    inputs = torch.from_numpy(example)
+    with torch.no_grad():
+        output = model.eval()(inputs).numpy()
+    graph = torch.export.export(model, (inputs,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(graph, str(path))
+    return output

@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fmnist_exp.data import CLASSES  # noqa: E402
+# Fashion-MNIST's labels 0-9 (this module stays free of torch: the tracking process draws the plots)
+CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
 
 
 def learning_curves(history: list[dict], best_epoch: int, title: str = ""):

@@ -290,7 +290,7 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root,
-            "OMP_NUM_THREADS": "1"}  # it never trains: one thread for torch.export and the plots
+            "OMP_NUM_THREADS": "1"}  # it never trains: one thread for the plots
 
 
 TRACKING_PROCESS = _TrackingProcess()
@@ -300,8 +300,8 @@ class Tracker:
     """One job's MLflow run plus TensorBoard event files in `log_dir`; every call is a no-op when disabled.
 
     The writes happen in the tracking process (tracking_process.py), in the order they were asked for, so training
-    never waits for MLflow or TensorBoard (importing them, creating the run, logging, plotting, exporting the
-    model). Per-epoch metrics go to TensorBoard every epoch and to MLflow at most every METRICS_EVERY_S. `check`
+    never waits for MLflow or TensorBoard (importing them, creating the run, logging, plotting, logging the model).
+    Per-epoch metrics go to TensorBoard every epoch and to MLflow at most every METRICS_EVERY_S. `check`
     raises a write that failed (the loop calls it every epoch), `flush` waits for all writes, and `finish`
     flushes before it ends the run.
     """
@@ -350,10 +350,6 @@ class Tracker:
         """Continue an earlier (KILLED/FAILED) run: RUNNING again, new tags, metrics continue at later steps."""
         self._submit("reopen", run_id, tags)
 
-    def warm_up(self) -> None:
-        """Import what logging plots and a model needs while training goes on (a single run's end)."""
-        self._submit("warm_up")
-
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step=epoch to MLflow; losses, accuracy and lr to TensorBoard. Raises a failed
         earlier write here, so a broken store stops training after one epoch, not at the end."""
@@ -383,9 +379,9 @@ class Tracker:
         """The data set as an MLflow dataset input: the runs table's Dataset column."""
         self._submit("log_dataset", name, digest, source, profile)
 
-    def log_model(self, model_cfg: dict, job_dir: Path, example) -> None:
-        """The best checkpoint in `job_dir` as an MLflow model on this run (see log_model)."""
-        self._submit("log_model", model_cfg, str(job_dir), example)
+    def log_model(self, graph: Path, example, output, torch_version: str) -> None:
+        """The graph `models.export` saved as an MLflow model on this run (see log_model)."""
+        self._submit("log_model", str(graph), example, output, torch_version)
 
     def set_tag(self, key: str, value: str) -> None:
         self._submit("set_tag", key, value)
@@ -419,23 +415,56 @@ def silence_noisy_loggers() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def log_model(uri: str, run_id: str, model, example) -> None:
-    """Log `model` as an MLflow model named 'model' on `run_id` (once per run or sweep), with a signature and
-    an input example, so `mlflow models predict -m runs:/<run_id>/model` serves it.
+def log_model(uri: str, run_id: str, graph: Path, example, output, torch_version: str) -> None:
+    """Log a model that `models.export` saved at `graph` as an MLflow model named 'model' on `run_id` (once per run
+    or sweep), with a signature and an input example, so `mlflow models predict -m runs:/<run_id>/model` serves it.
 
-    Saved as MLflow's `pt2` (a `torch.export` graph with its weights), which loads without unpickling code: a
-    pickled model runs arbitrary code when loaded (MLflow warns on every save and may refuse such loads). The graph
-    costs ~1-3 s more to save than a pickle on 2 cores (benchmarks/RESULTS.md); a sweep pays it once, for its
-    winner. The batch dimension stays dynamic (the example has 2 rows)."""
+    The model is MLflow's pytorch flavor in its `pt2` format (a `torch.export` graph with its weights), which loads
+    without unpickling code: a pickled model runs arbitrary code when loaded (MLflow warns on every save and may
+    refuse such loads). `mlflow.pytorch.log_model` would export the model itself, which needs torch in the process
+    that logs: 1.5 s to import and 1.4 s for the first export in the tracking process, which never trains, against
+    0.4 s in the training process, which has torch loaded (benchmarks/RESULTS.md). So the training process exports
+    and this writes the same files as `mlflow.pytorch.save_model(..., serialization_format="pt2")` around that graph
+    (mlflow is pinned; tests/test_tracking.py compares the two). `output` is the model's output for `example`."""
     import mlflow
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-    model.eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
+    from mlflow.models import Model, infer_signature
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output),
-                                 input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                 serialization_format="pt2")
+    with mlflow.start_run(run_id=run_id):  # the model belongs to the run's experiment
+        Model.log(None, name="model", flavor=_ExportedPytorchFlavor, flavor_name="mlflow.pytorch",
+                  serialization_format="pt2", run_id=run_id, graph=Path(graph), example=example,
+                  signature=infer_signature(example, output), torch_version=torch_version,
+                  validate_serving_input=False)  # it would load the graph, importing torch here; tests load it
+
+
+class _ExportedPytorchFlavor:
+    """`Model.log`'s flavor argument for a graph exported by the training process: mlflow.pytorch.save_model's pt2
+    branch (MLflow 3.17) without the export."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, graph: Path, example, signature, torch_version: str, **_) -> None:
+        import shutil
+
+        import yaml
+        from mlflow import pyfunc
+        from mlflow.models.model import MLMODEL_FILE_NAME
+        from mlflow.models.utils import _save_example
+        from mlflow.utils.environment import _generate_mlflow_version_pinning, _mlflow_conda_env, _PythonEnv
+        from mlflow.utils.file_utils import get_total_file_size
+        root = Path(path)
+        (root / "data").mkdir(parents=True)
+        shutil.copyfile(graph, root / "data" / "model.pt2")  # the name mlflow.pytorch's loader looks for
+        _save_example(mlflow_model, example, path)
+        mlflow_model.signature = signature
+        mlflow_model.add_flavor("pytorch", model_data="data", pytorch_version=torch_version, code=None)
+        pyfunc.add_to_model(mlflow_model, loader_module="mlflow.pytorch", data="data",
+                            pickle_module_name="mlflow.pytorch.pickle_module", code=None, conda_env="conda.yaml",
+                            python_env="python_env.yaml", model_config={"device": None})
+        mlflow_model.model_size_bytes = get_total_file_size(path)
+        mlflow_model.save(str(root / MLMODEL_FILE_NAME))
+        # pinned to this environment's versions (MLflow's check of them against the installed packages costs
+        # ~0.6 s and cannot fail here)
+        requirements = [_generate_mlflow_version_pinning(), f"torch=={torch_version.split('+')[0]}"]
+        conda_env = _mlflow_conda_env(additional_pip_deps=requirements, install_mlflow=False)
+        (root / "conda.yaml").write_text(yaml.safe_dump(conda_env, default_flow_style=False))
+        (root / "requirements.txt").write_text("\n".join(requirements))
+        _PythonEnv.current().to_yaml(str(root / "python_env.yaml"))

@@ -1,9 +1,10 @@
 """The tracking process: every MLflow and TensorBoard write of a training process, done in a child process.
 
 A training process starts one (`python -m fmnist_exp.tracking_process FD`) the first time a job tracks, and its
-`Tracker`s (tracking.py) send it their writes over a socket, in order. Importing MLflow, opening the store,
-rendering plots and exporting the model then run on another core instead of taking turns with the training loop
-for the GIL (epoch 1 of the default run: 2.5 s -> ~0.5 s, benchmarks/RESULTS.md). One `RunWriter` per job.
+`Tracker`s (tracking.py) send it their writes over a socket, in order. Importing MLflow, opening the store and
+rendering plots then run on another core instead of taking turns with the training loop for the GIL (epoch 1 of
+the default run: 2.5 s -> ~0.5 s, benchmarks/RESULTS.md). It never imports torch (prefetch). One `RunWriter` per
+job.
 
 Messages in: (tracker id, op, args). Replies: ("run", id, run_id) once a run exists, ("error", id, message)
 when a write fails (later writes of that job are skipped until the job has seen it: ("resume", id)), and
@@ -44,6 +45,14 @@ class RunWriter:
             self._client = tracking.client(self.uri)
         return self._client
 
+    def open_store(self) -> None:
+        """Connect to the store (and make a new one's tables) while the training process still loads its data;
+        a store that fails here fails again, with its message, when the run is made."""
+        try:
+            self.client.get_experiment_by_name(self.experiment)
+        except Exception:
+            pass
+
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None) -> None:
         try:
             _, self.run_id = tracking.create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
@@ -66,8 +75,10 @@ class RunWriter:
         self._open_writer()
 
     def _open_writer(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        from tensorboardX import SummaryWriter
+        # tensorboardX names event files by the second and host only (torch adds the process): a writer opened in
+        # the same second in the same directory would write over this one's file
+        self.writer = SummaryWriter(logdir=str(self.log_dir), filename_suffix=f".{os.getpid()}")
         # train and valid loss on one chart (CUSTOM SCALARS tab) from the job's own two tags: add_scalars would
         # make two extra TensorBoard runs per job
         self.writer.add_custom_scalars({"Loss": {"train and valid": ["Multiline", ["Loss/train", "Loss/valid"]]}})
@@ -121,7 +132,14 @@ class RunWriter:
         self.client.log_artifact(self.run_id, path, "plots")
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        """What tensorboardX's add_hparams writes, into this job's own event file (add_hparams opens a second
+        writer for it, a run of its own unless named '.', and then a second file of the same name)."""
+        from tensorboardX.summary import hparams as hparams_summaries
+        metrics = {f"hparam/{k}": v for k, v in metrics.items()}
+        for summary in hparams_summaries(hparams, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value)
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, int]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -141,13 +159,8 @@ class RunWriter:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def log_model(self, model_cfg: dict, job_dir: str, example) -> None:
-        """The job's best checkpoint as an MLflow model (tracking.log_model)."""
-        from omegaconf import OmegaConf
-
-        from fmnist_exp import models
-        tracking.log_model(self.uri, self.run_id, models.load_best(OmegaConf.create(model_cfg), Path(job_dir)),
-                           example)
+    def log_model(self, graph: str, example, output, torch_version: str) -> None:
+        tracking.log_model(self.uri, self.run_id, Path(graph), example, output, torch_version)
 
     def finish(self, status: str, error: str | None) -> None:
         """Send what is left, close TensorBoard, end the run with `status` (and its reason)."""
@@ -167,24 +180,18 @@ class RunWriter:
             self.writer = None
 
 
-def warm_up() -> None:
-    """What a single run's end would otherwise pay for, done while its first epochs train: matplotlib and
-    torch.export with MLflow's model flavor (the first export in a process costs ~2 s, the next ones ~0.15 s)."""
-    import mlflow.pytorch  # noqa: F401
-    import torch
-    from mlflow.models import infer_signature  # noqa: F401
-
-    from fmnist_exp import plots  # noqa: F401  (matplotlib)
-    torch.export.export(torch.nn.Linear(2, 2).eval(), (torch.zeros(2, 2),))
-
-
 def prefetch() -> None:
-    """Import what every job's first writes need (~3 s of CPU) at once: the process is started as early as
-    possible (__main__), so this runs while the training process composes its config, imports torch and loads
-    the data on the other core."""
+    """Import what a job's writes need (~2.5 s of CPU) at once: the process is started as early as possible
+    (__main__), so this runs while the training process composes its config, imports torch and loads the data on
+    the other core. No torch here (1.5 s to import, ~400 MB): TensorBoard's files are written with tensorboardX,
+    and the model arrives exported (tracking.log_model)."""
+    sys.modules["torch"] = None  # tensorboardX imports torch when it can, only to recognise torch tensors
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     from mlflow.entities import Metric  # noqa: F401
-    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    from mlflow.models import Model  # noqa: F401
+    from tensorboardX import SummaryWriter  # noqa: F401
+
+    from fmnist_exp import plots  # noqa: F401  (matplotlib)
 
 
 def serve(conn: Connection) -> None:
@@ -198,11 +205,10 @@ def serve(conn: Connection) -> None:
             break
         if op == "new":
             writers[tid] = RunWriter(*args)
+            writers[tid].open_store()
             continue
         w = writers.get(tid)
-        if op == "warm_up":
-            warm_up()
-        elif op == "resume":
+        if op == "resume":
             failed.discard(tid)
         elif op == "sync":  # (token,): every earlier write of this job is done
             conn.send(("done", tid, args[0], None))

@@ -1,6 +1,8 @@
 """The Tracker writes through the tracking process: in order, all of it by `finish`, and a failed write is never lost."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -62,3 +64,50 @@ def test_disabled_tracker_writes_nothing(tmp_path):
     t.log_epoch(1, EPOCH)
     t.finish("FINISHED")
     assert t.run_id is None and not (tmp_path / "job").exists()
+
+
+def test_a_model_exported_by_the_training_process_is_the_model_mlflow_pytorch_logs(tmp_path):
+    """tracking.log_model writes mlflow.pytorch.save_model's pt2 files around a graph exported elsewhere: the same
+    MLmodel, files and requirements as mlflow.pytorch.log_model, and both load and predict alike."""
+    import mlflow
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    import yaml
+    from mlflow.models import infer_signature
+
+    from fmnist_exp import models
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = models.MLP(batch_norm=True).eval()
+    example = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    _, ours = tracking.create_run(uri, "exp", "ours")
+    output = models.export(model, example, tmp_path / "model.pt2")
+    tracking.log_model(uri, ours, tmp_path / "model.pt2", example, output, str(torch.__version__))
+    _, theirs = tracking.create_run(uri, "exp", "mlflow.pytorch")
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=theirs):
+        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output), input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                 serialization_format="pt2")
+    dirs = {run: Path(mlflow.artifacts.download_artifacts(f"runs:/{run}/model", dst_path=str(tmp_path / run)))
+            for run in (ours, theirs)}
+    files = {run: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) for run, d in dirs.items()}
+    assert files[ours] == files[theirs] and "data/model.pt2" in files[ours]
+    for name in ("requirements.txt", "conda.yaml", "python_env.yaml", "input_example.json",
+                 "serving_input_example.json"):
+        assert (dirs[ours] / name).read_text() == (dirs[theirs] / name).read_text(), name
+    mlmodel = {run: yaml.safe_load((d / "MLmodel").read_text()) for run, d in dirs.items()}
+    for key in ("flavors", "signature", "saved_input_example_info", "mlflow_version"):
+        assert mlmodel[ours][key] == mlmodel[theirs][key], key
+    client = MlflowClient(uri)
+    assert len(client.get_run(ours).outputs.model_outputs) == 1
+    logged = {run: client.get_logged_model(client.get_run(run).outputs.model_outputs[0].model_id)
+              for run in (ours, theirs)}
+    assert logged[ours].experiment_id == logged[theirs].experiment_id == client.get_run(ours).info.experiment_id
+    x = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)  # another batch size: dynamic
+    predictions = [mlflow.pyfunc.load_model(f"runs:/{run}/model").predict(x) for run in (ours, theirs)]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(predictions[0], expected, atol=1e-6)
+    np.testing.assert_allclose(predictions[1], expected, atol=1e-6)
