@@ -27,7 +27,7 @@ def task(cfg: DictConfig) -> float | None:
     ctx = job.JobContext.from_hydra(HydraConfig.get())
     with train.StopOnSignal() as stop:
         outcome = job.run(cfg, ctx, stop)
-    job.settle([outcome], [ctx.job_dir], ctx.parent, ctx.parent["uri"] if ctx.parent else cfg.tracking.uri)
+    job.settle([outcome], [(cfg, ctx)])
     if outcome.status in ("FAILED", "KILLED") and not ctx.multirun:
         sys.exit(1)
     return outcome.value  # a failed sweep job returns None: the sweep goes on, its end exits 1 (callbacks.py)

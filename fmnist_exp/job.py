@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,10 @@ class JobContext:
                    overrides=list(hydra_cfg.overrides.task), multirun=multirun,
                    parent=callbacks.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
                    parallel_jobs=n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else None)
+
+    def tracking_uri(self, cfg: DictConfig) -> str | None:
+        """The store of this job's run: its sweep's (the parent run's), else the job's tracking.uri."""
+        return self.parent["uri"] if self.parent else cfg.tracking.uri
 
 
 def run_name(overrides) -> str:
@@ -249,8 +253,8 @@ class Job:
         if not cfg.tracking.enabled:
             tracking.TRACKING_PROCESS.discard_unused()  # started ahead by __main__: not needed
         ctx.job_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = tracking.Tracker(ctx.parent["uri"] if ctx.parent else cfg.tracking.uri,
-                                        cfg.tracking.experiment, ctx.job_dir, enabled=cfg.tracking.enabled)
+        self.tracker = tracking.Tracker(ctx.tracking_uri(cfg), cfg.tracking.experiment, ctx.job_dir,
+                                        enabled=cfg.tracking.enabled)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.params = tracking.flatten(resolved)
         config.validate(cfg)
@@ -449,11 +453,12 @@ def requeued_outcome(job_dir: Path) -> Outcome | None:
     earlier = read_outcome(job_dir)
     if earlier is None or earlier.signum != signal.SIGUSR2:
         return None
-    return Outcome(earlier.status, value=earlier.value, error=earlier.error, run_id=earlier.run_id)
+    return replace(earlier, signum=None)  # the signal was this attempt's end, not the job's
 
 
-def settle(outcomes: list[Outcome], job_dirs: list[Path], parent: dict | None, uri: str | None) -> None:
-    """What a process does once its jobs have ended: each outcome goes to its job dir (for the sweep's end, and for
+def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]) -> None:
+    """What a process does once its jobs (`members`: each job's config and context) have ended: each outcome goes
+    to its job dir (for the sweep's end, and for
     a requeued job), then, if a signal stopped them (each run KILLED with its checkpoint):
 
     - SIGUSR2 is SLURM's warning before a time limit or preemption. submitit's handler (installed before ours)
@@ -462,8 +467,11 @@ def settle(outcomes: list[Outcome], job_dirs: list[Path], parent: dict | None, u
     - In a cluster job (submitit) any signal ends only this job: the sweep that submitted it goes on to its table.
     - Otherwise the user stopped the sweep: its parent run ends too and the process exits 128+N (stop_sweep).
     """
+    job_dirs = [ctx.job_dir for _, ctx in members]
     for outcome, job_dir in zip(outcomes, job_dirs):
         outcome.write(job_dir)
+    cfg, ctx = members[0]  # the jobs of a process share their sweep
+    parent, uri = ctx.parent, ctx.tracking_uri(cfg)
     signum = next((o.signum for o in outcomes if o.signum is not None), None)
     if signum is None:
         return

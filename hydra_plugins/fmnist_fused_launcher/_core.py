@@ -42,12 +42,18 @@ def load_configs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
     configs = []
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        sweep_config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        configs.append(sweep_config)
+        configs.append(job_config(launcher.hydra_context, launcher.config, overrides, idx, job_id=idx))
     return configs
+
+
+def job_config(hydra_context, config: DictConfig, overrides: Sequence[str], num: int, job_id=None) -> DictConfig:
+    """Job `num`'s composed config, as Hydra's launchers make it: hydra.job.num, and hydra.job.id when given."""
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config.hydra.job):
+        sweep_config.hydra.job.num = num
+        if job_id is not None:
+            sweep_config.hydra.job.id = job_id
+    return sweep_config
 
 
 def plan(configs: list[DictConfig], max_group: int | None) -> list[list[int]] | None:
@@ -136,7 +142,5 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
         ret.return_value = outcome.value  # a failed job returns None: the sweep goes on and its end exits 1
         callbacks.on_job_end(config=config, job_return=ret)
         results.append(ret)
-    task_cfg, ctx = members[0]
-    job.settle(outcomes, [c.job_dir for _, c in members], ctx.parent,
-               ctx.parent["uri"] if ctx.parent else task_cfg.tracking.uri)
+    job.settle(outcomes, members)
     return results

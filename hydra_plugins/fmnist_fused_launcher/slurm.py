@@ -26,7 +26,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,20 @@ class FmnistSlurmLauncher(SlurmLauncher):
         from . import _core
         Singleton.set_state(singleton_state)
         setup_globals()
-        configs = []
-        for overrides, idx in jobs:
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            with open_dict(sweep_config.hydra.job):
-                sweep_config.hydra.job.id = submitit.JobEnvironment().job_id
-                sweep_config.hydra.job.num = idx
-            configs.append(sweep_config)
+        task_id = submitit.JobEnvironment().job_id
+        configs = [_core.job_config(self.hydra_context, self.config, overrides, idx, job_id=task_id)
+                   for overrides, idx in jobs]
         if len(configs) == 1:
             return [run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=configs[0],
                             job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return _core.run_group(self, configs, group_name=submitit.JobEnvironment().job_id)
+        return _core.run_group(self, configs, group_name=task_id)
 
 
 def job_dir(hydra_context, config, overrides: list[str], idx: int) -> Path:
     """Where Hydra will put job `idx` (its output dir), computed here as the job will."""
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
-    with open_dict(sweep_config.hydra.job):
-        sweep_config.hydra.job.num = idx
+    from . import _core
+    sweep_config = _core.job_config(hydra_context, config, overrides, idx)
     return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
 
 
@@ -147,10 +142,11 @@ def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params:
         for t, task in enumerate(tasks):
             if t in ended:
                 continue
+            state, _, start = queue.get(task.job_id, ("", "", ""))
             if task.paths.result_pickle.exists():
                 results.update(zip(groups[t], _result(task, len(groups[t]))))
                 ended.add(t)
-            elif task.job_id not in queue:
+            elif task.job_id not in queue:  # gone without a result
                 if time.monotonic() - gone_since.setdefault(t, time.monotonic()) >= LOST_AFTER_S:
                     error = (f"SLURM job {task.job_id} ended without a result (cancelled, or killed by SLURM: "
                              f"see {task.paths.stderr})")
@@ -162,11 +158,9 @@ def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params:
                             fjob.Outcome("KILLED", error=error).write(folder)
                         results[i] = _no_return()
                     ended.add(t)
-        for t, task in enumerate(tasks):
-            state, _, start = queue.get(task.job_id, ("", "", ""))
-            if state == "RUNNING" and t not in started:
+            elif state == "RUNNING" and t not in started:
                 started[t] = start
-            elif t in started and state and start != started[t] and t not in ended:  # requeued (after SIGUSR2)
+            elif t in started and start != started[t]:  # requeued (after SIGUSR2): it started again
                 del started[t]
                 log.info("SLURM job %s was requeued (time limit or preemption): its jobs will continue their runs "
                          "from their last checkpoints", task.job_id)
