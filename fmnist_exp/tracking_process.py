@@ -186,6 +186,8 @@ def prefetch() -> None:
     the other core. No torch here (1.5 s to import, ~400 MB): TensorBoard's files are written with tensorboardX,
     and the model arrives exported (tracking.log_model)."""
     sys.modules["torch"] = None  # tensorboardX imports torch when it can, only to recognise torch tensors
+    import git  # noqa: F401  (GitPython: MLflow tags a logged model with the commit)
+    import mlflow.pyfunc  # noqa: F401  (a logged model's flavor)
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     from mlflow.entities import Metric  # noqa: F401
     from mlflow.models import Model  # noqa: F401
