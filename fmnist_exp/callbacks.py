@@ -166,8 +166,7 @@ def log_winner(uri: str, parent_id: str, run_id: str, ranked_by: str) -> None:
     job_cfg = OmegaConf.load(job_dir / "config.yaml")
     arrays, _, _ = data.load_arrays(Path(job_cfg.data.root), Path(job_cfg.data.system_dir), False, job_cfg.data.cache)
     example = data.example_input(arrays["test_images"])
-    graph = job_dir / "model.pt2"
-    output = models.export(models.load_best(job_cfg.model, job_dir), example, graph)
+    graph, output = models.export_best(job_cfg.model, job_dir, example)
     tracking.log_model(uri, parent_id, graph, example, output, str(torch.__version__))
     c = tracking.client(uri)
     c.set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")

@@ -367,8 +367,7 @@ class Job:
         self._log_plots(final)
         if not self.ctx.multirun and tracker.enabled:  # a sweep logs only its winner (callbacks.py)
             example = data.example_input(self.dataset.test_x)
-            graph = self.ctx.job_dir / "model.pt2"  # exported here, beside the plots being drawn, see log_model
-            output = models.export(models.load_best(self.cfg.model, self.ctx.job_dir), example, graph)
+            graph, output = models.export_best(self.cfg.model, self.ctx.job_dir, example)  # beside the plots
             tracker.log_model(graph, example, output, str(torch.__version__))
 
     def end_run(self, final: dict) -> Outcome:
@@ -461,8 +460,8 @@ def requeued_outcome(job_dir: Path) -> Outcome | None:
 
 def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]) -> None:
     """What a process does once its jobs (`members`: each job's config and context) have ended: each outcome goes
-    to its job dir (for the sweep's end, and for
-    a requeued job), then, if a signal stopped them (each run KILLED with its checkpoint):
+    to its job dir (for the sweep's end, and for a requeued job), then, if a signal stopped them (each run KILLED
+    with its checkpoint):
 
     - SIGUSR2 is SLURM's warning before a time limit or preemption. submitit's handler (installed before ours)
       decides: it requeues the job and exits this process (the requeued job continues each run from its last

@@ -109,6 +109,12 @@ def load_best(model_cfg, job_dir: Path) -> nn.Module:
     return model.eval()
 
 
+def export_best(model_cfg, job_dir: Path, example: np.ndarray) -> tuple[Path, np.ndarray]:
+    """A job's best model (load_best) exported to `job_dir`/model.pt2 (export): the path and its output."""
+    path = Path(job_dir) / "model.pt2"
+    return path, export(load_best(model_cfg, job_dir), example, path)
+
+
 def export(model: nn.Module, example: np.ndarray, path: Path) -> np.ndarray:
     """Save `model` as a `torch.export` graph at `path` (what tracking.log_model logs as an MLflow model), its batch
     dimension dynamic, as mlflow.pytorch does; returns the model's output for `example` (for the signature)."""

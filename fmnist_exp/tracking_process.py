@@ -76,8 +76,8 @@ class RunWriter:
 
     def _open_writer(self) -> None:
         from tensorboardX import SummaryWriter
-        # tensorboardX names event files by the second and host only (torch adds the process): a writer opened in
-        # the same second in the same directory would write over this one's file
+        # tensorboardX names event files by the second and host only (torch adds the process): add_hparams' own
+        # writer, opened in the same directory at the end of a short job, would write over this one's file
         self.writer = SummaryWriter(logdir=str(self.log_dir), filename_suffix=f".{os.getpid()}")
         # train and valid loss on one chart (CUSTOM SCALARS tab) from the job's own two tags: add_scalars would
         # make two extra TensorBoard runs per job
@@ -132,14 +132,7 @@ class RunWriter:
         self.client.log_artifact(self.run_id, path, "plots")
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """What tensorboardX's add_hparams writes, into this job's own event file (add_hparams opens a second
-        writer for it, a run of its own unless named '.', and then a second file of the same name)."""
-        from tensorboardX.summary import hparams as hparams_summaries
-        metrics = {f"hparam/{k}": v for k, v in metrics.items()}
-        for summary in hparams_summaries(hparams, metrics):
-            self.writer.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value)
+        self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, name=".")  # this job's run
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, int]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
