@@ -198,6 +198,49 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
     return groups
 
 
+# A fused step's cost on one CPU thread, in us: a fixed part per step of the group, plus a part per job that grows
+# with the batch (fitted to benchmarks/stacked_step.py at K = 1 and 4, batch 16 and 100: within ~15 %); BatchNorm
+# makes a job's part ~1.35x (the notebook grid's groups of 4, trained in worker processes).
+STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM = 250.0, 60.0, 7.5, 1.35
+
+
+def group_cost(cfg: DictConfig, jobs: int) -> float:
+    """Estimated seconds to train `jobs` jobs of this config as one group on one thread: only its ratio to other
+    groups' costs matters (it orders and balances groups across worker processes)."""
+    d = cfg.data
+    steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
+    per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (BATCH_NORM if cfg.model.get("batch_norm") else 1.0)
+    return steps * (STEP_US + jobs * per_job) * 1e-6
+
+
+def makespan(costs: list[float], workers: int) -> float:
+    """Wall time of tasks of these costs on `workers` workers, costliest first to the least loaded worker (LPT)."""
+    loads = [0.0] * max(1, workers)
+    for c in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += c
+    return max(loads)
+
+
+def balance(groups: list[list[int]], cfgs: list[DictConfig], workers: int) -> list[list[int]]:
+    """Groups for `workers` processes training at once: the costliest group is halved while that shortens the
+    sweep's estimated wall time (a smaller stack costs more per job, so a split only pays when a worker would
+    otherwise idle), and the result is ordered costliest first, the order in which workers should take them."""
+    cost = lambda g: group_cost(cfgs[g[0]], len(g))
+    groups = [list(g) for g in groups]
+    while workers > 1:
+        top = max(groups, key=cost)
+        if len(top) < 2:
+            break
+        half = (len(top) + 1) // 2
+        split = [g for g in groups if g is not top] + [top[:half], top[half:]]
+        before, after = (makespan([cost(g) for g in gs], workers) for gs in (groups, split))
+        # a split that ends no sooner still pays while workers idle: it lets the next split of an equal group
+        if not (after < 0.98 * before or (after <= before and len(groups) < workers)):
+            break
+        groups = split
+    return sorted(groups, key=cost, reverse=True)
+
+
 def jobs_that_fit(cfg: DictConfig, share: float = 0.5) -> int:
     """How many jobs of this config one stacked model may hold: `share` of the device's free memory over one job's
     weights, gradients, optimizer state and a training and an evaluation batch's activations (at least 1)."""
@@ -458,7 +501,7 @@ def requeued_outcome(job_dir: Path) -> Outcome | None:
     return replace(earlier, signum=None)  # the signal was this attempt's end, not the job's
 
 
-def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]) -> None:
+def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]], ends_sweep: bool = True) -> None:
     """What a process does once its jobs (`members`: each job's config and context) have ended: each outcome goes
     to its job dir (for the sweep's end, and for a requeued job), then, if a signal stopped them (each run KILLED
     with its checkpoint):
@@ -467,6 +510,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
       decides: it requeues the job and exits this process (the requeued job continues each run from its last
       checkpoint: Job.prepare), or raises saying why not; then each run says so in its error.
     - In a cluster job (submitit) any signal ends only this job: the sweep that submitted it goes on to its table.
+      In a worker process of the fused launcher (`ends_sweep=False`) the launcher ends the sweep once every worker
+      has recorded its jobs.
     - Otherwise the user stopped the sweep: its parent run ends too and the process exits 128+N (stop_sweep).
     """
     job_dirs = [ctx.job_dir for _, ctx in members]
@@ -492,7 +537,7 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
                         tracking.client(tracking.resolve_uri(uri)).set_tag(o.run_id, "error", o.error)
             log.error("Not requeued by SLURM (%s): resume from the runs' checkpoints with train.resume=RUN_ID",
                       reason)
-    if os.environ.get("SUBMITIT_EXECUTOR"):
+    if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep:
         return
     stop_sweep(parent, signum)
 

@@ -48,6 +48,9 @@ class CheckpointMismatch(ValueError):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
+BAR_POSITION: int | None = None  # the progress bar's line, when several processes share a terminal (_workers.py)
+
+
 class StopOnSignal:
     """While active, SIGINT/SIGTERM/SIGUSR2 only set `signum`: the loop stops at the next step and the job records
     itself KILLED (SIGUSR2 is SLURM's warning before a time limit or preemption: job.settle then hands it to
@@ -224,7 +227,8 @@ def train_epoch(model, optimizer, group: list[Member], data: FashionMNIST, sizes
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(sizes), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
+        bar = tqdm(total=len(sizes), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
+                   position=BAR_POSITION)
     offset = 0
     try:
         for step, size in enumerate(sizes):

@@ -50,6 +50,21 @@ def test_a_login_node_without_a_gpu_plans_groups_for_gpu_nodes(monkeypatch):
     assert job.plan_groups(cfgs, 4) == [[0, 1, 2, 3], [4]]
 
 
+def test_groups_are_balanced_for_worker_processes():
+    """n_jobs workers take groups costliest first; the costliest is halved only where that shortens the sweep."""
+    card = [compose_cfg(*o) for o in [["data.batch_size=16"], ["data.batch_size=100"],
+                                       ["data.batch_size=16", "optimizer=sgd"], ["data.batch_size=100", "optimizer=sgd"]]]
+    groups = job.plan_groups(card, None)
+    assert groups == [[0, 2], [1, 3]]
+    assert job.balance(groups, card, 2) == [[0, 2], [1, 3]]  # halving the batch-16 pair would not end sooner
+    assert job.balance(list(reversed(groups)), card, 2) == [[0, 2], [1, 3]]  # costliest first
+    seeds = [compose_cfg(f"train.seed={i}") for i in range(64)]
+    assert job.balance([list(range(64))], seeds, 1) == [list(range(64))]
+    assert job.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
+    assert [len(g) for g in job.balance([list(range(64))], seeds, 4)] == [16] * 4
+    assert job.makespan([4, 3, 2, 2], 2) == 6 and job.makespan([5], 3) == 5
+
+
 def history(outcome_job_dir):
     return torch.load(outcome_job_dir / "last.pt", weights_only=True)["loop"]["history"]
 
@@ -105,8 +120,8 @@ def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root)
 
 
 def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
-    result = run_cli("-m", "hydra/launcher=fused", *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd",
-                     "optimizer.lr=0.1,1e12", cwd=tmp_path)
+    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root),
+                     "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12", cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]
     assert "1 of 2 jobs failed" in out and "training diverged: loss is nan at epoch 1" in out
@@ -122,8 +137,8 @@ def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
     from test_reliability import interrupt_after, start_cli
     root = tmp_path / "slowdata"
     make_tiny_set(root, n_train=16000, n_test=500)
-    args = ["hydra/launcher=fused", *tiny_overrides(root), "data.batch_size=16", "train.epochs=2",
-            "optimizer.lr=0.001,0.003"]
+    args = ["hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(root), "data.batch_size=16",
+            "train.epochs=2", "optimizer.lr=0.001,0.003"]  # one group of two (n_jobs=2 would give each its process)
     rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
     assert rc == 130, out[-3000:]
     runs = store_runs(tmp_path)
@@ -133,6 +148,50 @@ def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
     assert again.stdout.count("Resuming after epoch 1 of 2") == 2
     children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
     assert len(children) == 2 and {r["status"] for r in children} == {"FINISHED"}
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
+
+
+def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
+    """hydra.launcher.n_jobs=2: the design card's two groups train at the same time, each in its own process with
+    its share of the cores, every job as complete as when groups take turns."""
+    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
+                     "train.epochs=2", "optimizer=sgd,adam", "data.batch_size=16,100", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "Launching 4 jobs as 2 fused group(s), 2 at a time (a process each)" in out
+    assert out.count("Test (best checkpoint") == 4 and sum(line.startswith("| ★") for line in result.stdout.splitlines()) == 1
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    children = [c.get_run(r["run_uuid"]) for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    by_group = {g: [r for r in children if r.data.tags["fmnist.group"] == g] for g in ("1", "2")}
+    assert [len(v) for v in by_group.values()] == [2, 2]
+    a, b = by_group["1"][0].info, by_group["2"][0].info
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # they trained at the same time
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert {r.data.tags["fmnist.threads"] for r in children} == {str(max(1, cores // 2))}
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "valid_loss")] == [1, 2]
+        assert {"best_model.pt", "config.yaml"} <= {x.path for x in c.list_artifacts(r.info.run_id)}
+
+
+def test_sigint_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_path):
+    from conftest import make_tiny_set
+    from test_reliability import interrupt_after, start_cli
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)
+    args = ["hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(root), "data.batch_size=16",
+            "train.epochs=2", "optimizer.lr=0.001,0.003", "model.hidden=[128,64],[64,32]"]
+    rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    assert rc == 130, out[-3000:]
+    assert "2 at a time" in out and "Epoch 2/2" not in out
+    runs = store_runs(tmp_path)
+    assert sorted(r["status"] for r in runs) == ["KILLED"] * 5, out[-3000:]  # 4 jobs in 2 workers, and the parent
+    again = run_cli("-m", *args, "sweep.skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 4 and {r["status"] for r in children} == {"FINISHED"}
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     for r in children:
         assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
@@ -163,7 +222,7 @@ class TestFusedLauncherIntegration(IntegrationTestSuite):
 def test_fused_is_the_launcher_of_a_plain_sweep(tmp_path, tiny_root):
     result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,0.001", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
-    assert "Launching 2 jobs as 1 fused group(s)" in result.stdout + result.stderr
+    assert "Launching 2 jobs as " in result.stdout + result.stderr  # 1 group, or 2 at once on 2+ cores
     basic = run_cli("-m", "hydra/launcher=basic", *tiny_overrides(tiny_root), "train.epochs=1",
                     "optimizer.lr=0.01,0.001", cwd=tmp_path)
     assert basic.returncode == 0 and "fused group" not in basic.stdout + basic.stderr

@@ -27,14 +27,40 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     configs = load_configs(launcher, job_overrides, initial_job_idx)
-    groups = plan(configs, launcher.max_group)
+    workers = pick_workers(launcher, configs)
+    groups = plan(configs, launcher.max_group, workers)
     if groups is None:
         return [run_one(launcher, c) for c in configs]
+    workers = min(workers, len(groups))
+    if workers > 1:
+        from . import _workers
+        return _workers.launch(launcher, configs, groups, workers)
     results: list[JobReturn | None] = [None] * len(configs)
     for n, members in enumerate(groups, start=1):
         for i, ret in zip(members, run_group(launcher, [configs[i] for i in members], group_name=f"{n}")):
             results[i] = ret
     return results
+
+
+def pick_workers(launcher, configs: list[DictConfig]) -> int:
+    """Groups trained at once, each in a process of its own: hydra.launcher.n_jobs, else one per CPU core (each
+    torch thread a core: on a CPU, a process per core beats threads on ops this small, benchmarks/RESULTS.md), and
+    one on a GPU, which a single process keeps busy."""
+    if launcher.n_jobs:
+        return int(launcher.n_jobs)
+    if not all(is_fmnist_job(c) for c in configs):
+        return 1
+    devices = {str(c.train.device) for c in configs}
+    if any(d.startswith("cuda") for d in devices) or ("auto" in devices and _gpu_visible()):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(int(c.train.threads or 1) for c in configs)
+    return max(1, cores // threads)
+
+
+def _gpu_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def load_configs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[DictConfig]:
@@ -56,18 +82,24 @@ def job_config(hydra_context, config: DictConfig, overrides: Sequence[str], num:
     return sweep_config
 
 
-def plan(configs: list[DictConfig], max_group: int | None) -> list[list[int]] | None:
-    """Indices of `configs` in fused groups (job.plan_groups), with a log line per group saying what it shares;
-    None when they are not all fmnist_exp jobs (nothing to fuse: they run one by one)."""
+def plan(configs: list[DictConfig], max_group: int | None, workers: int = 1) -> list[list[int]] | None:
+    """Indices of `configs` in fused groups (job.plan_groups; balanced for `workers` processes at once:
+    job.balance), with a log line per group saying what it shares; None when they are not all fmnist_exp jobs
+    (nothing to fuse: they run one by one)."""
     if not all(is_fmnist_job(c) for c in configs):
         log.info(f"Launching {len(configs)} jobs one by one (not fmnist_exp jobs: nothing to fuse)")
         return None
     from fmnist_exp import job
-    groups = job.plan_groups([task_config(c) for c in configs], max_group)
-    log.info(f"Launching {len(configs)} jobs as {len(groups)} fused group(s)")
+    task_cfgs = [task_config(c) for c in configs]
+    groups = job.plan_groups(task_cfgs, max_group)
+    if workers > 1:
+        groups = job.balance(groups, task_cfgs, workers)
+    at_once = min(workers, len(groups))
+    log.info(f"Launching {len(configs)} jobs as {len(groups)} fused group(s)"
+             + (f", {at_once} at a time (a process each)" if at_once > 1 else ""))
     for n, members in enumerate(groups, start=1):
         log.info(f"Group {n}/{len(groups)}: {len(members)} job(s) sharing "
-                 f"{job.describe_fusion(task_config(configs[members[0]]))}")
+                 f"{job.describe_fusion(task_cfgs[members[0]])}")
     return groups
 
 
@@ -110,18 +142,36 @@ def enter_job(config: DictConfig) -> Path:
 
 
 def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobReturn]:
-    """Train `configs` together (fmnist_exp.job.run_group); each job gets its JobReturn and callbacks."""
-    from fmnist_exp import job, train
-    callbacks = launcher.hydra_context.callbacks
+    """Train `configs` together in this process (fmnist_exp.job.run_group); each job gets its JobReturn and
+    callbacks."""
+    from fmnist_exp import job
+    members, hydra_cfgs = start_jobs(launcher, configs, group_name)
+    outcomes = train_group(members)
+    results = end_jobs(launcher, configs, hydra_cfgs, members, outcomes)
+    job.settle(outcomes, members)
+    return results
+
+
+def start_jobs(launcher, configs: list[DictConfig], group_name: str, parallel_jobs: int | None = None):
+    """What Hydra does before a job's task, for each job of a group: output dir, .hydra/ configs, on_job_start.
+    Returns each job's (task config, JobContext) and its HydraConfig."""
+    from fmnist_exp import job
     members, hydra_cfgs = [], []
     for config in configs:
         enter_job(config)
         hydra_cfgs.append(copy.deepcopy(HydraConfig.instance().cfg))
         ctx = job.JobContext.from_hydra(config.hydra)
         ctx.group = group_name
+        ctx.parallel_jobs = parallel_jobs  # processes sharing the cores (torch threads: job.pick_threads)
         members.append((task_config(config), ctx))
-        callbacks.on_job_start(config=config, task_function=launcher.task_function)
-    # each job dir gets the log of its group's run (the lines of every job in it, each prefixed with its name)
+        launcher.hydra_context.callbacks.on_job_start(config=config, task_function=launcher.task_function)
+    return members, hydra_cfgs
+
+
+def train_group(members: list) -> list:
+    """The jobs of one group trained together (fmnist_exp.job.run_group), their log lines also in each job dir's
+    group.log; a signal stops them all, each KILLED with its checkpoint. Returns each job's Outcome."""
+    from fmnist_exp import job, train
     root = logging.getLogger()
     handlers = [logging.FileHandler(ctx.job_dir / "group.log") for _, ctx in members]
     for h in handlers:
@@ -129,18 +179,21 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
         root.addHandler(h)
     try:
         with train.StopOnSignal() as stop:
-            outcomes = job.run_group(members, stop)
+            return job.run_group(members, stop)
     finally:
         for h in handlers:
             root.removeHandler(h)
             h.close()
+
+
+def end_jobs(launcher, configs: list[DictConfig], hydra_cfgs: list, members: list, outcomes: list) -> list[JobReturn]:
+    """Each job's JobReturn (what Hydra's sweeper receives) and on_job_end."""
     results = []
     for config, hydra_cfg, (task_cfg, ctx), outcome in zip(configs, hydra_cfgs, members, outcomes):
         ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task), cfg=task_cfg,
                         hydra_cfg=hydra_cfg, working_dir=os.getcwd(), task_name=JobRuntime.instance().get("name"),
                         status=JobStatus.COMPLETED)
         ret.return_value = outcome.value  # a failed job returns None: the sweep goes on and its end exits 1
-        callbacks.on_job_end(config=config, job_return=ret)
+        launcher.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
         results.append(ret)
-    job.settle(outcomes, members)
     return results

@@ -11,6 +11,9 @@ class FusedLauncherConf:
     _target_: str = "hydra_plugins.fmnist_fused_launcher.fused_launcher.FusedLauncher"
     # most jobs trained together as one stacked model; null = as many as fit (device memory decides)
     max_group: Optional[int] = 64
+    # groups trained at once, each in a process of its own with cores/n_jobs torch threads; null = one per CPU core
+    # (1 on a GPU); 1 = one group after another in this process
+    n_jobs: Optional[int] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf,

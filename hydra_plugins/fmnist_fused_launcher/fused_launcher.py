@@ -14,10 +14,11 @@ log = logging.getLogger(__name__)
 
 class FusedLauncher(Launcher):
     """Receives the whole batch of a sweep's jobs (Hydra's launcher API is batch-oriented), groups the ones that
-    fuse and trains each group in this process; jobs of apps other than fmnist_exp run one by one."""
+    fuse and trains each group as one stacked model, several groups at once in worker processes (n_jobs); jobs of
+    apps other than fmnist_exp run one by one."""
 
-    def __init__(self, max_group: Optional[int] = 64, **kwargs: Any) -> None:
-        self.max_group = max_group
+    def __init__(self, max_group: Optional[int] = 64, n_jobs: Optional[int] = None, **kwargs: Any) -> None:
+        self.max_group, self.n_jobs = max_group, n_jobs
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None

@@ -1,0 +1,137 @@
+"""Fused groups trained at once, each in a worker process of its own (hydra.launcher.n_jobs, by default one per
+CPU core): on a CPU, one torch thread per process beats two threads in one process on ops this small (a group of
+4 at batch 16: 1.5-1.9x the throughput, benchmarks/RESULTS.md).
+
+The launcher's process does what Hydra does around a job (output dir, .hydra/ configs, callbacks, JobReturn) and
+hands each group's jobs to a free worker, costliest group first (job.balance); a worker trains them exactly as a
+group trained in this process (_core.train_group: the same job lifecycle) and returns their outcomes. Workers run
+in a process group of their own: a signal reaches the launcher, which forwards it to every worker once (each stops
+its jobs KILLED with their checkpoints) and starts no more groups; a worker whose launcher dies gets SIGTERM.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, configure_log
+from omegaconf import DictConfig
+
+from . import _core
+
+log = logging.getLogger(__name__)
+
+LOST = ("its worker process died before recording the job (killed, or out of memory); "
+        "rerun the sweep with sweep.skip_finished=true")
+
+
+def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers: int) -> list[JobReturn]:
+    """Train `groups` (indices of `configs`, costliest first) on `workers` worker processes; one JobReturn per
+    job in input order. After a signal: the running groups end KILLED, the rest never start, the sweep exits."""
+    from fmnist_exp import callbacks, job, tracking
+    tracking.TRACKING_PROCESS.discard_unused()  # each worker has its own tracking process
+    hydra = launcher.config.hydra
+    logging_cfg = (hydra.hydra_logging, hydra.verbose)
+    results: list[JobReturn | None] = [None] * len(configs)
+    pending = list(enumerate(groups, start=1))
+    running: dict = {}
+    free_slots = list(range(workers))  # a worker's progress bar line
+    signals = _Forward()
+    outcomes_seen = []
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    with signals:
+        try:
+            while pending or running:
+                while pending and free_slots and signals.signum is None:
+                    n, ids = pending.pop(0)
+                    group_configs = [configs[i] for i in ids]
+                    members, hydra_cfgs = _core.start_jobs(launcher, group_configs, str(n), parallel_jobs=workers)
+                    slot = free_slots.pop(0)
+                    future = pool.submit(train_in_worker, members, slot, logging_cfg)
+                    running[future] = (ids, group_configs, hydra_cfgs, members, slot)
+                if not running:
+                    break
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ids, group_configs, hydra_cfgs, members, slot = running.pop(future)
+                    free_slots.append(slot)
+                    try:
+                        outcomes = future.result()
+                    except Exception as e:  # the worker died (killed, out of memory) or could not send its results
+                        log.error("group of %s: %s (%s)", ", ".join(ctx.run_name for _, ctx in members), LOST,
+                                  type(e).__name__)
+                        outcomes = [job.Outcome("KILLED", error=LOST) for _ in members]
+                        for outcome, (_, ctx) in zip(outcomes, members):
+                            outcome.write(ctx.job_dir)
+                    outcomes_seen += outcomes
+                    for i, ret in zip(ids, _core.end_jobs(launcher, group_configs, hydra_cfgs, members, outcomes)):
+                        results[i] = ret
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    signum = signals.signum or next((o.signum for o in outcomes_seen if o.signum is not None), None)
+    if signum is not None:  # the user stopped the sweep: every started job has recorded itself KILLED
+        job.stop_sweep(callbacks.read_parent(Path(str(hydra.sweep.dir))), signum)
+    return results
+
+
+def train_in_worker(members: list, slot: int, logging_cfg: tuple) -> list:
+    """In a worker: one group's jobs trained together, each outcome written to its job dir; returns the outcomes."""
+    from fmnist_exp import job, train
+    configure_log(*logging_cfg)
+    train.BAR_POSITION = slot
+    outcomes = _core.train_group(members)
+    job.settle(outcomes, members, ends_sweep=False)
+    return outcomes
+
+
+def _init_worker() -> None:
+    """A worker's process-wide set-up: its own process group (a terminal's Ctrl-C reaches the launcher, which
+    forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), and SIGTERM
+    when the launcher dies (Linux), so no job trains on unwatched."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the launcher died before prctl
+        os._exit(1)
+
+
+class _Forward:
+    """While active, SIGINT/SIGTERM are recorded and sent on to every worker process (each stops its jobs at the
+    next step, KILLED with their checkpoints); a third signal gets the default behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.count = 0
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.signum = self.signum or signum
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+        if self.count >= 3:
+            self.__exit__()
+            signal.raise_signal(signum)
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
