@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/fused.py                        # design-card sweep + notebook grid + 64 jobs
     .venv/bin/python benchmarks/fused.py --only design --reps 3 --epochs 2
     .venv/bin/python benchmarks/fused.py --device cuda          # the GPU table (see README: GPU)
+    .venv/bin/python benchmarks/fused.py --only design --launchers basic fused fused-1
 
-Each sweep runs with hydra/launcher=basic and hydra/launcher=fused, alternating (the machine is shared and noisy:
-each side keeps its best), tracking on, in a fresh directory. Prints a markdown table, and a second one comparing
-each job's test accuracy trained alone (basic) and in its group (fused); --out appends them to a file.
+Each sweep runs with each launcher, alternating (the machine is shared and noisy: each keeps its best), tracking
+on, in a fresh directory: basic = hydra/launcher=basic (one job at a time), fused = hydra/launcher=fused as it
+runs by default (groups at once in worker processes, one per core), fused-1 = the same with
+hydra.launcher.n_jobs=1 (groups one after another in one process). Prints a markdown table, and a second one
+comparing each job's test accuracy trained alone (basic) and in its group (fused); --out appends them to a file.
 """
 from __future__ import annotations
 
@@ -29,10 +32,14 @@ SWEEPS = {  # name -> (overrides, jobs, note)
 }
 
 
+LAUNCHERS = {"basic": ["hydra/launcher=basic"], "fused": ["hydra/launcher=fused"],
+             "fused-1": ["hydra/launcher=fused", "hydra.launcher.n_jobs=1"]}
+
+
 def run(overrides: list[str], launcher: str, epochs: int | None, device: str, data_root: Path) -> tuple[float, dict]:
     """Wall seconds of one sweep command, which must succeed, and its jobs' test accuracy {run name: test_acc}."""
     with tempfile.TemporaryDirectory() as cwd:
-        args = [sys.executable, "-m", "fmnist_exp", "-m", f"hydra/launcher={launcher}", *overrides,
+        args = [sys.executable, "-m", "fmnist_exp", "-m", *LAUNCHERS[launcher], *overrides,
                 "train.progress=off", f"train.device={device}", f"data.root={data_root}"]
         if epochs:
             args.append(f"train.epochs={epochs}")
@@ -54,19 +61,24 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: each sweep's own)")
     ap.add_argument("--epochs-64", type=int, default=3, help="epochs of the 64-job sweep")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--launchers", nargs="+", choices=list(LAUNCHERS), default=["basic", "fused"],
+                    help="basic and fused always run; fused-1 adds groups-in-turn in one process")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    launchers = ["basic", "fused"] + [x for x in args.launchers if x not in ("basic", "fused")]
+    extra = launchers[2:]
     data_root = Path(tempfile.mkdtemp(prefix="fmnist-bench-data-"))  # one decoded-array cache for every run
-    rows = ["| sweep | jobs | epochs | basic (s) | fused (s) | fused / basic | basic s/job | fused s/job |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| sweep | jobs | epochs | basic (s) | fused (s) | fused / basic | basic s/job | fused s/job |"
+            + "".join(f" {x} (s) | {x} / basic |" for x in extra),
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra)]
     accuracy_rows = []
     for name in args.only or list(SWEEPS):
         overrides, jobs, note = SWEEPS[name]
         epochs = args.epochs_64 if name == "64" else args.epochs
-        best = {"basic": float("inf"), "fused": float("inf")}
+        best = {x: float("inf") for x in launchers}
         accuracy = {}
         for rep in range(args.reps):
-            for launcher in (("basic", "fused") if rep % 2 == 0 else ("fused", "basic")):
+            for launcher in (launchers if rep % 2 == 0 else launchers[::-1]):
                 wall, accuracy[launcher] = run(overrides, launcher, epochs, args.device, data_root)
                 best[launcher] = min(best[launcher], wall)
                 print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s", file=sys.stderr, flush=True)
@@ -81,7 +93,8 @@ def main(argv=None) -> None:
                              f"({worst}) |")
         b, f = best["basic"], best["fused"]
         rows.append(f"| {note} | {jobs} | {epochs or 'default'} | {b:.1f} | {f:.1f} | {f / b:.2f} | "
-                    f"{b / jobs:.2f} | {f / jobs:.2f} |")
+                    f"{b / jobs:.2f} | {f / jobs:.2f} |" + "".join(f" {best[x]:.1f} | {best[x] / b:.2f} |"
+                                                              for x in extra))
     table = "\n".join(rows + ["", "| sweep | jobs | mean test_acc basic | mean test_acc fused | largest job "
                                     "difference (fused - basic) |", "|---|---:|---:|---:|---|", *accuracy_rows])
     print(table)

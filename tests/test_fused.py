@@ -197,6 +197,46 @@ def test_sigint_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_pa
         assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
 
 
+def test_a_worker_killed_outright_leaves_no_run_running(tmp_path):
+    """A worker process SIGKILLed (the OOM killer): its jobs end KILLED, with a line saying how to finish the
+    sweep; the sweep's end reports them and exits 1; nothing stays RUNNING; skip_finished then completes it."""
+    import os
+    from pathlib import Path
+
+    from conftest import make_tiny_set
+    from test_reliability import start_cli
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)
+    args = ["hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(root), "data.batch_size=16",
+            "train.epochs=2", "model.hidden=[128,64],[64,32]"]
+    proc = start_cli("-m", *args, cwd=tmp_path)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Epoch 1/2" in line:
+            break
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+               and _parent(p) == proc.pid and b"spawn_main" in (p / "cmdline").read_bytes()]
+    assert len(workers) == 2, "".join(seen)[-2000:]
+    os.kill(workers[0], signal.SIGKILL)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert "its worker process died" in out and "sweep.skip_finished=true" in out
+    runs = store_runs(tmp_path)
+    assert "RUNNING" not in {r["status"] for r in runs}, runs
+    again = run_cli("-m", *args, "sweep.skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert {r["status"] for r in children} == {"FINISHED"} and len({r["name"] for r in children}) == 2
+
+
+def _parent(proc_dir) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # Hydra's own expectations of a launcher: its apps are not fmnist_exp jobs, so they run one by one.
 @pytest.fixture
 def fresh_hydra_version(hydra_restore_singletons):

@@ -42,6 +42,9 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     return results
 
 
+WORKER_BYTES = 3 << 29  # 1.5 GB of free memory per worker process
+
+
 def pick_workers(launcher, configs: list[DictConfig]) -> int:
     """Groups trained at once, each in a process of its own: hydra.launcher.n_jobs, else one per CPU core (each
     torch thread a core: on a CPU, a process per core beats threads on ops this small, benchmarks/RESULTS.md), and
@@ -55,7 +58,11 @@ def pick_workers(launcher, configs: list[DictConfig]) -> int:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(int(c.train.threads or 1) for c in configs)
-    return max(1, cores // threads)
+    try:  # a worker and its tracking process peak at ~1.1 GB (benchmarks/RESULTS.md)
+        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // WORKER_BYTES
+    except (ValueError, OSError, AttributeError):
+        memory = cores
+    return max(1, min(cores // threads, memory))
 
 
 def _gpu_visible() -> bool:

@@ -14,7 +14,8 @@ import logging
 import multiprocessing
 import os
 import signal
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, configure_log
@@ -50,7 +51,11 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                     group_configs = [configs[i] for i in ids]
                     members, hydra_cfgs = _core.start_jobs(launcher, group_configs, str(n), parallel_jobs=workers)
                     slot = free_slots.pop(0)
-                    future = pool.submit(train_in_worker, members, slot, logging_cfg)
+                    try:
+                        future = pool.submit(train_in_worker, members, slot, logging_cfg)
+                    except BrokenProcessPool as e:  # a worker died earlier: the pool takes no more groups
+                        future = Future()
+                        future.set_exception(e)
                     running[future] = (ids, group_configs, hydra_cfgs, members, slot)
                 if not running:
                     break
