@@ -241,6 +241,19 @@ def balance(groups: list[list[int]], cfgs: list[DictConfig], workers: int) -> li
     return sorted(groups, key=cost, reverse=True)
 
 
+WORKER_START_S = 4.0  # a worker's start: spawn, import torch, load the data set, start its tracking process
+THREAD_GAIN, CONTENTION = 1.15, 1.1  # all cores for one group vs one core; two busy processes vs one
+
+
+def workers_pay(groups: list[list[int]], balanced: list[list[int]], cfgs: list[DictConfig], workers: int) -> bool:
+    """Whether `balanced` on `workers` processes (a core each) should end sooner than `groups` one after another
+    in this process on all cores: a short sweep does not repay the workers' start."""
+    cost = lambda g: group_cost(cfgs[g[0]], len(g))
+    in_turn = sum(cost(g) for g in groups) / THREAD_GAIN
+    at_once = makespan([cost(g) for g in balanced], workers) * CONTENTION + WORKER_START_S
+    return at_once < in_turn
+
+
 def jobs_that_fit(cfg: DictConfig, share: float = 0.5) -> int:
     """How many jobs of this config one stacked model may hold: `share` of the device's free memory over one job's
     weights, gradients, optimizer state and a training and an evaluation batch's activations (at least 1)."""

@@ -63,6 +63,10 @@ def test_groups_are_balanced_for_worker_processes():
     assert job.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
     assert [len(g) for g in job.balance([list(range(64))], seeds, 4)] == [16] * 4
     assert job.makespan([4, 3, 2, 2], 2) == 6 and job.makespan([5], 3) == 5
+    # workers only where they repay their start: the design card yes, two jobs of one epoch no
+    assert job.workers_pay(groups, job.balance(groups, card, 2), card, 2)
+    short = [compose_cfg("train.epochs=1", f"optimizer.lr={lr}") for lr in (0.01, 0.001)]
+    assert not job.workers_pay([[0, 1]], job.balance([[0, 1]], short, 2), short, 2)
 
 
 def history(outcome_job_dir):

@@ -27,11 +27,10 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     configs = load_configs(launcher, job_overrides, initial_job_idx)
-    workers = pick_workers(launcher, configs)
-    groups = plan(configs, launcher.max_group, workers)
+    groups, workers = plan(configs, launcher.max_group, pick_workers(launcher, configs),
+                           required=bool(launcher.n_jobs))
     if groups is None:
         return [run_one(launcher, c) for c in configs]
-    workers = min(workers, len(groups))
     if workers > 1:
         from . import _workers
         return _workers.launch(launcher, configs, groups, workers)
@@ -89,25 +88,31 @@ def job_config(hydra_context, config: DictConfig, overrides: Sequence[str], num:
     return sweep_config
 
 
-def plan(configs: list[DictConfig], max_group: int | None, workers: int = 1) -> list[list[int]] | None:
-    """Indices of `configs` in fused groups (job.plan_groups; balanced for `workers` processes at once:
-    job.balance), with a log line per group saying what it shares; None when they are not all fmnist_exp jobs
-    (nothing to fuse: they run one by one)."""
+def plan(configs: list[DictConfig], max_group: int | None, workers: int = 1,
+         required: bool = False) -> tuple[list[list[int]] | None, int]:
+    """Indices of `configs` in fused groups (job.plan_groups), and how many train at once: up to `workers`, each in a
+    process of its own, the groups then balanced for them (job.balance) when that pays (job.workers_pay) or the
+    user asked for them (`required`); a log line per group says what it shares. (None, 1) when they are not all
+    fmnist_exp jobs (nothing to fuse: they run one by one)."""
     if not all(is_fmnist_job(c) for c in configs):
         log.info(f"Launching {len(configs)} jobs one by one (not fmnist_exp jobs: nothing to fuse)")
-        return None
+        return None, 1
     from fmnist_exp import job
     task_cfgs = [task_config(c) for c in configs]
     groups = job.plan_groups(task_cfgs, max_group)
     if workers > 1:
-        groups = job.balance(groups, task_cfgs, workers)
-    at_once = min(workers, len(groups))
+        balanced = job.balance(groups, task_cfgs, workers)
+        if required or job.workers_pay(groups, balanced, task_cfgs, workers):
+            groups = balanced
+        else:
+            workers = 1
+    workers = min(workers, len(groups))
     log.info(f"Launching {len(configs)} jobs as {len(groups)} fused group(s)"
-             + (f", {at_once} at a time (a process each)" if at_once > 1 else ""))
+             + (f", {workers} at a time (a process each)" if workers > 1 else ""))
     for n, members in enumerate(groups, start=1):
         log.info(f"Group {n}/{len(groups)}: {len(members)} job(s) sharing "
                  f"{job.describe_fusion(task_cfgs[members[0]])}")
-    return groups
+    return groups, workers
 
 
 def is_fmnist_job(config: DictConfig) -> bool:

@@ -104,7 +104,8 @@ def _init_worker() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the launcher died before prctl
+    launcher = multiprocessing.parent_process()
+    if launcher is not None and os.getppid() != launcher.pid:  # the launcher died before prctl
         os._exit(1)
 
 

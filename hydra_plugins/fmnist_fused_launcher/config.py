@@ -12,7 +12,7 @@ class FusedLauncherConf:
     # most jobs trained together as one stacked model; null = as many as fit (device memory decides)
     max_group: Optional[int] = 64
     # groups trained at once, each in a process of its own with cores/n_jobs torch threads; null = one per CPU core
-    # (1 on a GPU); 1 = one group after another in this process
+    # when the sweep repays the workers' start (1 on a GPU); 1 = one group after another in this process
     n_jobs: Optional[int] = None
 
 

@@ -56,7 +56,7 @@ class FmnistSlurmLauncher(SlurmLauncher):
         from . import _core
         groups = None
         if self.fuse:
-            groups = _core.plan(_core.load_configs(self, job_overrides, initial_job_idx), self.max_group)
+            groups, _ = _core.plan(_core.load_configs(self, job_overrides, initial_job_idx), self.max_group)
         else:
             for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
                 log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
