@@ -180,15 +180,16 @@ def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
         assert {"best_model.pt", "config.yaml"} <= {x.path for x in c.list_artifacts(r.info.run_id)}
 
 
-def test_sigint_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_path, sig, code):
     from conftest import make_tiny_set
     from test_reliability import interrupt_after, start_cli
     root = tmp_path / "slowdata"
     make_tiny_set(root, n_train=16000, n_test=500)
     args = ["hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(root), "data.batch_size=16",
             "train.epochs=2", "optimizer.lr=0.001,0.003", "model.hidden=[128,64],[64,32]"]
-    rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
-    assert rc == 130, out[-3000:]
+    rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", sig)
+    assert rc == code, out[-3000:]
     assert "2 at a time" in out and "Epoch 2/2" not in out
     runs = store_runs(tmp_path)
     assert sorted(r["status"] for r in runs) == ["KILLED"] * 5, out[-3000:]  # 4 jobs in 2 workers, and the parent

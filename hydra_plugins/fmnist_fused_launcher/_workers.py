@@ -97,8 +97,8 @@ def _init_worker() -> None:
     forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), and SIGTERM
     when the launcher dies (Linux), so no job trains on unwatched."""
     os.setpgid(0, 0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in _Forward.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -110,10 +110,11 @@ def _init_worker() -> None:
 
 
 class _Forward:
-    """While active, SIGINT/SIGTERM are recorded and sent on to every worker process (each stops its jobs at the
-    next step, KILLED with their checkpoints); a third signal gets the default behaviour."""
+    """While active, the signals that stop a job (SIGINT, SIGTERM, SLURM's SIGUSR2: train.STOP_SIGNALS) are
+    recorded and sent on to every worker process (each stops its jobs at the next step, KILLED with their
+    checkpoints); a third signal gets the default behaviour."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # train.STOP_SIGNALS, without importing torch here
 
     def __init__(self):
         self.signum: int | None = None
