@@ -235,7 +235,10 @@ def test_time_limit_requeues_up_to_max_num_timeout_then_ends_killed_with_checkpo
     assert run["tags"]["fmnist.requeues"] == "1"
     assert "interrupted by SIGUSR2" in run["tags"]["error"]
     assert "not requeued (timed-out too many times" in run["tags"]["error"]
-    first = int(re.search(r"Resuming after epoch (\d+) of 10000", log).group(1))
+    # SLURM checks time limits now and then: under load its first warning can come before epoch 1 is done, and
+    # the requeued job then continues the same run from its start
+    resumed = re.search(r"Resuming after epoch (\d+) of 10000", log)
+    first = int(resumed.group(1)) if resumed else 0
     epochs = [e for e, _ in epochs_logged(tmp_path)[run["name"]]]
     assert epochs == list(range(1, len(epochs) + 1)) and first < len(epochs)  # continued, nothing repeated
     assert list((tmp_path / "mlruns").glob(f"**/{run['run_uuid']}/artifacts/checkpoints/last.pt"))
