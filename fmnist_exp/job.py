@@ -131,12 +131,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def free_memory() -> int:
+    """Bytes of memory free now (not counting the page cache)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def pick_threads(requested: int | None, parallel_jobs: int | None) -> int:
     """Torch threads: as requested, else the cores shared evenly among parallel jobs, else torch's default."""
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // parallel_jobs) if parallel_jobs else torch.get_num_threads()
+    return max(1, cores() // parallel_jobs) if parallel_jobs else torch.get_num_threads()
 
 
 OPTIMIZER_KINDS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"}
@@ -275,7 +284,7 @@ def jobs_that_fit(cfg: DictConfig, share: float = 0.5) -> int:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = free_memory()
     return max(1, int(share * free // per_job))
 
 

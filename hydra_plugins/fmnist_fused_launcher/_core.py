@@ -52,16 +52,16 @@ def pick_workers(launcher, configs: list[DictConfig]) -> int:
         return int(launcher.n_jobs)
     if not all(is_fmnist_job(c) for c in configs):
         return 1
+    from fmnist_exp import job
     devices = {str(c.train.device) for c in configs}
     if any(d.startswith("cuda") for d in devices) or ("auto" in devices and _gpu_visible()):
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(int(c.train.threads or 1) for c in configs)
     try:  # a worker and its tracking process peak at ~1.1 GB (benchmarks/RESULTS.md)
-        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // WORKER_BYTES
+        memory = job.free_memory() // WORKER_BYTES
     except (ValueError, OSError, AttributeError):
-        memory = cores
-    return max(1, min(cores // threads, memory))
+        memory = job.cores()
+    return max(1, min(job.cores() // threads, memory))
 
 
 def _gpu_visible() -> bool:

@@ -21,6 +21,8 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, configure_log
 from omegaconf import DictConfig
 
+from fmnist_exp.train import STOP_SIGNALS
+
 from . import _core
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                         log.error("group of %s: %s (%s)", ", ".join(ctx.run_name for _, ctx in members), LOST,
                                   type(e).__name__)
                         outcomes = [job.Outcome("KILLED", error=LOST) for _ in members]
-                        for outcome, (_, ctx) in zip(outcomes, members):
-                            outcome.write(ctx.job_dir)
+                        job.settle(outcomes, members, ends_sweep=False)  # each outcome to its job dir
                     outcomes_seen += outcomes
                     for i, ret in zip(ids, _core.end_jobs(launcher, group_configs, hydra_cfgs, members, outcomes)):
                         results[i] = ret
@@ -110,11 +111,11 @@ def _init_worker() -> None:
 
 
 class _Forward:
-    """While active, the signals that stop a job (SIGINT, SIGTERM, SLURM's SIGUSR2: train.STOP_SIGNALS) are
+    """While active, the signals that stop a job (train.STOP_SIGNALS: SIGINT, SIGTERM, SLURM's SIGUSR2) are
     recorded and sent on to every worker process (each stops its jobs at the next step, KILLED with their
     checkpoints); a third signal gets the default behaviour."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # train.STOP_SIGNALS, without importing torch here
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum: int | None = None
