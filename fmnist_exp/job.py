@@ -183,16 +183,20 @@ def fusion_key(cfg: DictConfig) -> str:
                        "skip_finished": cfg.sweep.skip_finished}, sort_keys=True)
 
 
-def describe_fusion(cfg: DictConfig) -> str:
+def describe_fusion(cfgs: list[DictConfig]) -> str:
     """One line on what a group shares, for the launcher's log."""
-    m = cfg.model
+    cfg, m = cfgs[0], cfgs[0].model
     arch = f"{m._target_.rsplit('.', 1)[-1]} {list(m.channels) if 'channels' in m else ''}{list(m.hidden)}"
+    seeds = {c.train.seed for c in cfgs}
+    batches = f", seed {cfg.train.seed} (one batch for all)" if len(cfgs) > 1 and len(seeds) == 1 else ""
     return (f"model {arch}{' +BN' if m.batch_norm else ''}, batch {cfg.data.batch_size}, {cfg.train.epochs} "
-            f"epochs, valid {cfg.data.valid_size} (split {cfg.data.split_seed}), device {cfg.train.device}")
+            f"epochs, valid {cfg.data.valid_size} (split {cfg.data.split_seed}), device {cfg.train.device}{batches}")
 
 
 def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]]:
-    """Indices of `cfgs` in groups that fuse (input order kept inside a group), each at most max_group long."""
+    """Indices of `cfgs` in groups that fuse (input order kept inside a group), each at most max_group long. Jobs
+    of one seed share their batches (one wide first-layer product for all): a group of several seeds is split by
+    seed where the parts are estimated to cost less than the whole (group_cost)."""
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
         try:
@@ -203,23 +207,38 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
     groups = []
     for ids in by_key.values():
         size = min(max_group or len(ids), jobs_that_fit(cfgs[ids[0]])) if len(ids) > 1 else 1
-        groups += [ids[j: j + size] for j in range(0, len(ids), size)]
+        for part in by_seed(ids, cfgs):
+            groups += [part[j: j + size] for j in range(0, len(part), size)]
     return groups
+
+
+def by_seed(ids: list[int], cfgs: list[DictConfig]) -> list[list[int]]:
+    """`ids` (one fusion key) as one part per seed when that is estimated to cost less, else as they are."""
+    seeds: dict = {}
+    for i in ids:
+        seeds.setdefault(cfgs[i].train.seed, []).append(i)
+    parts = list(seeds.values())
+    if len(parts) > 1 and sum(group_cost([cfgs[i] for i in p]) for p in parts) < group_cost([cfgs[i] for i in ids]):
+        return parts
+    return [ids]
 
 
 # A fused step's cost on one CPU thread, in us: a fixed part per step of the group, plus a part per job that grows
 # with the batch (fitted to benchmarks/stacked_step.py at K = 1 and 4, batch 16 and 100: within ~15 %); BatchNorm
-# makes a job's part ~1.35x (the notebook grid's groups of 4, trained in worker processes).
-STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM = 250.0, 60.0, 7.5, 1.35
+# makes a job's part ~1.35x (the notebook grid's groups of 4, trained in worker processes); jobs that share a seed,
+# and so their batches, ~0.93x (stacked_step.py's "shared" column at K = 8-32, batch 100).
+STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM, SHARED_BATCH = 250.0, 60.0, 7.5, 1.35, 0.93
 
 
-def group_cost(cfg: DictConfig, jobs: int) -> float:
-    """Estimated seconds to train `jobs` jobs of this config as one group on one thread: only its ratio to other
-    groups' costs matters (it orders and balances groups across worker processes)."""
-    d = cfg.data
+def group_cost(cfgs: list[DictConfig]) -> float:
+    """Estimated seconds to train these jobs (one fusion key) as one group on one thread: only its ratio to other
+    groups' costs matters (it orders, splits and balances groups across worker processes)."""
+    cfg, d = cfgs[0], cfgs[0].data
     steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
     per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (BATCH_NORM if cfg.model.get("batch_norm") else 1.0)
-    return steps * (STEP_US + jobs * per_job) * 1e-6
+    if len(cfgs) > 1 and len({c.train.seed for c in cfgs}) == 1:
+        per_job *= SHARED_BATCH
+    return steps * (STEP_US + len(cfgs) * per_job) * 1e-6
 
 
 def makespan(costs: list[float], workers: int) -> float:
@@ -234,14 +253,15 @@ def balance(groups: list[list[int]], cfgs: list[DictConfig], workers: int) -> li
     """Groups for `workers` processes training at once: the costliest group is halved while that shortens the
     sweep's estimated wall time (a smaller stack costs more per job, so a split only pays when a worker would
     otherwise idle), and the result is ordered costliest first, the order in which workers should take them."""
-    cost = lambda g: group_cost(cfgs[g[0]], len(g))
+    cost = lambda g: group_cost([cfgs[i] for i in g])
     groups = [list(g) for g in groups]
     while workers > 1:
         top = max(groups, key=cost)
         if len(top) < 2:
             break
         half = (len(top) + 1) // 2
-        split = [g for g in groups if g is not top] + [top[:half], top[half:]]
+        ordered = sorted(top, key=lambda i: (cfgs[i].train.seed, i))  # halves of fewer seeds: more shared batches
+        split = [g for g in groups if g is not top] + [sorted(ordered[:half]), sorted(ordered[half:])]
         before, after = (makespan([cost(g) for g in gs], workers) for gs in (groups, split))
         # a split that ends no sooner still pays while workers idle: it lets the next split of an equal group
         if not (after < 0.98 * before or (after <= before and len(groups) < workers)):
@@ -257,7 +277,7 @@ THREAD_GAIN, CONTENTION = 1.15, 1.1  # all cores for one group vs one core; two 
 def workers_pay(groups: list[list[int]], balanced: list[list[int]], cfgs: list[DictConfig], workers: int) -> bool:
     """Whether `balanced` on `workers` processes (a core each) should end sooner than `groups` one after another
     in this process on all cores: a short sweep does not repay the workers' start."""
-    cost = lambda g: group_cost(cfgs[g[0]], len(g))
+    cost = lambda g: group_cost([cfgs[i] for i in g])
     in_turn = sum(cost(g) for g in groups) / THREAD_GAIN
     at_once = makespan([cost(g) for g in balanced], workers) * CONTENTION + WORKER_START_S
     return at_once < in_turn

@@ -121,14 +121,17 @@ class RunWriter:
 
     def log_figure(self, kind: str, args: tuple, path: str, tensorboard_tag: str | None) -> None:
         """Draw plots.<kind>(*args), save it as a PNG at `path`, log it under the run's plots/ (and in
-        TensorBoard's IMAGES tab when tagged)."""
-        from PIL import Image
+        TensorBoard's IMAGES tab when tagged, the same PNG bytes)."""
+        from tensorboardX.proto.summary_pb2 import Summary
 
         from fmnist_exp import plots
-        image = plots.render(getattr(plots, kind)(*args))
-        Image.fromarray(image).save(path)
-        if tensorboard_tag:
-            self.writer.add_image(tensorboard_tag, image[..., :3], dataformats="HWC")
+        image = plots.image(kind, *args)
+        encoded = plots.png(image)
+        Path(path).write_bytes(encoded)
+        if tensorboard_tag:  # SummaryWriter.add_image would encode the image again (tensorboardX is pinned)
+            height, width = image.shape[:2]
+            png = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encoded)
+            self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tensorboard_tag, image=png)]))
         self.client.log_artifact(self.run_id, path, "plots")
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:

@@ -63,6 +63,16 @@ def test_groups_are_balanced_for_worker_processes():
     assert job.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
     assert [len(g) for g in job.balance([list(range(64))], seeds, 4)] == [16] * 4
     assert job.makespan([4, 3, 2, 2], 2) == 6 and job.makespan([5], 3) == 5
+    # jobs of one seed share their batches: a sweep over seeds fuses per seed where the parts cost less...
+    grid = [compose_cfg(f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}", f"train.seed={seed}")
+            for lr in (0.001, 0.002, 0.004, 0.008) for wd in (0, 0.001, 0.01, 0.1) for seed in range(4)]
+    assert job.plan_groups(grid, None) == [list(range(seed, 64, 4)) for seed in range(4)]
+    assert job.balance(job.plan_groups(grid, None), grid, 2) == [list(range(seed, 64, 4)) for seed in range(4)]
+    few = [compose_cfg(f"train.seed={seed}", f"optimizer.lr={lr}") for seed in range(4) for lr in (0.001, 0.002)]
+    assert job.plan_groups(few, None) == [list(range(8))]  # ...not for two jobs a seed (a step's fixed part)
+    assert job.balance([list(range(8))], few, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # halved along seeds
+    alternating = [few[i] for i in (0, 2, 4, 6, 1, 3, 5, 7)]  # seeds 0 1 2 3 0 1 2 3
+    assert job.balance([list(range(8))], alternating, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
     # workers only where they repay their start: the design card yes, two jobs of one epoch no
     assert job.workers_pay(groups, job.balance(groups, card, 2), card, 2)
     short = [compose_cfg("train.epochs=1", f"optimizer.lr={lr}") for lr in (0.01, 0.001)]
@@ -71,6 +81,31 @@ def test_groups_are_balanced_for_worker_processes():
 
 def history(outcome_job_dir):
     return torch.load(outcome_job_dir / "last.pt", weights_only=True)["loop"]["history"]
+
+
+def test_each_job_config_is_composed_once_for_the_sweeper_and_the_launcher():
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+
+    from conftest import CONF
+    from fmnist_exp import config
+    from hydra_plugins.fmnist_fused_launcher import _core
+    config.register()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
+    master = loader.load_configuration("config", overrides=["optimizer=sgd,adam"], run_mode=RunMode.MULTIRUN)
+    composed = []
+    compose = loader.load_configuration
+    loader.load_configuration = lambda *a, **k: composed.append(k["overrides"]) or compose(*a, **k)
+    once = _core.ComposedOnce(loader)
+    batch = [["optimizer=sgd"], ["optimizer=adam"]]
+    for overrides in batch:  # what Hydra's sweepers do to check a batch before launching it
+        once.load_sweep_config(master_config=master, sweep_overrides=overrides)
+    configs = [once.take_sweep_config(master, overrides) for overrides in batch]
+    assert len(composed) == 2 and [c.optimizer._target_.rsplit(".", 1)[1] for c in configs] == ["SGD", "Adam"]
+    assert list(configs[0].hydra.overrides.task) == ["optimizer=sgd"]
+    again = once.take_sweep_config(master, batch[0])  # taken once: a second call composes it anew
+    assert len(composed) == 3 and again is not configs[0] and again == configs[0]
 
 
 def test_a_job_trained_in_a_group_matches_the_job_trained_alone(tmp_path, tiny_root):

@@ -24,9 +24,12 @@ class FusedLauncher(Launcher):
         self.hydra_context: Optional[HydraContext] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from . import _core
         self.config = config
         self.task_function = task_function
         self.hydra_context = hydra_context
+        if not isinstance(hydra_context.config_loader, _core.ComposedOnce):  # the sweeper's context too
+            hydra_context.config_loader = _core.ComposedOnce(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from . import _core
