@@ -214,6 +214,8 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
 
 def by_seed(ids: list[int], cfgs: list[DictConfig]) -> list[list[int]]:
     """`ids` (one fusion key) as one part per seed when that is estimated to cost less, else as they are."""
+    if len(ids) < 2:  # also a config that failed to say what it is (its own group): nothing to read from it
+        return [ids]
     seeds: dict = {}
     for i in ids:
         seeds.setdefault(cfgs[i].train.seed, []).append(i)

@@ -2,6 +2,7 @@
 records, the report command, the logged winner model and the MLflow UI in headless Chromium."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import cli_env, mlflow_server, run_cli, tiny_overrides
@@ -99,6 +101,9 @@ def test_tensorboard_hparams_and_sample_grid(sweep):
         assert b"train and valid" in chart and b"Loss/train" in chart and b"Loss/valid" in chart
         events = EventAccumulator(r.data.tags["fmnist.job_dir"], size_guidance={"images": 0}).Reload()
         assert "Samples/test" in events.Tags()["images"]
+        (grid,) = events.Images("Samples/test")  # the PNG written to plots/, as TensorBoard shows it
+        assert Image.open(io.BytesIO(grid.encoded_image_string)).size == (grid.width, grid.height) == (1200, 950)
+        assert grid.encoded_image_string == (job_dir / "plots" / "test_samples.png").read_bytes()
         hparams = events.PluginTagToContent("hparams")
         assert "_hparams_/session_start_info" in hparams
         assert {"hparam/test_acc", "hparam/ckpt_valid_loss", "hparam/ckpt_valid_acc"} <= set(events.Tags()["scalars"])

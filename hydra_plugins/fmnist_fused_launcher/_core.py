@@ -87,6 +87,8 @@ class ComposedOnce:
         self._loader, self._composed = loader, {}
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_loader", "_composed"):  # copy/pickle probe before __init__ ran
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
