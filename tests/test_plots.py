@@ -1,5 +1,6 @@
 """The per-run figures kept between runs (plots.Reused): a run's image is exactly what a fresh figure draws, never
 with an earlier run's numbers or titles left over, and the same as matplotlib's full draw of that figure."""
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,7 +18,8 @@ def full_draw(figure: plots.Reused) -> np.ndarray:
     for a in figure.artists:
         a.set_animated(False)
     figure.fig.set_dpi(100)
-    figure.fig.canvas.draw()
+    with matplotlib.rc_context(plots.FAST_TEXT):
+        figure.fig.canvas.draw()
     return np.asarray(figure.fig.canvas.buffer_rgba()).copy()
 
 
