@@ -8,8 +8,9 @@
 Each sweep runs with each launcher, alternating (the machine is shared and noisy: each keeps its best), tracking
 on, in a fresh directory: basic = hydra/launcher=basic (one job at a time), fused = hydra/launcher=fused as it
 runs by default (groups at once in worker processes, one per core), fused-1 = the same with
-hydra.launcher.n_jobs=1 (groups one after another in one process). Prints a markdown table, and a second one
-comparing each job's test accuracy trained alone (basic) and in its group (fused); --out appends them to a file.
+hydra.launcher.n_jobs=1 (groups one after another in one process). Prints a markdown table (with the share of the
+fused sweep's wall time in which its jobs were only ending: tests, plots, writes, nobody training), and a second
+one comparing each job's test accuracy trained alone (basic) and in its group (fused); --out appends them to a file.
 """
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ LAUNCHERS = {"basic": ["hydra/launcher=basic"], "fused": ["hydra/launcher=fused"
              "fused-1": ["hydra/launcher=fused", "hydra.launcher.n_jobs=1"]}
 
 
-def run(overrides: list[str], launcher: str, epochs: int | None, device: str, data_root: Path) -> tuple[float, dict]:
-    """Wall seconds of one sweep command, which must succeed, and its jobs' test accuracy {run name: test_acc}."""
+def run(overrides: list[str], launcher: str, epochs: int | None, device: str,
+        data_root: Path) -> tuple[float, dict, float]:
+    """Wall seconds of one sweep command, which must succeed, its jobs' test accuracy {run name: test_acc}, and the
+    seconds in which its jobs were only ending (ending_only)."""
     with tempfile.TemporaryDirectory() as cwd:
         args = [sys.executable, "-m", "fmnist_exp", "-m", *LAUNCHERS[launcher], *overrides,
                 "train.progress=off", f"train.device={device}", f"data.root={data_root}"]
@@ -51,7 +54,35 @@ def run(overrides: list[str], launcher: str, epochs: int | None, device: str, da
             raise SystemExit(f"{launcher} {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
         with next(Path(cwd).glob("multirun/*/*/sweep_table.csv")).open() as fh:
             accuracy = {row["name"]: float(row["test_acc"]) for row in csv.DictReader(fh)}
-        return wall, accuracy
+        return wall, accuracy, ending_only(f"sqlite:///{cwd}/mlruns/mlflow.db")
+
+
+def ending_only(uri: str) -> float:
+    """Seconds of the sweep during which jobs were only ending (testing, plotting, writing their runs) and none
+    was training: the union of each job's [last epoch's metrics, run end] minus the union of each job's
+    [run start, last epoch's metrics], from the MLflow store."""
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.mlflow.parentRunId != ''", max_results=10_000)
+    training, ending = [], []
+    for run in runs:
+        last_epoch = max((m.timestamp for m in client.get_metric_history(run.info.run_id, "valid_loss")),
+                         default=run.info.start_time)
+        training.append((run.info.start_time, last_epoch))
+        ending.append((last_epoch, run.info.end_time or last_epoch))
+    return (covered(training + ending) - covered(training)) / 1000  # |E minus T| = |E or T| - |T|
+
+
+def covered(intervals: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end] intervals."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
 
 
 def main(argv=None) -> None:
@@ -68,20 +99,22 @@ def main(argv=None) -> None:
     launchers = ["basic", "fused"] + [x for x in args.launchers if x not in ("basic", "fused")]
     extra = launchers[2:]
     data_root = Path(tempfile.mkdtemp(prefix="fmnist-bench-data-"))  # one decoded-array cache for every run
-    rows = ["| sweep | jobs | epochs | basic (s) | fused (s) | fused / basic | basic s/job | fused s/job |"
-            + "".join(f" {x} (s) | {x} / basic |" for x in extra),
-            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra)]
+    rows = ["| sweep | jobs | epochs | basic (s) | fused (s) | fused / basic | basic s/job | fused s/job | fused: "
+            "jobs only ending |" + "".join(f" {x} (s) | {x} / basic |" for x in extra),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(extra)]
     accuracy_rows = []
     for name in args.only or list(SWEEPS):
         overrides, jobs, note = SWEEPS[name]
         epochs = args.epochs_64 if name == "64" else args.epochs
         best = {x: float("inf") for x in launchers}
-        accuracy = {}
+        accuracy, ends = {}, {}
         for rep in range(args.reps):
             for launcher in (launchers if rep % 2 == 0 else launchers[::-1]):
-                wall, accuracy[launcher] = run(overrides, launcher, epochs, args.device, data_root)
-                best[launcher] = min(best[launcher], wall)
-                print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s", file=sys.stderr, flush=True)
+                wall, accuracy[launcher], ending = run(overrides, launcher, epochs, args.device, data_root)
+                if wall < best[launcher]:
+                    best[launcher], ends[launcher] = wall, ending / wall
+                print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s, jobs only ending {ending:.1f} s "
+                      f"({100 * ending / wall:.0f} %)", file=sys.stderr, flush=True)
         # the same jobs trained alone and in a group: their test accuracy, job by job
         diffs = {name: accuracy["fused"][name] - acc for name, acc in accuracy["basic"].items()}
         for name, diff in sorted(diffs.items(), key=lambda item: -abs(item[1])):
@@ -93,7 +126,7 @@ def main(argv=None) -> None:
                              f"({worst}) |")
         b, f = best["basic"], best["fused"]
         rows.append(f"| {note} | {jobs} | {epochs or 'default'} | {b:.1f} | {f:.1f} | {f / b:.2f} | "
-                    f"{b / jobs:.2f} | {f / jobs:.2f} |" + "".join(f" {best[x]:.1f} | {best[x] / b:.2f} |"
+                    f"{b / jobs:.2f} | {f / jobs:.2f} | {100 * ends['fused']:.0f} % |" + "".join(f" {best[x]:.1f} | {best[x] / b:.2f} |"
                                                               for x in extra))
     table = "\n".join(rows + ["", "| sweep | jobs | mean test_acc basic | mean test_acc fused | largest job "
                                     "difference (fused - basic) |", "|---|---:|---:|---:|---|", *accuracy_rows])
