@@ -187,8 +187,7 @@ def describe_fusion(cfgs: list[DictConfig]) -> str:
     """One line on what a group shares, for the launcher's log."""
     cfg, m = cfgs[0], cfgs[0].model
     arch = f"{m._target_.rsplit('.', 1)[-1]} {list(m.channels) if 'channels' in m else ''}{list(m.hidden)}"
-    seeds = {c.train.seed for c in cfgs}
-    batches = f", seed {cfg.train.seed} (one batch for all)" if len(cfgs) > 1 and len(seeds) == 1 else ""
+    batches = f", seed {cfg.train.seed} (one batch for all)" if shares_batches(cfgs) else ""
     return (f"model {arch}{' +BN' if m.batch_norm else ''}, batch {cfg.data.batch_size}, {cfg.train.epochs} "
             f"epochs, valid {cfg.data.valid_size} (split {cfg.data.split_seed}), device {cfg.train.device}{batches}")
 
@@ -210,6 +209,11 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
         for part in by_seed(ids, cfgs):
             groups += [part[j: j + size] for j in range(0, len(part), size)]
     return groups
+
+
+def shares_batches(cfgs: list[DictConfig]) -> bool:
+    """Whether these jobs (several, of one fusion key) share one seed, hence one data order: one batch a step."""
+    return len(cfgs) > 1 and len({c.train.seed for c in cfgs}) == 1
 
 
 def by_seed(ids: list[int], cfgs: list[DictConfig]) -> list[list[int]]:
@@ -238,7 +242,7 @@ def group_cost(cfgs: list[DictConfig]) -> float:
     cfg, d = cfgs[0], cfgs[0].data
     steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
     per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (BATCH_NORM if cfg.model.get("batch_norm") else 1.0)
-    if len(cfgs) > 1 and len({c.train.seed for c in cfgs}) == 1:
+    if shares_batches(cfgs):
         per_job *= SHARED_BATCH
     return steps * (STEP_US + len(cfgs) * per_job) * 1e-6
 

@@ -124,9 +124,8 @@ class SampleGrid(Reused):
         fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.94)
         super().__init__(fig, self.titles)
 
-    def __call__(self, images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-        if not np.array_equal(images, self.images):
-            raise ValueError("this grid shows other images: make a SampleGrid for these")
+    def __call__(self, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+        """This run's titles over the grid's images (self.images, in order)."""
         for text, t, p in zip(self.titles, y_true, y_pred):
             text.set_text(f"{CLASSES[p]}\n({CLASSES[t]})")
             text.set_color("black" if p == t else "red")
@@ -150,7 +149,7 @@ def sample_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> n
         if grid is not None:
             plt.close(grid.fig)
         grid = _reused["sample_grid"] = SampleGrid(images)
-    return grid(images, y_true, y_pred)
+    return grid(y_true, y_pred)
 
 
 def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str = "valid_acc", highlight: int = 10):

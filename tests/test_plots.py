@@ -26,7 +26,7 @@ def full_draw(figure: plots.Reused) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["confusion_matrix", "sample_grid"])
 def test_a_reused_figure_draws_each_run_as_a_fresh_one(kind):
     make = {"confusion_matrix": lambda: plots.ConfusionMatrix(), "sample_grid": lambda: plots.SampleGrid(IMAGES)}[kind]
-    args = {"confusion_matrix": lambda p: (Y, p), "sample_grid": lambda p: (IMAGES, Y[:32], p[:32])}[kind]
+    args = {"confusion_matrix": lambda p: (Y, p), "sample_grid": lambda p: (Y[:32], p[:32])}[kind]
     reused = make()
     first, second = (reused(*args(p)) for p in PREDICTIONS)
     fresh = make()
