@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/fused.py                        # design-card sweep + notebook grid + 64 jobs
     .venv/bin/python benchmarks/fused.py --only design --reps 3 --epochs 2
-    .venv/bin/python benchmarks/fused.py --device cuda          # the GPU table (see README: GPU)
-    .venv/bin/python benchmarks/fused.py --only design --launchers basic fused fused-1
+    .venv/bin/python benchmarks/fused.py --only notebook --reps 1 --launchers basic fused basic-1
+    .venv/bin/python benchmarks/fused.py --device cuda          # on a GPU (benchmarks/gpu.sh: issue 10's GPU table)
 
 Each sweep runs with each launcher, alternating (the machine is shared and noisy: each keeps its best), tracking
 on, in a fresh directory: basic = hydra/launcher=basic (one job at a time), fused = hydra/launcher=fused as it
 runs by default (groups at once in worker processes, one per core), fused-1 = the same with
-hydra.launcher.n_jobs=1 (groups one after another in one process). Prints a markdown table (with the share of the
-fused sweep's wall time in which its jobs were only ending: tests, plots, writes, nobody training), and a second
-one comparing each job's test accuracy trained alone (basic) and in its group (fused); --out appends them to a file.
+hydra.launcher.n_jobs=1 (groups one after another in one process), basic-1 = basic with train.threads=1 (what
+a fused worker process uses). Prints a markdown table (with the share of the fused sweep's wall time in which its
+jobs were only ending: tests, plots, writes, nobody training), and a second one comparing each job's test accuracy
+trained alone (basic, basic-1) and in its group (fused); --out appends them to a file. At the same thread count a
+job gets the same numbers in a group as alone (tests/test_fused.py): basic-1's accuracies equal fused's, while
+basic's differ by torch's own 1- vs 2-thread rounding.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ SWEEPS = {  # name -> (overrides, jobs, note)
 
 
 LAUNCHERS = {"basic": ["hydra/launcher=basic"], "fused": ["hydra/launcher=fused"],
-             "fused-1": ["hydra/launcher=fused", "hydra.launcher.n_jobs=1"]}
+             "fused-1": ["hydra/launcher=fused", "hydra.launcher.n_jobs=1"],
+             # alone on one torch thread, as fused's worker processes train: the like-for-like accuracy comparison
+             "basic-1": ["hydra/launcher=basic", "train.threads=1"]}
 
 
 def run(overrides: list[str], launcher: str, epochs: int | None, device: str,
@@ -46,7 +51,8 @@ def run(overrides: list[str], launcher: str, epochs: int | None, device: str,
                 "train.progress=off", f"train.device={device}", f"data.root={data_root}"]
         if epochs:
             args.append(f"train.epochs={epochs}")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # this checkout first, then what the caller had (on a bare GPU machine: .gpu's wheels, benchmarks/gpu.sh)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         start = time.perf_counter()
         result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
@@ -93,7 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs-64", type=int, default=3, help="epochs of the 64-job sweep")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--launchers", nargs="+", choices=list(LAUNCHERS), default=["basic", "fused"],
-                    help="basic and fused always run; fused-1 adds groups-in-turn in one process")
+                    help="basic and fused always run; fused-1 adds groups-in-turn in one process, basic-1 the jobs "
+                         "alone on one thread each (fused workers' thread count: their accuracy should equal fused's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     launchers = ["basic", "fused"] + [x for x in args.launchers if x not in ("basic", "fused")]
@@ -116,23 +123,29 @@ def main(argv=None) -> None:
                 print(f"{note} | {launcher} | rep {rep + 1}: {wall:.1f} s, jobs only ending {ending:.1f} s "
                       f"({100 * ending / wall:.0f} %)", file=sys.stderr, flush=True)
         # the same jobs trained alone and in a group: their test accuracy, job by job
-        diffs = {name: accuracy["fused"][name] - acc for name, acc in accuracy["basic"].items()}
-        for name, diff in sorted(diffs.items(), key=lambda item: -abs(item[1])):
-            print(f"{note} | test_acc alone {accuracy['basic'][name]:.4f} fused {accuracy['fused'][name]:.4f} "
-                  f"({diff:+.4f}) | {name}", file=sys.stderr)
-        worst = max(diffs, key=lambda n: abs(diffs[n]))
-        accuracy_rows.append(f"| {note} | {len(diffs)} | {sum(accuracy['basic'].values()) / len(diffs):.4f} | "
-                             f"{sum(accuracy['fused'].values()) / len(diffs):.4f} | {diffs[worst]:+.4f} "
-                             f"({worst}) |")
+        for alone in [x for x in launchers if x.startswith("basic")]:
+            diffs = {name: accuracy["fused"][name] - acc for name, acc in accuracy[alone].items()}
+            for name, diff in sorted(diffs.items(), key=lambda item: -abs(item[1])):
+                print(f"{note} | test_acc alone ({alone}) {accuracy[alone][name]:.4f} fused "
+                      f"{accuracy['fused'][name]:.4f} ({diff:+.4f}) | {name}", file=sys.stderr)
+            worst = max(diffs, key=lambda n: abs(diffs[n]))
+            accuracy_rows.append(f"| {note} | {alone} | {len(diffs)} | {sum(accuracy[alone].values()) / len(diffs):.4f}"
+                                 f" | {sum(accuracy['fused'].values()) / len(diffs):.4f} | {diffs[worst]:+.4f} "
+                                 f"({worst}) |")
         b, f = best["basic"], best["fused"]
         rows.append(f"| {note} | {jobs} | {epochs or 'default'} | {b:.1f} | {f:.1f} | {f / b:.2f} | "
                     f"{b / jobs:.2f} | {f / jobs:.2f} | {100 * ends['fused']:.0f} % |" + "".join(f" {best[x]:.1f} | {best[x] / b:.2f} |"
                                                               for x in extra))
-    table = "\n".join(rows + ["", "| sweep | jobs | mean test_acc basic | mean test_acc fused | largest job "
-                                    "difference (fused - basic) |", "|---|---:|---:|---:|---|", *accuracy_rows])
+    table = "\n".join(rows + ["", "| sweep | alone | jobs | mean test_acc alone | mean test_acc fused | largest job "
+                                    "difference (fused - alone) |", "|---|---|---:|---:|---:|---|", *accuracy_rows])
+    emit(table, args.out)
+
+
+def emit(table: str, out: Path | None) -> None:
+    """Print a markdown table, and append it to `out` if given."""
     print(table)
-    if args.out:
-        with args.out.open("a") as fh:
+    if out:
+        with out.open("a") as fh:
             fh.write(f"\n{table}\n")
 
 

@@ -51,9 +51,10 @@ def tree_rss_kb(root: int) -> int:
 def run(tracking_on: bool, cwd: Path) -> dict:
     args = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "fmnist_exp", "train.progress=off",
             f"tracking.enabled={str(tracking_on).lower()}"]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     peak_tree = [0]
 
     def sample():

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_exp import config, data, models, tracking, train
+from fmnist_exp import config, data, models, step, tracking, train
 
 log = logging.getLogger("fmnist_exp")
 
@@ -178,8 +178,8 @@ def fusion_key(cfg: DictConfig) -> str:
              if k not in ("init", "init_std", "dropout")}
     d, t = cfg.data, cfg.train
     return json.dumps({"model": model, "data": OmegaConf.to_container(d, resolve=True), "epochs": t.epochs,
-                       "device": t.device, "threads": t.threads, "progress": t.progress, "resume": t.resume,
-                       "tracking": OmegaConf.to_container(cfg.tracking, resolve=True),
+                       "device": t.device, "cuda_graph": t.cuda_graph, "threads": t.threads, "progress": t.progress,
+                       "resume": t.resume, "tracking": OmegaConf.to_container(cfg.tracking, resolve=True),
                        "skip_finished": cfg.sweep.skip_finished}, sort_keys=True)
 
 
@@ -234,13 +234,24 @@ def by_seed(ids: list[int], cfgs: list[DictConfig]) -> list[list[int]]:
 # makes a job's part ~1.35x (the notebook grid's groups of 4, trained in worker processes); jobs that share a seed,
 # and so their batches, ~0.93x (stacked_step.py's "shared" column at K = 8-32, batch 100).
 STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM, SHARED_BATCH = 250.0, 60.0, 7.5, 1.35, 0.93
+# On a GPU a step replayed as a CUDA graph is ~150 us whatever it holds, and a job adds ~1.4 us at batch 16 (issue
+# 10's H200 probe: 9.8 / 3.7 / 2.0 us per job-step at K = 16 / 64 / 256); the batch's share is a guess, unmeasured.
+GPU_STEP_US, GPU_JOB_STEP_US, GPU_SAMPLE_US = 150.0, 0.4, 0.06
+
+
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether this job will train on a GPU (auto: where one is visible)."""
+    device = str(cfg.train.device)
+    return device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
 
 
 def group_cost(cfgs: list[DictConfig]) -> float:
-    """Estimated seconds to train these jobs (one fusion key) as one group on one thread: only its ratio to other
-    groups' costs matters (it orders, splits and balances groups across worker processes)."""
+    """Estimated seconds to train these jobs (one fusion key) as one group (CPU: on one thread): only its ratio to
+    other groups' costs matters (it orders, splits and balances groups across worker processes)."""
     cfg, d = cfgs[0], cfgs[0].data
     steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
+    if on_gpu(cfg):  # launch-bound: one big group beats several small ones
+        return steps * (GPU_STEP_US + len(cfgs) * (GPU_JOB_STEP_US + GPU_SAMPLE_US * int(d.batch_size))) * 1e-6
     per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (BATCH_NORM if cfg.model.get("batch_norm") else 1.0)
     if shares_batches(cfgs):
         per_job *= SHARED_BATCH
@@ -319,7 +330,7 @@ def loop_settings(cfg: DictConfig) -> train.LoopSettings:
     return train.LoopSettings(
         epochs=cfg.train.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
         monitor=cfg.train.monitor, patience=cfg.train.early_stopping.patience,
-        min_delta=cfg.train.early_stopping.min_delta, progress=progress)
+        min_delta=cfg.train.early_stopping.min_delta, progress=progress, cuda_graph=cfg.train.cuda_graph)
 
 
 class Job:
@@ -599,7 +610,7 @@ def stop_sweep(parent: dict | None, signum: int):
 
 
 KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
-                  tracking.TrackingError)
+                  tracking.TrackingError, step.CaptureFailed)
 
 
 def run(cfg: DictConfig, ctx: JobContext, stop: train.StopOnSignal, process: Process = PROCESS) -> Outcome:

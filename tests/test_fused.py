@@ -48,6 +48,11 @@ def test_a_login_node_without_a_gpu_plans_groups_for_gpu_nodes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfgs = [compose_cfg(f"train.seed={i}", "train.device=cuda") for i in range(5)]
     assert job.plan_groups(cfgs, 4) == [[0, 1, 2, 3], [4]]
+    # 4 learning rates x 4 seeds: on a CPU a group per seed (shared batches), on a GPU, launch-bound, one group
+    grid = [[f"optimizer.lr={lr}", f"train.seed={seed}"] for lr in (0.001, 0.002, 0.004, 0.008) for seed in range(4)]
+    assert job.plan_groups([compose_cfg(*o, "train.device=cpu") for o in grid], None) == [
+        list(range(seed, 16, 4)) for seed in range(4)]
+    assert job.plan_groups([compose_cfg(*o, "train.device=cuda") for o in grid], None) == [list(range(16))]
 
 
 def test_groups_are_balanced_for_worker_processes():
@@ -130,6 +135,38 @@ def test_a_job_trained_in_a_group_matches_the_job_trained_alone(tmp_path, tiny_r
         for hf, ha in zip(f, a):
             assert hf["valid_loss"] == pytest.approx(ha["valid_loss"], rel=1e-4)
             assert hf["lr"] == ha["lr"]
+
+
+@pytest.fixture
+def one_thread():
+    """Fused workers train on one torch thread each; the jobs they are compared with must too (below)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_root, one_thread):
+    """The notebook grid's He+BN (+dropout) group: SGD and Adam, one seed (so one batch for all), fused vs alone.
+    On the same number of threads every kernel gives a job's numbers whatever else is stacked beside it, so the two
+    are equal to the last bit: what differs between a sweep's fused jobs and the same jobs run alone on 2 threads
+    is torch's own 1- vs 2-thread rounding (batch-norm statistics, reductions), not fusion."""
+    variants = [["optimizer=sgd", "ablation=he_bn"], ["optimizer=adam", "ablation=he_bn"],
+                ["optimizer=sgd", "ablation=he_bn_dropout"], ["optimizer=adam", "ablation=he_bn_dropout"]]
+    cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2", "tracking.enabled=false", "data.batch_size=16",
+                        "train.threads=1", *v) for v in variants]
+    assert len({job.fusion_key(c) for c in cfgs}) == 1 and job.shares_batches(cfgs)
+    fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(4)]
+    alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(4)]
+    process = job.Process()
+    assert [o.status for o in job.run_group(list(zip(cfgs, fused)), train.StopOnSignal(), process)] == ["FINISHED"] * 4
+    for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):
+        assert job.run(cfg, ctx_a, train.StopOnSignal(), process).status == "FINISHED"
+        f, a = history(ctx_f.job_dir), history(ctx_a.job_dir)
+        assert [{k: v for k, v in h.items() if k != "epoch_time"} for h in f] == \
+               [{k: v for k, v in h.items() if k != "epoch_time"} for h in a]
+        best_f, best_a = (torch.load(c.job_dir / "best_model.pt", weights_only=True) for c in (ctx_f, ctx_a))
+        assert best_f.keys() == best_a.keys() and all(torch.equal(best_f[k], best_a[k]) for k in best_f)
 
 
 def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root):
