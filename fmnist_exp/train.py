@@ -1,8 +1,8 @@
 """The training loop, top to bottom: train an epoch, validate, schedule, checkpoint, stop early, test the best.
 
 Written once, for a group of jobs that share a training step (a single run is a group of one): the group trains
-as one stacked model (stacked.py), and everything else (schedule, best checkpoint, early stopping, divergence,
-full checkpoints) is per job, in `Member`.
+as one stacked model (stacked.py), one step a batch (step.py: eager, or a replayed CUDA graph on a GPU), and
+everything else (schedule, best checkpoint, early stopping, divergence, full checkpoints) is per job, in `Member`.
 """
 from __future__ import annotations
 
