@@ -56,10 +56,18 @@ def main(argv=None) -> None:
                     f"{accuracy} |")
         print(rows[-1], file=sys.stderr, flush=True)
 
+    def failed(what, jobs, target, e: SystemExit):  # one try on a lent GPU: a failing row must not cost the rest
+        print(e, file=sys.stderr, flush=True)
+        rows.append(f"| {what} | {jobs} | failed | <= {target} s | no | {str(e).strip().splitlines()[-1][:150]} |")
+
     epochs = [f"train.epochs={args.epochs}"] if args.epochs else []
     for extra, what in (([], "default run (Adam, batch 100, 17 epochs), CUDA graph"),
                         (["train.cuda_graph=false"], "default run, eager steps")):
-        wall, accuracy, graph = single(extra + epochs, args.data_root, args.device)
+        try:
+            wall, accuracy, graph = single(extra + epochs, args.data_root, args.device)
+        except SystemExit as e:
+            failed(what, 1, 10, e)
+            continue
         row(what, 1, wall, 10, f"{accuracy:.4f}")
         print(f"  {graph}", file=sys.stderr)
     sweeps = [(["+experiment=notebook"], 16, "notebook grid, fused", 30)]
@@ -69,7 +77,11 @@ def main(argv=None) -> None:
                         f"train.seed={','.join(map(str, SEEDS))}"], 256, "lr x weight decay x seed, 17 epochs, fused",
                        180))
     for overrides, jobs, what, target in sweeps:
-        wall, accuracy, ending = fused.run(overrides, "fused", args.epochs, args.device, args.data_root)
+        try:
+            wall, accuracy, ending = fused.run(overrides, "fused", args.epochs, args.device, args.data_root)
+        except SystemExit as e:
+            failed(what, jobs, target, e)
+            continue
         mean = sum(accuracy.values()) / len(accuracy)
         row(what, jobs, wall, target, f"mean {mean:.4f}, {min(accuracy.values()):.4f}-{max(accuracy.values()):.4f}")
     fused.emit("\n".join(rows), args.out)

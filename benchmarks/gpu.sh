@@ -9,4 +9,5 @@ set -uo pipefail
 source .gpu/on-device.sh || exit 2
 out=${OUT:-/tmp}
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_step.py 2>&1 | tee "$out/gpu-tests.txt"
-python3 benchmarks/gpu.py --data-root "$PWD/data" --out "$out/gpu-table.md" ${GPU_BENCH_ARGS:-}
+python3 benchmarks/gpu.py --data-root "$PWD/data" --out "$out/gpu-table.md" ${GPU_BENCH_ARGS:-} 2>&1 \
+  | tee "$out/gpu-bench.txt"
