@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fmnist_exp import config, data, job, train  # noqa: E402
 from fmnist_exp.stacked import StackedModel, StackedOptimizer  # noqa: E402
+from fmnist_exp.step import Stepper  # noqa: E402
 
 SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
@@ -101,7 +102,8 @@ class OurJob:
 
     def epoch(self, dataset, eval_batch_size=1000) -> tuple[float, float]:
         start = time.perf_counter()
-        train.train_epoch(self.model, self.optimizer, [self.member], dataset, self.sizes, 1, False, None)
+        stepper = Stepper(self.model, self.optimizer, dataset, [self.member.dropout])  # eager, as on a CPU
+        train.train_epoch(stepper, [self.member], dataset, self.sizes, 1, False, None)
         _, accs = train.evaluate_stack(self.model, dataset.valid_x, dataset.valid_y, eval_batch_size)
         return time.perf_counter() - start, accs[0]
 
