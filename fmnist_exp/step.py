@@ -20,6 +20,7 @@ from fmnist_exp.stacked import StackedModel, StackedOptimizer, job_losses
 
 log = logging.getLogger(__name__)
 
+
 class CaptureFailed(RuntimeError):
     """The training step could not be captured as a CUDA graph (the run can train without: train.cuda_graph=false)."""
 
