@@ -42,6 +42,13 @@ LAUNCHERS = {"basic": ["hydra/launcher=basic"], "fused": ["hydra/launcher=fused"
              "basic-1": ["hydra/launcher=basic", "train.threads=1"]}
 
 
+def checkout_env(**extra: str) -> dict:
+    """The environment for a `python -m fmnist_exp` that imports this checkout first, then what the caller had on
+    PYTHONPATH (on a bare GPU machine: .gpu's wheels, benchmarks/gpu.sh)."""
+    return {**os.environ, **extra,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def run(overrides: list[str], launcher: str, epochs: int | None, device: str,
         data_root: Path) -> tuple[float, dict, float]:
     """Wall seconds of one sweep command, which must succeed, its jobs' test accuracy {run name: test_acc}, and the
@@ -51,8 +58,7 @@ def run(overrides: list[str], launcher: str, epochs: int | None, device: str,
                 "train.progress=off", f"train.device={device}", f"data.root={data_root}"]
         if epochs:
             args.append(f"train.epochs={epochs}")
-        # this checkout first, then what the caller had (on a bare GPU machine: .gpu's wheels, benchmarks/gpu.sh)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = checkout_env()
         start = time.perf_counter()
         result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start

@@ -10,7 +10,6 @@ buys. Prints a markdown table: wall seconds, the target, test accuracy.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fused  # noqa: E402  (run: one sweep command, its wall time and accuracies; emit: print the table)
+import fused  # noqa: E402  (run: one sweep command's wall time and accuracies; checkout_env; emit)
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS, DECAYS, SEEDS = (0.0005, 0.001, 0.002, 0.004), (0, 0.0001, 0.001, 0.01), range(16)
@@ -28,10 +27,10 @@ LRS, DECAYS, SEEDS = (0.0005, 0.001, 0.002, 0.004), (0, 0.0001, 0.001, 0.01), ra
 def single(extra: list[str], data_root: Path, device: str) -> tuple[float, float, str]:
     """Wall seconds and test accuracy of one plain run, and its CUDA-graph log line."""
     with tempfile.TemporaryDirectory() as cwd:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         start = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "fmnist_exp", f"train.device={device}", "train.progress=off",
-                                 f"data.root={data_root}", *extra], cwd=cwd, capture_output=True, text=True, env=env)
+                                 f"data.root={data_root}", *extra], cwd=cwd, capture_output=True, text=True,
+                                env=fused.checkout_env())
         wall = time.perf_counter() - start
     out = result.stdout + result.stderr
     if result.returncode != 0:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fused  # noqa: E402  (checkout_env: the environment of a run of this checkout)
 PEAK_RSS = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(p.pid, 0); "
             "print('PEAK_RSS_KB', usage.ru_maxrss, flush=True); sys.exit(os.waitstatus_to_exitcode(status))")
 
@@ -51,10 +53,9 @@ def tree_rss_kb(root: int) -> int:
 def run(tracking_on: bool, cwd: Path) -> dict:
     args = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "fmnist_exp", "train.progress=off",
             f"tracking.enabled={str(tracking_on).lower()}"]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+                            env=fused.checkout_env(PYTHONUNBUFFERED="1"))
     peak_tree = [0]
 
     def sample():

@@ -53,8 +53,7 @@ def pick_workers(launcher, configs: list[DictConfig]) -> int:
     if not all(is_fmnist_job(c) for c in configs):
         return 1
     from fmnist_exp import job
-    devices = {str(c.train.device) for c in configs}
-    if any(d.startswith("cuda") for d in devices) or ("auto" in devices and _gpu_visible()):
+    if any(job.on_gpu(c) for c in configs):
         return 1
     threads = max(int(c.train.threads or 1) for c in configs)
     try:  # a worker and its tracking process peak at ~1.1 GB (benchmarks/RESULTS.md)
@@ -62,11 +61,6 @@ def pick_workers(launcher, configs: list[DictConfig]) -> int:
     except (ValueError, OSError, AttributeError):
         memory = job.cores()
     return max(1, min(job.cores() // threads, memory))
-
-
-def _gpu_visible() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def load_configs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[DictConfig]:
