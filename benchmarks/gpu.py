@@ -60,8 +60,10 @@ def main(argv=None) -> None:
         rows.append(f"| {what} | {jobs} | failed | <= {target} s | no | {str(e).strip().splitlines()[-1][:150]} |")
 
     epochs = [f"train.epochs={args.epochs}"] if args.epochs else []
+    tried = f" [a try: {args.epochs} epoch(s)]" if args.epochs else ""  # the label must not claim 17 epochs
     for extra, what in (([], "default run (Adam, batch 100, 17 epochs), CUDA graph"),
                         (["train.cuda_graph=false"], "default run, eager steps")):
+        what += tried
         try:
             wall, accuracy, graph = single(extra + epochs, args.data_root, args.device)
         except SystemExit as e:
@@ -76,6 +78,7 @@ def main(argv=None) -> None:
                         f"train.seed={','.join(map(str, SEEDS))}"], 256, "lr x weight decay x seed, 17 epochs, fused",
                        180))
     for overrides, jobs, what, target in sweeps:
+        what += tried
         try:
             wall, accuracy, ending = fused.run(overrides, "fused", args.epochs, args.device, args.data_root)
         except SystemExit as e:

@@ -509,7 +509,8 @@ class Job:
                 try:
                     tracker.flush()  # the writes asked for so far (they may include creating the run)
                 except tracking.TrackingError as e:
-                    log.error("%s", e)
+                    if str(e) != error:  # the job's own error is logged above
+                        log.error("%s", e)
                 if tracker.run_id is None and self.ctx.multirun:  # the sweep table lists this job with its reason
                     tracker.start(self.ctx.run_name, self.params, tags={"fmnist.job_dir": str(self.ctx.job_dir)},
                                   parent_run_id=self.ctx.parent["run_id"] if self.ctx.parent else None)
@@ -518,7 +519,8 @@ class Job:
                     tracker.log_artifact(last, "checkpoints")
                 tracker.finish(status, error)
             except tracking.TrackingError as e:
-                log.error("%s", e)
+                if str(e) != error:
+                    log.error("%s", e)
             run_id = tracker.run_id
         if status == "KILLED" and run_id and signum == signal.SIGUSR2 and os.environ.get("SUBMITIT_EXECUTOR"):
             log.warning("Checkpointed for SLURM's requeue: the requeued job continues run %s", run_id)

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+# A machine without the git program (a bare container): GitPython's import would fail, and with it every run;
+# quiet, MLflow just records no commit. Set before MLflow imports GitPython, here and in the tracking process.
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used, or a run asked for is not in it."""
@@ -210,6 +214,7 @@ class _TrackingProcess:
         self.next_token = 0
         self.done: dict[int, str | None] = {}  # token -> error of a finished sync/finish
         self.used = False  # a Tracker has sent it work (else it may be discarded at once)
+        self.gone: str | None = None  # why the process could not start (its last word), once known
 
     def start(self) -> None:
         """Start the process now if it is not running (__main__ does, before importing torch, so that its own
@@ -222,7 +227,7 @@ class _TrackingProcess:
                                          pass_fds=[theirs.fileno()], env=_child_env())
             theirs.close()
             self.conn = Connection(ours.detach())
-            self.used = False
+            self.used, self.gone = False, None
             atexit.register(self.stop)
 
     def discard_unused(self) -> None:
@@ -239,11 +244,13 @@ class _TrackingProcess:
         return self.next_id
 
     def send(self, tid: int, op: str, *args) -> None:
+        if self.gone is not None:
+            raise TrackingError(self.gone)
         try:
             self.conn.send((tid, op, args))
         except OSError as e:
-            raise TrackingError(f"the tracking process ended unexpectedly ({e}); rerun, or pass "
-                                "tracking.enabled=false") from e
+            raise self._gone(f"the tracking process ended unexpectedly ({e}); rerun, or pass "
+                             "tracking.enabled=false") from e
 
     def drain(self, token: int | None = None) -> None:
         """Take in the replies that have arrived (without waiting), or until the reply to `token`."""
@@ -251,9 +258,12 @@ class _TrackingProcess:
             try:
                 kind, tid, *rest = self.conn.recv()
             except (EOFError, OSError) as e:
-                raise TrackingError("the tracking process ended unexpectedly; rerun, or pass "
-                                    "tracking.enabled=false") from e
+                raise self._gone("the tracking process ended unexpectedly; rerun, or pass "
+                                 "tracking.enabled=false") from e
             tracker = self.trackers.get(tid)
+            if kind == "gone":
+                self.gone = rest[0]
+                raise TrackingError(self.gone)
             if kind == "done":
                 self.done[rest[0]] = rest[1]
             elif tracker is None:
@@ -262,6 +272,18 @@ class _TrackingProcess:
                 tracker.run_id = rest[0]
             elif kind == "error" and tracker._error is None:
                 tracker._error = TrackingError(rest[0])
+
+    def _gone(self, message: str) -> TrackingError:
+        """The error for a tracking process that has gone: its last word if it left one (it could not start: a
+        missing module), else `message`."""
+        try:
+            while self.gone is None and self.conn.poll():
+                kind, _, *rest = self.conn.recv()
+                if kind == "gone":
+                    self.gone = rest[0]
+        except (EOFError, OSError):
+            pass
+        return TrackingError(self.gone or message)
 
     def call(self, tid: int, op: str, *args) -> str | None:
         """Send op(token, *args) and wait for its reply: None, or the error message of a failed write."""

@@ -8,7 +8,8 @@ job.
 
 Messages in: (tracker id, op, args). Replies: ("run", id, run_id) once a run exists, ("error", id, message)
 when a write fails (later writes of that job are skipped until the job has seen it: ("resume", id)), and
-("done", id, token, error) for `sync` and `finish`. The process ignores SIGINT/SIGTERM (the training process
+("done", id, token, error) for `sync` and `finish`; ("gone", None, message) as its last word when it cannot
+start (a missing module). The process ignores SIGINT/SIGTERM (the training process
 decides how runs end); when the training process goes away without ending a run, it ends it KILLED.
 """
 from __future__ import annotations
@@ -248,7 +249,13 @@ def main() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's time-limit warning, sent to every process of the job
     tracking.silence_noisy_loggers()
     conn = Connection(int(sys.argv[1]))
-    prefetch()
+    try:
+        prefetch()
+    except ImportError as e:  # a dependency missing here: say which, rather than leave a broken pipe
+        conn.send(("gone", None, f"the tracking process cannot import {e.name or e}: install this project's "
+                                 "dependencies (pip install -e .), or pass tracking.enabled=false"))
+        conn.close()
+        os._exit(1)
     try:
         serve(conn)
     finally:

@@ -261,6 +261,36 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, me
         assert store_runs(tmp_path) == []  # nothing half-written: no RUNNING run, no empty run
 
 
+def test_a_module_the_tracking_process_lacks_is_one_clear_line(tmp_path, tiny_root):
+    """A machine without one of the tracking process's modules (tensorboardX was missing on the bare GPU machine)
+    gets one line naming it, not a broken pipe, and no run half-written."""
+    fake = tmp_path / "fake" / "tensorboardX"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tensorboardX'\", "
+                                      "name='tensorboardX')\n")
+    result = run_cli(*tiny_overrides(tiny_root), "train.epochs=1", cwd=tmp_path,
+                     env={"PYTHONPATH": str(fake.parent)}, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-2000:]
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "the tracking process cannot import tensorboardX: install this project's dependencies (pip install -e .), "
+        "or pass tracking.enabled=false"), out[-2000:]
+    if (tmp_path / "mlruns" / "mlflow.db").exists():
+        assert store_runs(tmp_path) == []
+
+
+def test_a_machine_without_git_still_tracks(tmp_path, tiny_root):
+    """Without the git program (a bare container) GitPython refuses to import unless told to be quiet; MLflow
+    imports it for the commit tag. The run must not fail for that."""
+    result = run_cli(*tiny_overrides(tiny_root), "train.epochs=1", cwd=tmp_path,
+                     env={"GIT_PYTHON_GIT_EXECUTABLE": str(tmp_path / "no-git-here")}, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "[ERROR]" not in out, out[-2000:]
+    (run,) = store_runs(tmp_path)
+    assert run["status"] == "FINISHED"
+
+
 def test_a_killed_training_process_leaves_no_running_run(tmp_path, slow_root):
     """SIGKILL (the OOM killer, a scheduler's hard limit) cannot be handled: the tracking process, which outlives
     the training process, ends its run KILLED with the reason."""
