@@ -139,6 +139,8 @@ class TrackingConfig:
     uri: Optional[str] = None  # null = sqlite:///<cwd>/mlruns/mlflow.db, artifacts under <cwd>/mlruns/
     experiment: str = "fmnist"
     enabled: bool = True  # false = no MLflow and no TensorBoard (benchmarks)
+    processes: Optional[int] = None  # tracking processes a training process spreads its jobs' writes over; null =
+    # one per 8 jobs trained together, as far as spare cores allow (up to 8: a big GPU group's plots in parallel)
 
 
 @dataclass
@@ -212,6 +214,8 @@ def validate(cfg: DictConfig) -> None:
     _check(p is None or p > 0, "train.early_stopping.patience", p, "a positive integer or null", 3)
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "a positive integer or null", 2)
     _check(t.progress in ("auto", "on", "off"), "train.progress", t.progress, "auto, on or off", "off")
+    n = cfg.tracking.processes
+    _check(n is None or n > 0, "tracking.processes", n, "a positive integer or null", 2)
     _check(o.lr > 0, "optimizer.lr", o.lr, "a positive number", 0.001)
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "zero or positive", 0.001)
     _check(m.init in INITS, "model.init", m.init, "one of " + "|".join(INITS), "he")

@@ -341,8 +341,9 @@ class Job:
     `fail(status, error)`; `close()` always, which releases what the tracking process holds for the job.
     """
 
-    def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS):
-        self.cfg, self.ctx, self.process = cfg, ctx, process
+    def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS,
+                 tracking_process: tracking._TrackingProcess | None = None):
+        self.cfg, self.ctx, self.process, self.tracking_process = cfg, ctx, process, tracking_process
         self.tracker: tracking.Tracker | None = None
         self.params: dict[str, str] = {}
         self.member: train.Member | None = None  # what the training loop trains
@@ -357,7 +358,7 @@ class Job:
             tracking.TRACKING_PROCESS.discard_unused()  # started ahead by __main__: not needed
         ctx.job_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = tracking.Tracker(ctx.tracking_uri(cfg), cfg.tracking.experiment, ctx.job_dir,
-                                        enabled=cfg.tracking.enabled)
+                                        enabled=cfg.tracking.enabled, process=self.tracking_process)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.params = tracking.flatten(resolved)
         config.validate(cfg)
@@ -625,7 +626,12 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
     """Jobs that share a training step (fusion_key), prepared one by one, trained together as one stacked model
     (train.fit), then each completed or failed on its own; one Outcome per job, in order. A job's failure is its
     own; a signal stops them all, each KILLED with its own last checkpoint."""
-    jobs = [Job(cfg, ctx, process) for cfg, ctx in members]
+    cfg, ctx = members[0]
+    spare = cores() // (ctx.parallel_jobs or 1) - 1  # cores this process's share leaves beside its training
+    n = tracking.processes_for(len(members), spare, cfg.tracking.processes) if cfg.tracking.enabled else 1
+    if n > 1:
+        log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)
+    jobs = [Job(cfg, ctx, process, tracking.pick_process(i, n)) for i, (cfg, ctx) in enumerate(members)]
     outcomes: list[Outcome | None] = [None] * len(jobs)
 
     def end(i: int, make) -> None:

@@ -1,10 +1,10 @@
 """The tracking process: every MLflow and TensorBoard write of a training process, done in a child process.
 
-A training process starts one (`python -m fmnist_exp.tracking_process FD`) the first time a job tracks, and its
-`Tracker`s (tracking.py) send it their writes over a socket, in order. Importing MLflow, opening the store and
-rendering plots then run on another core instead of taking turns with the training loop for the GIL (epoch 1 of
-the default run: 2.5 s -> ~0.5 s, benchmarks/RESULTS.md). It never imports torch (prefetch). One `RunWriter` per
-job.
+A training process starts one (`python -m fmnist_exp.tracking_process FD`) the first time a job tracks (a big
+group, where cores are spare, several: tracking.processes_for), and its `Tracker`s (tracking.py) send it their
+writes over a socket, in order. Importing MLflow, opening the store and rendering plots then run on another core
+instead of taking turns with the training loop for the GIL (epoch 1 of the default run: 2.5 s -> ~0.5 s,
+benchmarks/RESULTS.md). It never imports torch (prefetch). One `RunWriter` per job.
 
 Messages in: (tracker id, op, args). Replies: ("run", id, run_id) once a run exists, ("error", id, message)
 when a write fails (later writes of that job are skipped until the job has seen it: ("resume", id)), and

@@ -252,6 +252,26 @@ def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
         assert {"best_model.pt", "config.yaml"} <= {x.path for x in c.list_artifacts(r.info.run_id)}
 
 
+def test_a_big_group_spreads_its_writes_over_several_tracking_processes(tmp_path, tiny_root):
+    """tracking.processes=3 (on a GPU host with spare cores the default for a big group): one group of 5 jobs, its
+    runs, plots and TensorBoard files as complete as with one tracking process."""
+    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", "tracking.processes=3",
+                     *tiny_overrides(tiny_root), "train.epochs=2", "optimizer.lr=0.001,0.002,0.003,0.004,0.005",
+                     cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "Tracking: the writes of 5 jobs spread over 3 tracking processes" in out
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    children = [c.get_run(r["run_uuid"]) for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 5 and {r.info.status for r in children} == {"FINISHED"}
+    assert all("tracking.processes" not in r.info.run_name for r in children)  # how, not what: not in the name
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "valid_loss")] == [1, 2]
+        assert {"plots/learning_curves.png", "plots/confusion_matrix.png", "plots/test_samples.png"} == {
+            a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        assert list((tmp_path / r.data.tags["fmnist.job_dir"]).glob("events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_path, sig, code):
     from conftest import make_tiny_set

@@ -111,3 +111,38 @@ def test_a_model_exported_by_the_training_process_is_the_model_mlflow_pytorch_lo
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(predictions[0], expected, atol=1e-6)
     np.testing.assert_allclose(predictions[1], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("jobs,spare,requested,expected", [
+    (256, 15, None, 8),  # a GPU worker's big group on a 16-core host: its plots drawn 8 at a time
+    (16, 7, None, 2), (16, 0, None, 1),  # 2 workers on 2 cores leave no spare core: one process each
+    (1, 15, None, 1), (5, 0, 3, 3),  # a single run; tracking.processes as asked
+])
+def test_how_many_tracking_processes_a_group_spreads_over(jobs, spare, requested, expected):
+    assert tracking.processes_for(jobs, spare, requested) == expected
+
+
+def test_jobs_spread_over_tracking_processes_each_write_in_order_in_its_own(tmp_path, monkeypatch):
+    """A group's trackers round-robin over several tracking processes: each job's run is complete and in order,
+    and the processes are really several."""
+    monkeypatch.setattr(tracking, "PROCESSES", [tracking.TRACKING_PROCESS])
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    trackers = [tracking.Tracker(uri, "exp", tmp_path / f"job{i}", process=tracking.pick_process(i, 3))
+                for i in range(5)]
+    assert len({t._proc.proc.pid for t in trackers}) == 3
+    for i, t in enumerate(trackers):
+        t.start(f"run {i}", {"i": str(i)}, {})
+    for epoch in (1, 2):
+        for t in trackers:
+            t.log_epoch(epoch, EPOCH)
+    for t in trackers:
+        t.finish("FINISHED")
+        t.close()
+    c = MlflowClient(uri)
+    for i, t in enumerate(trackers):
+        assert c.get_run(t.run_id).info.status == "FINISHED" and c.get_run(t.run_id).data.params == {"i": str(i)}
+        assert [m.step for m in c.get_metric_history(t.run_id, "valid_loss")] == [1, 2]
+        assert [e.step for e in EventAccumulator(str(tmp_path / f"job{i}")).Reload().Scalars("Loss/valid")] == [1, 2]
+    for p in tracking.PROCESSES[1:]:
+        p.stop()
