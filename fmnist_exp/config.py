@@ -139,8 +139,9 @@ class TrackingConfig:
     uri: Optional[str] = None  # null = sqlite:///<cwd>/mlruns/mlflow.db, artifacts under <cwd>/mlruns/
     experiment: str = "fmnist"
     enabled: bool = True  # false = no MLflow and no TensorBoard (benchmarks)
-    processes: Optional[int] = None  # tracking processes a training process spreads its jobs' writes over; null =
-    # one per 8 jobs trained together, as far as spare cores allow (up to 8: a big GPU group's plots in parallel)
+    # tracking processes a training process spreads its jobs' writes over; null = one per 8 jobs trained together
+    # as far as spare cores allow, up to 8 (a big GPU group's end-of-run plots drawn in parallel)
+    processes: Optional[int] = None
 
 
 @dataclass

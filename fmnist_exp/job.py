@@ -342,7 +342,7 @@ class Job:
     """
 
     def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS,
-                 tracking_process: tracking._TrackingProcess | None = None):
+                 tracking_process: tracking.TrackingProcess | None = None):
         self.cfg, self.ctx, self.process, self.tracking_process = cfg, ctx, process, tracking_process
         self.tracker: tracking.Tracker | None = None
         self.params: dict[str, str] = {}
@@ -626,9 +626,9 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
     """Jobs that share a training step (fusion_key), prepared one by one, trained together as one stacked model
     (train.fit), then each completed or failed on its own; one Outcome per job, in order. A job's failure is its
     own; a signal stops them all, each KILLED with its own last checkpoint."""
-    cfg, ctx = members[0]
-    spare = cores() // (ctx.parallel_jobs or 1) - 1  # cores this process's share leaves beside its training
-    n = tracking.processes_for(len(members), spare, cfg.tracking.processes) if cfg.tracking.enabled else 1
+    first, first_ctx = members[0]
+    spare = cores() // (first_ctx.parallel_jobs or 1) - 1  # cores this process's share leaves beside its training
+    n = tracking.processes_for(len(members), spare, first.tracking.processes) if first.tracking.enabled else 1
     if n > 1:
         log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)
     jobs = [Job(cfg, ctx, process, tracking.pick_process(i, n)) for i, (cfg, ctx) in enumerate(members)]

@@ -203,7 +203,7 @@ def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | Non
         return None
 
 
-class _TrackingProcess:
+class TrackingProcess:
     """A tracking process (tracking_process.py) of this process, started on first use, shared by the Trackers
     given it (TRACKING_PROCESS by default; PROCESSES holds the others a big group spreads its jobs over)."""
 
@@ -316,7 +316,7 @@ def _child_env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}  # it never trains: one thread for the plots
 
 
-TRACKING_PROCESS = _TrackingProcess()
+TRACKING_PROCESS = TrackingProcess()
 PROCESSES = [TRACKING_PROCESS]  # this process's tracking processes (a big group spreads its jobs over several)
 JOBS_PER_PROCESS = 8  # a job's end (plots, writes) costs its tracking process ~0.2 s: 8 jobs ~1.6 s
 MAX_PROCESSES = 8
@@ -331,11 +331,11 @@ def processes_for(jobs: int, spare_cores: int, requested: int | None = None) -> 
     return max(1, min(MAX_PROCESSES, spare_cores, -(-jobs // JOBS_PER_PROCESS)))
 
 
-def pick_process(k: int, n: int) -> _TrackingProcess:
+def pick_process(k: int, n: int) -> TrackingProcess:
     """The tracking process of the k-th job of a group spread over n (started when first used): round robin, so
     each holds every n-th job and a job's writes stay in order in one process."""
     while len(PROCESSES) < n:
-        PROCESSES.append(_TrackingProcess())
+        PROCESSES.append(TrackingProcess())
     return PROCESSES[k % n]
 
 
@@ -350,7 +350,7 @@ class Tracker:
     """
 
     def __init__(self, uri: str | None, experiment: str, log_dir: Path, enabled: bool = True,
-                 process: _TrackingProcess | None = None):
+                 process: TrackingProcess | None = None):
         self.enabled = enabled
         self._proc = process or TRACKING_PROCESS
         self.uri = resolve_uri(uri) if enabled else None

@@ -36,9 +36,10 @@ def test_a_failed_job_returns_its_outcome_instead_of_exiting(tmp_path, tiny_root
 
 def test_finished_jobs_release_their_trackers(tmp_path, tiny_root):
     process = job.Process()  # one process, several jobs (the basic launcher)
+    before = dict(tracking.TRACKING_PROCESS.trackers)  # other tests' trackers, if any ran in this process
     for i in range(3):
         assert run_job(tmp_path, tiny_root, f"job{i}", f"train.seed={i}", process=process).status == "FINISHED"
-        assert tracking.TRACKING_PROCESS.trackers == {}  # nothing of the job is held in the tracking process
+        assert tracking.TRACKING_PROCESS.trackers == before  # nothing of the job is held in the tracking process
         assert [t.name for t in threading.enumerate() if t.name.startswith("fmnist")] == []
     assert len(process._datasets) == 1  # the data set was loaded once for the three jobs
     assert tracking.TRACKING_PROCESS.proc.poll() is None  # one tracking process served the three jobs

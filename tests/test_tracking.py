@@ -16,7 +16,9 @@ EPOCH = {"train_loss": 0.5, "valid_loss": 0.4, "valid_acc": 0.8, "lr": 1e-3, "ep
 def tracker(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
-    return tracking.Tracker(uri, "exp", tmp_path / "job")
+    t = tracking.Tracker(uri, "exp", tmp_path / "job")
+    yield t
+    t.close()
 
 
 def test_writes_arrive_in_order_and_finish_waits_for_them(tracker, tmp_path):
