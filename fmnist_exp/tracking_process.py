@@ -9,8 +9,8 @@ benchmarks/RESULTS.md). It never imports torch (prefetch). One `RunWriter` per j
 Messages in: (tracker id, op, args). Replies: ("run", id, run_id) once a run exists, ("error", id, message)
 when a write fails (later writes of that job are skipped until the job has seen it: ("resume", id)), and
 ("done", id, token, error) for `sync` and `finish`; ("gone", None, message) as its last word when it cannot
-start (a missing module). The process ignores SIGINT/SIGTERM (the training process
-decides how runs end); when the training process goes away without ending a run, it ends it KILLED.
+start (a missing module). The process ignores SIGINT/SIGTERM (the training process decides how runs end); when
+the training process goes away without ending a run, it ends it KILLED.
 """
 from __future__ import annotations
 
