@@ -69,9 +69,28 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (mlruns / "artifacts" / safe).as_uri()
 
 
+_OPENED: set[str] = set()  # SQLite stores this process has opened (and so found created)
+
+
 def client(uri: str):
+    """A client of the store at `uri`. The first one a process makes for a SQLite store holds the store's lock
+    file: MLflow creates a new database's tables and migrates them when it opens it, and a second process that
+    opens it meanwhile sees a half-migrated schema ("out-of-date database schema") and fails."""
     from mlflow import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    if uri in _OPENED or not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock")
+    try:
+        lock.acquire()
+    except OSError:  # no directory or unwritable: MLflow's own error follows and says so
+        return MlflowClient(tracking_uri=uri)
+    try:
+        c = MlflowClient(tracking_uri=uri)
+    finally:
+        lock.release()
+    _OPENED.add(uri)
+    return c
 
 
 def experiment_id(uri: str, name: str) -> str:

@@ -1,6 +1,9 @@
 """The Tracker writes through the tracking process: in order, all of it by `finish`, and a failed write is never lost."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,32 @@ def test_jobs_spread_over_tracking_processes_each_write_in_order_in_its_own(tmp_
         assert [e.step for e in EventAccumulator(str(tmp_path / f"job{i}")).Reload().Scalars("Loss/valid")] == [1, 2]
     for p in tracking.PROCESSES[1:]:
         p.stop()
+
+
+OPEN_STORE = """
+import sys, time
+from pathlib import Path
+from fmnist_exp import tracking
+uri, here = sys.argv[1], Path(sys.argv[2])
+(here / f"ready{sys.argv[3]}").touch()
+while not (here / "go").exists():
+    time.sleep(0.005)
+print(tracking.experiment_id(uri, "exp"))
+"""
+
+
+def test_processes_that_open_a_new_store_at_once_all_get_it(tmp_path):
+    """Several processes (a group's tracking processes, two runs started together) open a new SQLite store at the
+    same moment: each gets the same experiment. Without the store's lock file, MLflow's table creation in one
+    process meets another's half-done migration ("duplicate column", "out-of-date database schema")."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, str(tmp_path), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), [err.strip().splitlines()[-1:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1
