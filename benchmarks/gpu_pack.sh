@@ -13,7 +13,8 @@ python3 - > .gpu/extra.txt <<'PY'
 import pathlib, re, tomllib
 project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
 wanted = project["dependencies"] + project["optional-dependencies"]["launchers"]
-have = {"torch", "torchvision", "tensorboard", "numpy", "pandas", "matplotlib", "tqdm", "pytest"}
+have = {"torch", "torchvision", "tensorboard", "numpy", "pandas", "matplotlib", "tqdm", "pytest",
+        "filelock"}  # torch requires filelock
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 packed = {norm(w.name.split("-")[0]) for w in pathlib.Path(".gpu/whl").glob("*.whl")}
 for spec in wanted:
