@@ -133,24 +133,26 @@ def test_jobs_spread_over_tracking_processes_each_write_in_order_in_its_own(tmp_
     monkeypatch.setattr(tracking, "PROCESSES", [tracking.TRACKING_PROCESS])
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
-    trackers = [tracking.Tracker(uri, "exp", tmp_path / f"job{i}", process=tracking.pick_process(i, 3))
-                for i in range(5)]
-    assert len({t._proc.proc.pid for t in trackers}) == 3
-    for i, t in enumerate(trackers):
-        t.start(f"run {i}", {"i": str(i)}, {})
-    for epoch in (1, 2):
+    try:
+        trackers = [tracking.Tracker(uri, "exp", tmp_path / f"job{i}", process=tracking.pick_process(i, 3))
+                    for i in range(5)]
+        assert len({t._proc.proc.pid for t in trackers}) == 3
+        for i, t in enumerate(trackers):
+            t.start(f"run {i}", {"i": str(i)}, {})
+        for epoch in (1, 2):
+            for t in trackers:
+                t.log_epoch(epoch, EPOCH)
         for t in trackers:
-            t.log_epoch(epoch, EPOCH)
-    for t in trackers:
-        t.finish("FINISHED")
-        t.close()
+            t.finish("FINISHED")
+            t.close()
+    finally:
+        for p in tracking.PROCESSES[1:]:  # the extra processes, whatever happened
+            p.stop()
     c = MlflowClient(uri)
     for i, t in enumerate(trackers):
         assert c.get_run(t.run_id).info.status == "FINISHED" and c.get_run(t.run_id).data.params == {"i": str(i)}
         assert [m.step for m in c.get_metric_history(t.run_id, "valid_loss")] == [1, 2]
         assert [e.step for e in EventAccumulator(str(tmp_path / f"job{i}")).Reload().Scalars("Loss/valid")] == [1, 2]
-    for p in tracking.PROCESSES[1:]:
-        p.stop()
 
 
 OPEN_STORE = """
