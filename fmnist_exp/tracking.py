@@ -80,10 +80,10 @@ def client(uri: str):
     if uri in _OPENED or not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     from filelock import FileLock
-    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock")
+    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=120)
     try:
         lock.acquire()
-    except OSError:  # no directory or unwritable: MLflow's own error follows and says so
+    except OSError:  # no directory, unwritable (MLflow's own error follows and says so), or held 2 min (Timeout)
         return MlflowClient(tracking_uri=uri)
     try:
         c = MlflowClient(tracking_uri=uri)
