@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from fmnist_exp import job, tracking
 
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 WINNER_METRICS = {"ckpt_valid_loss": "winner_valid_loss", "ckpt_valid_acc": "winner_valid_acc",
                   "test_loss": "winner_test_loss", "test_acc": "winner_test_acc"}  # sweep table column -> parent metric
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes or hosts find their parent
+LOCK_FILE = ".sweep.lock"  # in the sweep dir: held while its sweep runs
+MARKS = (PARENT_FILE, "multirun.yaml")  # a sweep has used this dir (Hydra's sweeper writes multirun.yaml)
 
 
 def read_parent(sweep_dir: Path) -> dict[str, str] | None:
@@ -27,10 +29,50 @@ def read_parent(sweep_dir: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def claim_sweep_dir(config: DictConfig):
+    """Make the sweep dir this sweep's alone, and hold it (the returned lock) while the sweep runs.
+
+    Two sweeps started in the same second get the same default dir (multirun/<date>/<time>), and a sweep rerun with
+    the same hydra.sweep.dir finds the last one's job dirs: sharing one, their jobs' parents, outcomes and tables mix.
+    So a dir that another running sweep holds, or that a sweep used before, gives way to <dir>_2 (or the next free
+    one); the jobs follow through a hydra.sweep.dir override. A crashed sweep's lock goes with its process."""
+    from filelock import FileLock, Timeout
+    wanted = Path(config.hydra.sweep.dir)
+    for n in range(1, 1000):
+        sweep_dir = wanted if n == 1 else wanted.with_name(f"{wanted.name}_{n}")
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(sweep_dir / LOCK_FILE, timeout=0)
+            lock.acquire()
+        except Timeout:
+            continue  # another running sweep holds it
+        except OSError:  # cannot lock here (no locks on this filesystem, unwritable): the sweep goes on as asked
+            return None
+        if any((sweep_dir / mark).exists() for mark in MARKS):
+            lock.release()
+            continue
+        if sweep_dir != wanted:
+            quoted = "'" + str(sweep_dir).replace("'", "\\'") + "'"
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.sweep.dir = str(sweep_dir)
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quoted}")  # what each job's config is made of
+            log.info("Sweep dir: %s is another sweep's, so this one writes to %s", wanted, sweep_dir)
+        return lock
+    return None
+
+
 class SweepCallback(Callback):
-    """Creates the sweep's parent run (no set_experiment races in parallel jobs) and closes it at the end."""
+    """Claims the sweep dir and creates the sweep's parent run (no set_experiment races in parallel jobs) before
+    any job starts; prints the table and closes the parent at the end."""
+
+    def __init__(self) -> None:
+        self.lock = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "lock": None}  # the dir's lock stays with the sweep's process (joblib pickles us)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.lock = claim_sweep_dir(config)
         if not config.tracking.enabled:
             return
         tracking.silence_noisy_loggers()
@@ -47,7 +89,13 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep table and winner (tracked sweeps), then exit 1 if any job did not finish, tracked or not."""
-        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            self._end(Path(config.hydra.sweep.dir))
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _end(self, sweep_dir: Path) -> None:
         parent = read_parent(sweep_dir)
         outcomes = job.read_outcomes(sweep_dir)
         unfinished = [(f"{name}: {o.error or o.status}", o) for name, o in outcomes

@@ -1,4 +1,4 @@
-"""Jobs that start at the same instant: no job may fail because another started beside it.
+"""Jobs and sweeps that start at the same instant: none may fail or mix with another because it started beside it.
 
 Eight processes, each a job of a sweep as a cluster runs them (its own training process and tracking process),
 wait at a barrier and are released together, five times, against SQLite and against a real `mlflow server` on
@@ -7,13 +7,16 @@ eight child runs under one parent, and logging one new data set eight times at o
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import make_tiny_set, tiny_overrides
+from conftest import cli_env, make_tiny_set, run_cli, tiny_overrides
 from fmnist_exp import tracking
 
 JOBS, REPS = 8, 5
@@ -70,3 +73,57 @@ def test_eight_jobs_released_at_once_all_finish(tmp_path, store, request):
             assert {"test_acc", "ckpt_valid_loss"} <= set(r.data.metrics)
             assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["fashion-mnist"]
         assert len({r.inputs.dataset_inputs[0].dataset.digest for r in children}) == 1
+
+
+def sweep_children(cwd: Path, sweep_dir: Path) -> dict[str, str]:
+    """The sweep's parent run (from the dir's mlflow_parent.json): its children, swept override -> status (run names
+    are all the job's overrides: the tiny data's come first)."""
+    parent = json.loads((sweep_dir / "mlflow_parent.json").read_text())
+    c = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    assert c.get_run(parent["run_id"]).data.tags["fmnist.sweep_dir"] == str(sweep_dir.resolve())
+    runs = c.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    return {r.info.run_name.split()[-1]: r.info.status for r in runs}
+
+
+def test_a_sweep_dir_that_a_running_sweep_holds_is_left_to_it(tmp_path, tiny_root):
+    """Two sweeps started in the same second get the same default dir (multirun/<date>/<time>): the second gives it
+    way and writes everything, its jobs' dirs included, to <dir>_2."""
+    from filelock import FileLock
+    held = tmp_path / "multirun" / "same"
+    held.mkdir(parents=True)
+    with FileLock(held / ".sweep.lock"):  # as the sweep that started first holds it
+        result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam",
+                         "hydra.sweep.dir=multirun/same", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "multirun/same is another sweep's, so this one writes to multirun/same_2" in result.stdout + result.stderr
+    assert [p.name for p in held.iterdir()] == [".sweep.lock"]  # nothing of this sweep in the held dir
+    moved = tmp_path / "multirun" / "same_2"
+    assert sweep_children(tmp_path, moved) == {"optimizer=sgd": "FINISHED", "optimizer=adam": "FINISHED"}
+    job_dirs = sorted(p for p in moved.iterdir() if p.is_dir() and (p / "outcome.json").is_file())
+    assert [p.name.split(",")[1] for p in job_dirs] == ["optimizer=sgd", "optimizer=adam"]
+    assert all("dir: multirun/same_2\n" in (p / ".hydra" / "hydra.yaml").read_text() for p in job_dirs)
+
+
+def test_two_sweeps_started_together_each_report_only_their_own_jobs(tmp_path, tiny_root):
+    """Two sweeps into one dir at once (or one after the other): each its own dir, parent run, jobs and table."""
+    sweeps = {"optimizers": ["optimizer=sgd,adam"], "rates": ["optimizer.lr=0.01,0.02"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fmnist_exp", "-m", *tiny_overrides(tiny_root),
+                                     "train.epochs=1", "hydra.sweep.dir=multirun/same", *args],
+                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=cli_env()) for name, args in sweeps.items()}
+    outputs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    assert {name: p.returncode for name, p in procs.items()} == {"optimizers": 0, "rates": 0}, outputs
+    dirs = sorted((tmp_path / "multirun").iterdir())
+    assert [d.name for d in dirs] == ["same", "same_2"]
+    expected = {"optimizers": {"optimizer=sgd", "optimizer=adam"},
+                "rates": {"optimizer.lr=0.01", "optimizer.lr=0.02"}}
+    found = {}
+    for d in dirs:
+        children = sweep_children(tmp_path, d)
+        assert set(children.values()) == {"FINISHED"}
+        found[next(name for name, runs in expected.items() if set(children) == runs)] = d
+    assert set(found) == {"optimizers", "rates"}  # each dir holds exactly one sweep's jobs
+    # each printed table and sweep_table.md lists its own two jobs
+    assert "| SGD " in outputs["optimizers"] and "| 0.02 " not in outputs["optimizers"]
+    assert "| 0.02 " in outputs["rates"] and "| SGD " not in outputs["rates"]
+    assert "| 0.02 " in (found["rates"] / "sweep_table.md").read_text()
