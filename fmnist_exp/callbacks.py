@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 WINNER_METRICS = {"ckpt_valid_loss": "winner_valid_loss", "ckpt_valid_acc": "winner_valid_acc",
                   "test_loss": "winner_test_loss", "test_acc": "winner_test_acc"}  # sweep table column -> parent metric
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes or hosts find their parent
-LOCK_FILE = ".sweep.lock"  # in the sweep dir: held while its sweep runs
-MARKS = (PARENT_FILE, "multirun.yaml")  # a sweep has used this dir (Hydra's sweeper writes multirun.yaml)
+LOCK_FILE = ".fmnist_exp.lock"  # in a run or sweep dir: held while its run or sweep runs
+MARKS = {"sweep": (PARENT_FILE, "multirun.yaml"), "run": (".hydra",)}  # a sweep (a run) has used this dir
 
 
 def read_parent(sweep_dir: Path) -> dict[str, str] | None:
@@ -29,41 +29,45 @@ def read_parent(sweep_dir: Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def claim_sweep_dir(config: DictConfig):
-    """Make the sweep dir this sweep's alone, and hold it (the returned lock) while the sweep runs.
+def claim_dir(config: DictConfig, mode: str):
+    """Make the output dir of this sweep (mode 'sweep': hydra.sweep.dir) or single run ('run': hydra.run.dir) its
+    own, and hold it (the returned lock) while it runs.
 
-    Two sweeps started in the same second get the same default dir (multirun/<date>/<time>), and a sweep rerun with
-    the same hydra.sweep.dir finds the last one's job dirs: sharing one, their jobs' parents, outcomes and tables mix.
-    So a dir that another running sweep holds, or that a sweep used before, gives way to <dir>_2 (or the next free
-    one); the jobs follow through a hydra.sweep.dir override. A crashed sweep's lock goes with its process."""
+    Two sweeps or runs started in the same second get the same default dir (multirun/<date>/<time>,
+    outputs/<date>/<time>), and one rerun with the same explicit dir finds the last one's files: sharing a dir, their
+    checkpoints, TensorBoard files, outcomes and tables mix. So a dir that another running sweep or run holds, or
+    that one used before, gives way to <dir>_2 (or the next free one), and one line says so. A sweep's jobs follow
+    through a hydra.sweep.dir override (each job's config is composed anew from the overrides); a run's job reads
+    hydra.run.dir from this very config. A crashed process's lock goes with it."""
     from filelock import FileLock, Timeout
-    wanted = Path(config.hydra.sweep.dir)
+    wanted = Path(config.hydra[mode].dir)
     for n in range(1, 1000):
-        sweep_dir = wanted if n == 1 else wanted.with_name(f"{wanted.name}_{n}")
+        path = wanted if n == 1 else wanted.with_name(f"{wanted.name}_{n}")
         try:
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(sweep_dir / LOCK_FILE, timeout=0)
+            path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(path / LOCK_FILE, timeout=0)
             lock.acquire()
         except Timeout:
-            continue  # another running sweep holds it
-        except OSError:  # cannot lock here (no locks on this filesystem, unwritable): the sweep goes on as asked
+            continue  # another running sweep or run holds it
+        except OSError:  # cannot lock here (no locks on this filesystem, unwritable): it goes on as asked
             return None
-        if any((sweep_dir / mark).exists() for mark in MARKS):
+        if any((path / mark).exists() for mark in MARKS[mode]):
             lock.release()
             continue
-        if sweep_dir != wanted:
-            quoted = "'" + str(sweep_dir).replace("'", "\\'") + "'"
+        if path != wanted:
             with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.sweep.dir = str(sweep_dir)
-                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quoted}")  # what each job's config is made of
-            log.info("Sweep dir: %s is another sweep's, so this one writes to %s", wanted, sweep_dir)
+                config.hydra[mode].dir = str(path)
+                if mode == "sweep":
+                    quoted = "'" + str(path).replace("'", "\\'") + "'"
+                    config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quoted}")
+            log.info("%s dir: %s is another %s's, so this one writes to %s", mode.capitalize(), wanted, mode, path)
         return lock
     return None
 
 
 class SweepCallback(Callback):
     """Claims the sweep dir and creates the sweep's parent run (no set_experiment races in parallel jobs) before
-    any job starts; prints the table and closes the parent at the end."""
+    any job starts; prints the table and closes the parent at the end. A single run: claims its dir."""
 
     def __init__(self) -> None:
         self.lock = None
@@ -71,8 +75,15 @@ class SweepCallback(Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "lock": None}  # the dir's lock stays with the sweep's process (joblib pickles us)
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.lock = claim_dir(config, "run")
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.lock = claim_sweep_dir(config)
+        self.lock = claim_dir(config, "sweep")
         if not config.tracking.enabled:
             return
         tracking.silence_noisy_loggers()

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import cli_env, make_tiny_set, run_cli, tiny_overrides
-from fmnist_exp import tracking
+from fmnist_exp import callbacks, tracking
 
 JOBS, REPS = 8, 5
 
@@ -91,12 +91,12 @@ def test_a_sweep_dir_that_a_running_sweep_holds_is_left_to_it(tmp_path, tiny_roo
     from filelock import FileLock
     held = tmp_path / "multirun" / "same"
     held.mkdir(parents=True)
-    with FileLock(held / ".sweep.lock"):  # as the sweep that started first holds it
+    with FileLock(held / callbacks.LOCK_FILE):  # as the sweep that started first holds it
         result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam",
                          "hydra.sweep.dir=multirun/same", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "multirun/same is another sweep's, so this one writes to multirun/same_2" in result.stdout + result.stderr
-    assert [p.name for p in held.iterdir()] == [".sweep.lock"]  # nothing of this sweep in the held dir
+    assert [p.name for p in held.iterdir()] == [callbacks.LOCK_FILE]  # nothing of this sweep in the held dir
     moved = tmp_path / "multirun" / "same_2"
     assert sweep_children(tmp_path, moved) == {"optimizer=sgd": "FINISHED", "optimizer=adam": "FINISHED"}
     job_dirs = sorted(p for p in moved.iterdir() if p.is_dir() and (p / "outcome.json").is_file())
@@ -127,3 +127,26 @@ def test_two_sweeps_started_together_each_report_only_their_own_jobs(tmp_path, t
     assert "| SGD " in outputs["optimizers"] and "| 0.02 " not in outputs["optimizers"]
     assert "| 0.02 " in outputs["rates"] and "| SGD " not in outputs["rates"]
     assert "| 0.02 " in (found["rates"] / "sweep_table.md").read_text()
+
+
+def test_a_single_run_leaves_a_dir_in_use_or_used_to_its_run(tmp_path, tiny_root):
+    """Two single runs started in the same second (`python -m fmnist_exp ... &` twice) shared outputs/<date>/<time>:
+    one best_model.pt, config.yaml and TensorBoard dir for both. A run now writes only where no other run is or was."""
+    from filelock import FileLock
+    def run(optimizer):
+        result = run_cli(*tiny_overrides(tiny_root), "train.epochs=1", f"optimizer={optimizer}",
+                         "hydra.run.dir=out/same", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout + result.stderr
+    (tmp_path / "out" / "same").mkdir(parents=True)
+    with FileLock(tmp_path / "out" / "same" / callbacks.LOCK_FILE):  # a run that started first holds it
+        assert "Run dir: out/same is another run's, so this one writes to out/same_2" in run("sgd")
+    assert "Run dir" not in run("adam")  # free again, and nothing was written there
+    assert "Run dir: out/same is another run's, so this one writes to out/same_3" in run("adamw")
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = {r.info.run_name.split()[-1]: r for r in c.search_runs(["1"])}
+    dirs = {"optimizer=sgd": "same_2", "optimizer=adam": "same", "optimizer=adamw": "same_3"}
+    assert {k: Path(r.data.tags["fmnist.job_dir"]).name for k, r in runs.items()} == dirs
+    for name, d in dirs.items():  # each dir holds its own run's files
+        assert (tmp_path / "out" / d / "best_model.pt").is_file()
+        assert f"- {name}" in (tmp_path / "out" / d / ".hydra" / "overrides.yaml").read_text()
