@@ -20,7 +20,7 @@ WINNER_METRICS = {"ckpt_valid_loss": "winner_valid_loss", "ckpt_valid_acc": "win
                   "test_loss": "winner_test_loss", "test_acc": "winner_test_acc"}  # sweep table column -> parent metric
 PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes or hosts find their parent
 LOCK_FILE = ".fmnist_exp.lock"  # in a run or sweep dir: held while its run or sweep runs
-MARKS = {"sweep": (PARENT_FILE, "multirun.yaml"), "run": (".hydra",)}  # a sweep (a run) has used this dir
+MARKS = {"sweep": (PARENT_FILE, "multirun.yaml"), "run": (".hydra", "config.yaml")}  # a sweep (a run) used this dir
 
 
 def read_parent(sweep_dir: Path) -> dict[str, str] | None:
@@ -41,6 +41,8 @@ def claim_dir(config: DictConfig, mode: str):
     hydra.run.dir from this very config. A crashed process's lock goes with it."""
     from filelock import FileLock, Timeout
     wanted = Path(config.hydra[mode].dir)
+    if wanted.resolve() == Path.cwd().resolve():  # hydra.run.dir=. : output where the command runs, as asked
+        return None
     for n in range(1, 1000):
         path = wanted if n == 1 else wanted.with_name(f"{wanted.name}_{n}")
         try:
