@@ -36,7 +36,8 @@ def claim_dir(config: DictConfig, mode: str):
     Two sweeps or runs started in the same second get the same default dir (multirun/<date>/<time>,
     outputs/<date>/<time>), and one rerun with the same explicit dir finds the last one's files: sharing a dir, their
     checkpoints, TensorBoard files, outcomes and tables mix. So a dir that another running sweep or run holds, or
-    that one used before, gives way to <dir>_2 (or the next free one), and one line says so. A sweep's jobs follow
+    that one used before, gives way to <dir>_2 (or the next free one), and one line says so. A SLURM job's requeued
+    attempt keeps its first attempt's dir (a requeued run continues from its last.pt there). A sweep's jobs follow
     through a hydra.sweep.dir override (each job's config is composed anew from the overrides); a run's job reads
     hydra.run.dir from this very config. A crashed process's lock goes with it."""
     from filelock import FileLock, Timeout
@@ -53,7 +54,7 @@ def claim_dir(config: DictConfig, mode: str):
             continue  # another running sweep or run holds it
         except OSError:  # cannot lock here (no locks on this filesystem, unwritable): it goes on as asked
             return None
-        if any((path / mark).exists() for mark in MARKS[mode]):
+        if not (n == 1 and job.requeued()) and any((path / mark).exists() for mark in MARKS[mode]):
             lock.release()
             continue
         if path != wanted:

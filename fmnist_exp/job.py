@@ -552,10 +552,15 @@ def hparams(cfg: DictConfig, name: str) -> dict:
     return out
 
 
+def requeued() -> bool:
+    """Whether this process is a SLURM job's second or later attempt (a requeue), in the first one's dirs."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) >= 1
+
+
 def requeued_outcome(job_dir: Path) -> Outcome | None:
     """How this job's previous attempt ended, when SLURM requeued it (after SIGUSR2, see settle): None for a
     first attempt."""
-    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+    if not requeued():
         return None
     earlier = read_outcome(job_dir)
     if earlier is None or earlier.signum != signal.SIGUSR2:
