@@ -52,7 +52,7 @@ def claim_dir(config: DictConfig, mode: str):
             lock.acquire()
         except Timeout:
             continue  # another running sweep or run holds it
-        except OSError:  # cannot lock here (no locks on this filesystem, unwritable): it goes on as asked
+        except (OSError, NotImplementedError):  # cannot lock here (unwritable, no flock): it goes on as asked
             return None
         if not (n == 1 and job.requeued()) and any((path / mark).exists() for mark in MARKS[mode]):
             lock.release()

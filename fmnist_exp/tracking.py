@@ -83,7 +83,8 @@ def client(uri: str):
     lock = FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=120)
     try:
         lock.acquire()
-    except OSError:  # no directory, unwritable (MLflow's own error follows and says so), or held 2 min (Timeout)
+    except (OSError, NotImplementedError):  # no directory, unwritable (MLflow's own error follows), held 2 min
+        # (Timeout), or no flock on this filesystem (filelock 3 raises NotImplementedError; 4 falls back itself)
         return MlflowClient(tracking_uri=uri)
     try:
         c = MlflowClient(tracking_uri=uri)

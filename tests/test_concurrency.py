@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import cli_env, make_tiny_set, run_cli, tiny_overrides
+from conftest import cli_env, compose_cfg, make_tiny_set, run_cli, tiny_overrides
 from fmnist_exp import callbacks, tracking
 
 JOBS, REPS = 8, 5
@@ -157,3 +157,18 @@ def test_a_single_run_leaves_a_dir_in_use_or_used_to_its_run(tmp_path, tiny_root
     for name, d in dirs.items():  # each dir holds its own run's files
         assert (tmp_path / "out" / d / "best_model.pt").is_file()
         assert f"- {name}" in (tmp_path / "out" / d / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_where_files_cannot_be_locked_runs_sweeps_and_the_store_go_on_as_before(tmp_path, monkeypatch):
+    """A filesystem without flock (some cluster filesystems; filelock 3 then raises NotImplementedError): nothing
+    is claimed or moved, and the store opens unlocked."""
+    import filelock
+
+    def no_flock(self, *args, **kwargs):
+        raise NotImplementedError("FileSystem does not appear to support flock; use SoftFileLock instead")
+    monkeypatch.setattr(filelock.FileLock, "acquire", no_flock)
+    cfg = compose_cfg(f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}", hydra=True)
+    assert callbacks.claim_dir(cfg, "sweep") is None and callbacks.claim_dir(cfg, "run") is None
+    assert (cfg.hydra.sweep.dir, cfg.hydra.run.dir) == (str(tmp_path / "sweep"), str(tmp_path / "run"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.experiment_id(uri, "exp") == tracking.client(uri).get_experiment_by_name("exp").experiment_id
