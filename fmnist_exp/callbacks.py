@@ -1,4 +1,5 @@
-"""Hydra callback for sweeps: one MLflow parent run made before any job starts, the sweep table at the end."""
+"""Hydra callback: every run or sweep claims its own output dir; a sweep gets one MLflow parent run made before any
+job starts, and its table at the end."""
 from __future__ import annotations
 
 import atexit
