@@ -83,6 +83,9 @@ class SweepCallback(Callback):
         self.lock = claim_dir(config, "run")
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
+
+    def _release(self) -> None:
         if self.lock is not None:
             self.lock.release()
 
@@ -107,8 +110,7 @@ class SweepCallback(Callback):
         try:
             self._end(Path(config.hydra.sweep.dir))
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            self._release()
 
     def _end(self, sweep_dir: Path) -> None:
         parent = read_parent(sweep_dir)

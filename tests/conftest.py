@@ -89,6 +89,13 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
                           timeout=timeout, env=cli_env(env))
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The markdown table in `text` (a sweep's output or sweep_table.md), header first, as cells (log lines start
+    with '[', table rows with '|')."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|:")]
+
+
 def store_runs(cwd: Path) -> list[dict]:
     """Every run in ./mlruns/mlflow.db with its status and tags, straight from SQLite."""
     con = sqlite3.connect(cwd / "mlruns" / "mlflow.db")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import cli_env, compose_cfg, make_tiny_set, run_cli, tiny_overrides
+from conftest import cli_env, compose_cfg, make_tiny_set, run_cli, table_rows, tiny_overrides
 from fmnist_exp import callbacks, tracking
 
 JOBS, REPS = 8, 5
@@ -124,16 +124,10 @@ def test_two_sweeps_started_together_each_report_only_their_own_jobs(tmp_path, t
         found[next(name for name, runs in expected.items() if set(children) == runs)] = d
     assert set(found) == {"optimizers", "rates"}  # each dir holds exactly one sweep's jobs
     # each printed table and sweep_table.md lists its own two jobs
-    tables = {name: table_cells(out) for name, out in outputs.items()}
+    tables = {name: table_rows(out)[1:] for name, out in outputs.items()}  # the rows below the header
     assert len(tables["optimizers"]) == 2 and {"SGD", "Adam"} <= set().union(*tables["optimizers"])
     assert len(tables["rates"]) == 2 and {"0.01", "0.02"} <= set().union(*tables["rates"])
-    assert table_cells((found["rates"] / "sweep_table.md").read_text()) == tables["rates"]
-
-
-def table_cells(text: str) -> list[list[str]]:
-    """The body rows of the markdown table in `text`, as cells (log lines start with '[', table rows with '|')."""
-    rows = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|:")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in rows[1:]]
+    assert table_rows((found["rates"] / "sweep_table.md").read_text())[1:] == tables["rates"]
 
 
 def test_a_single_run_leaves_a_dir_in_use_or_used_to_its_run(tmp_path, tiny_root):

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import cli_env, mlflow_server, run_cli, tiny_overrides
+from conftest import cli_env, mlflow_server, run_cli, table_rows, tiny_overrides
 from fmnist_exp import report, tracking
 
 
@@ -38,11 +38,6 @@ def sweep(tmp_path_factory):
     sweep_dir = next((cwd / "multirun").glob("*/*"))
     return dict(cwd=cwd, root=root, result=result, uri=uri, client=client, exp=exp, parent=parent,
                 children=children, sweep_dir=sweep_dir)
-
-
-def table_rows(text: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("|") and not line.startswith("|:")]
 
 
 def test_table_at_the_end_of_the_sweep(sweep):
