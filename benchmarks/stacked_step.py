@@ -1,7 +1,7 @@
 """Per-job cost of one training step of K notebook MLPs (784-128-64-10, Adam): apart, stacked, or through vmap.
 
     .venv/bin/python benchmarks/stacked_step.py [--ks 1 4 8 16] [--batches 100 16] [--reps 7] [--threads 2]
-                                                [--clock wall|cpu]
+                                                [--clock wall|cpu] [--mixed]
 
 A step is: gather the batch from the in-memory uint8 images, forward, cross-entropy, backward, optimizer step.
   separate   K nn.Modules, each with torch.optim.Adam(fused=True) as conf/ builds it, its own batch
@@ -13,7 +13,9 @@ as ~7 broadcast ops over the stacked tensors with (K, 1) hyperparameters, the ot
 Variants alternate within each repetition and the best repetition counts: the VM is shared and noisy. When other
 processes load it, torch's 2-thread parallel regions stall on each other (small ops suffer most, which flatters
 stacking); `--threads 1 --clock cpu` (process CPU time) is the figure that load barely moves.
-Prints a markdown table of microseconds per job-step.
+Prints a markdown table of microseconds per job-step. `--mixed` instead times BatchNorm as a per-job switch: K
+jobs of the notebook grid's ladder (half plain, half He + BatchNorm, dropout in one of each, SGD and Adam, one
+batch for all) as one stack, against the two halves as two stacks, one after the other.
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ N = 50_000  # the training split's size; the images are random, speed does not d
 ADAM = dict(kind="adam", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
 
 
-def models(k: int) -> list[MLP]:
+def models(k: int, batch_norm=(False,)) -> list[MLP]:
+    """k notebook MLPs; job i has BatchNorm as batch_norm[i % len(batch_norm)] says, and then dropout every other."""
     out = []
     for seed in range(k):
         torch.manual_seed(seed)
-        out.append(MLP())
+        bn = batch_norm[seed % len(batch_norm)]
+        out.append(MLP(batch_norm=bn, dropout=[0.3, 0.3] if bn and seed // 2 % 2 else []))
     return out
 
 
@@ -71,6 +75,43 @@ def stacked(k, images, labels, shared=False):
         job_losses(model(x), y if shared else y.view(k, -1)).sum().backward()
         opt.step()
     return step
+
+
+def grid_stack(k, images, labels, batch_norm):
+    """The grid's ladder as one stack (shared batches): SGD and Adam alternating, BatchNorm as `models` gives it."""
+    model = StackedModel.from_models(models(k, batch_norm))
+    hyper = [dict(kind="sgd", lr=0.1), ADAM] * (k // 2) + [ADAM] * (k % 2)
+    opt = StackedOptimizer(list(model.parameters()), hyper, model.param_owners())
+    gens = [torch.Generator().manual_seed(i) for i in range(k)]
+
+    def step(idx):
+        opt.zero_grad()
+        x = images.index_select(0, idx[0]).float().div_(255)
+        job_losses(model(x, gens), labels.index_select(0, idx[0])).sum().backward()
+        opt.step()
+    return step
+
+
+def mixed(args, images, labels, clock) -> None:
+    """BatchNorm per job: K jobs, half with it, as one stack vs as two stacks of K/2 (microseconds per step)."""
+    rows = []
+    for batch in args.batches:
+        for k in args.ks:
+            steps = max(5, 2000 // (k * batch // 16 + 4))
+            order = torch.randperm(N)[: steps * batch].view(steps, 1, batch)
+            plain, bn = grid_stack(k // 2, images, labels, (False,)), grid_stack(k // 2, images, labels, (True,))
+            fns = {"plain K/2": plain, "BatchNorm K/2": bn, "mixed K": grid_stack(k, images, labels, (False, True))}
+            t = {n: v * 1e6 for n, v in best_of(fns, lambda s: (order[s],), steps, args.reps, clock).items()}
+            rows.append((batch, k, t))
+            print(batch, k, {n: round(v) for n, v in t.items()}, file=sys.stderr, flush=True)
+    print(f"\nµs per step ({args.clock} clock), best of {args.reps}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}\n")
+    print("| batch | K | plain K/2 | BatchNorm K/2 | both apart | mixed K | mixed / apart |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, k, t in rows:
+        apart = t["plain K/2"] + t["BatchNorm K/2"]
+        print(f"| {batch} | {k} | {t['plain K/2']:.0f} | {t['BatchNorm K/2']:.0f} | {apart:.0f} | {t['mixed K']:.0f} "
+              f"| {t['mixed K'] / apart:.2f} |")
 
 
 def vmapped(k, images, labels):
@@ -139,6 +180,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     ap.add_argument("--no-vmap", action="store_true")
+    ap.add_argument("--mixed", action="store_true", help="BatchNorm per job: one mixed stack vs two (K even)")
     args = ap.parse_args()
     torch.set_flush_denormal(True)  # as the CLI does: Adam's tiny second moments are slow denormals otherwise
     torch.set_num_threads(args.threads)
@@ -146,6 +188,8 @@ def main() -> None:
     images = torch.randint(0, 256, (N, 1, 28, 28), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (N,), generator=g)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.mixed:
+        return mixed(args, images, labels, clock)
     rows = []
     for batch in args.batches:
         for k in args.ks:

@@ -173,9 +173,10 @@ def build(cfg: DictConfig, device: torch.device, name: str = "", job_dir: Path |
 
 def fusion_key(cfg: DictConfig) -> str:
     """What a training step's shapes depend on: jobs with equal keys train together as one stacked model. Seed,
-    init, dropout probabilities, optimizer, schedule, early stopping and monitor may differ within a group."""
+    init, dropout probabilities, BatchNorm on or off, optimizer, schedule, early stopping and monitor may differ
+    within a group (plan_groups still parts seeds and BatchNorm where that costs less)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-             if k not in ("init", "init_std", "dropout")}
+             if k not in ("init", "init_std", "dropout", "batch_norm")}
     d, t = cfg.data, cfg.train
     return json.dumps({"model": model, "data": OmegaConf.to_container(d, resolve=True), "epochs": t.epochs,
                        "device": t.device, "cuda_graph": t.cuda_graph, "threads": t.threads, "progress": t.progress,
@@ -188,14 +189,16 @@ def describe_fusion(cfgs: list[DictConfig]) -> str:
     cfg, m = cfgs[0], cfgs[0].model
     arch = f"{m._target_.rsplit('.', 1)[-1]} {list(m.channels) if 'channels' in m else ''}{list(m.hidden)}"
     batches = f", seed {cfg.train.seed} (one batch for all)" if shares_batches(cfgs) else ""
-    return (f"model {arch}{' +BN' if m.batch_norm else ''}, batch {cfg.data.batch_size}, {cfg.train.epochs} "
+    norm = sum(bool(c.model.batch_norm) for c in cfgs)
+    bn = "" if not norm else " +BN" if norm == len(cfgs) else f" (+BN for {norm} of {len(cfgs)})"
+    return (f"model {arch}{bn}, batch {cfg.data.batch_size}, {cfg.train.epochs} "
             f"epochs, valid {cfg.data.valid_size} (split {cfg.data.split_seed}), device {cfg.train.device}{batches}")
 
 
 def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]]:
     """Indices of `cfgs` in groups that fuse (input order kept inside a group), each at most max_group long. Jobs
-    of one seed share their batches (one wide first-layer product for all): a group of several seeds is split by
-    seed where the parts are estimated to cost less than the whole (group_cost)."""
+    of one seed share their batches (one wide first-layer product for all): a group is split into jobs with and
+    without BatchNorm, then by seed, where the parts are estimated to cost less than the whole (group_cost)."""
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
         try:
@@ -206,8 +209,9 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
     groups = []
     for ids in by_key.values():
         size = min(max_group or len(ids), jobs_that_fit(cfgs[ids[0]])) if len(ids) > 1 else 1
-        for part in by_seed(ids, cfgs):
-            groups += [part[j: j + size] for j in range(0, len(part), size)]
+        for bn_part in split_by(ids, cfgs, lambda c: bool(c.model.batch_norm)):
+            for part in split_by(bn_part, cfgs, lambda c: c.train.seed):
+                groups += [part[j: j + size] for j in range(0, len(part), size)]
     return groups
 
 
@@ -216,14 +220,15 @@ def shares_batches(cfgs: list[DictConfig]) -> bool:
     return len(cfgs) > 1 and len({c.train.seed for c in cfgs}) == 1
 
 
-def by_seed(ids: list[int], cfgs: list[DictConfig]) -> list[list[int]]:
-    """`ids` (one fusion key) as one part per seed when that is estimated to cost less, else as they are."""
+def split_by(ids: list[int], cfgs: list[DictConfig], value) -> list[list[int]]:
+    """`ids` (one fusion key) as one part per `value(cfg)` (a seed; BatchNorm on or off) when that is estimated
+    to cost less, else as they are."""
     if len(ids) < 2:  # also a config that failed to say what it is (its own group): nothing to read from it
         return [ids]
-    seeds: dict = {}
+    parts_by: dict = {}
     for i in ids:
-        seeds.setdefault(cfgs[i].train.seed, []).append(i)
-    parts = list(seeds.values())
+        parts_by.setdefault(value(cfgs[i]), []).append(i)
+    parts = list(parts_by.values())
     if len(parts) > 1 and sum(group_cost([cfgs[i] for i in p]) for p in parts) < group_cost([cfgs[i] for i in ids]):
         return parts
     return [ids]
@@ -234,6 +239,11 @@ def by_seed(ids: list[int], cfgs: list[DictConfig]) -> list[list[int]]:
 # makes a job's part ~1.35x (the notebook grid's groups of 4, trained in worker processes); jobs that share a seed,
 # and so their batches, ~0.93x (stacked_step.py's "shared" column at K = 8-32, batch 100).
 STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM, SHARED_BATCH = 250.0, 60.0, 7.5, 1.35, 0.93
+# Jobs with and without BatchNorm in one group: every job pays for BatchNorm, plus ~4 % (torch.where, stand-ins).
+# 4 plain + 4 BatchNorm jobs of the notebook grid as one group vs two, 1 thread: 2.44 vs 1.01 + 1.42 ms a step at
+# batch 16, 7.66 vs 2.81 + 3.87 ms at batch 100 (benchmarks/stacked_step.py --mixed --ks 8 --threads 1 --clock
+# cpu). So on a CPU they stay apart; on a GPU, where a step costs its launches, one step serves both.
+MIXED_BN = 1.04
 # On a GPU a step replayed as a CUDA graph is ~150 us whatever it holds, and a job adds ~1.4 us at batch 16 (issue
 # 10's H200 probe: 9.8 / 3.7 / 2.0 us per job-step at K = 16 / 64 / 256); the batch's share is a guess, unmeasured.
 GPU_STEP_US, GPU_JOB_STEP_US, GPU_SAMPLE_US = 150.0, 0.4, 0.06
@@ -252,7 +262,9 @@ def group_cost(cfgs: list[DictConfig]) -> float:
     steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
     if on_gpu(cfg):  # launch-bound: one big group beats several small ones
         return steps * (GPU_STEP_US + len(cfgs) * (GPU_JOB_STEP_US + GPU_SAMPLE_US * int(d.batch_size))) * 1e-6
-    per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (BATCH_NORM if cfg.model.get("batch_norm") else 1.0)
+    norm = {bool(c.model.get("batch_norm")) for c in cfgs}  # a mixed group normalises every job's activations
+    per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (
+        1.0 if True not in norm else BATCH_NORM * MIXED_BN if False in norm else BATCH_NORM)
     if shares_batches(cfgs):
         per_job *= SHARED_BATCH
     return steps * (STEP_US + len(cfgs) * per_job) * 1e-6
@@ -277,7 +289,8 @@ def balance(groups: list[list[int]], cfgs: list[DictConfig], workers: int) -> li
         if len(top) < 2:
             break
         half = (len(top) + 1) // 2
-        ordered = sorted(top, key=lambda i: (cfgs[i].train.seed, i))  # halves of fewer seeds: more shared batches
+        # halves of one kind (BatchNorm or not) and fewer seeds: no stand-ins, more shared batches
+        ordered = sorted(top, key=lambda i: (bool(cfgs[i].model.batch_norm), cfgs[i].train.seed, i))
         split = [g for g in groups if g is not top] + [sorted(ordered[:half]), sorted(ordered[half:])]
         before, after = (makespan([cost(g) for g in gs], workers) for gs in (groups, split))
         # a split that ends no sooner still pays while workers idle: it lets the next split of an equal group

@@ -3,12 +3,16 @@
 Linear is one batched matrix product (torch.baddbmm; the first layer on a batch all jobs share is one wide
 (B, 784) @ (784, K*H) product), Conv2d one grouped convolution over K*C channels (as HFTA does), BatchNorm one
 F.batch_norm over K*C channels, so each job's running stats stay exact (vmap cannot update them in place).
+Jobs with and without BatchNorm stack together (a GPU replays one step for both: the step's cost there is its
+launches, not its arithmetic): the others' activations pass through unchanged (torch.where, exact both ways).
 Batched layers, not torch.func.vmap: a whole Adam step of the notebook MLP at K=8 costs 713 vs 1005 us per job at
 batch 100, 231 vs 396 at batch 16 (1 thread, CPU time; benchmarks/stacked_step.py).
 The optimizer runs torch's fused SGD / Adam / AdamW kernel once per job on that job's slices, lr and step count
 read from device tensors: 58 us per job vs 140 for the same Adam as ~7 broadcast (K, 1) ops over all jobs.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,16 @@ def _layer(m: nn.Module) -> tuple[str, dict]:
     raise ValueError(f"cannot stack layer {m!r}")
 
 
+def _same(i: int, layers: list, j: int, reference: list) -> None:
+    """Raise if job i's layers differ from job j's, naming the first layer that does."""
+    if layers == reference:
+        return
+    n = next((n for n, (a, b) in enumerate(zip(layers, reference)) if a != b), min(len(layers), len(reference)))
+    mine, theirs = (" ".join([*x[n][:2], *(f"{a}={v}" for a, v in x[n][2].items())]) if n < len(x) else "nothing"
+                    for x in (layers, reference))
+    raise ValueError(f"job {i} differs from job {j} at layer {n}: {mine} vs {theirs}")
+
+
 def job_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each job's mean cross-entropy, shape (K,), for labels (B,) shared or (K, B) per job; backward through
     their sum gives every job exactly the gradient it gets alone."""
@@ -50,14 +64,24 @@ def job_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class StackedModel(nn.Module):
     """K `models.MLP` / `models.CNN` with the same layer sizes as one module: (B | K,B, 1, 28, 28) -> (K, B, 10)."""
 
-    def __init__(self, plan: list[tuple[str, str, dict]], layers: nn.ModuleDict, dropout: dict[str, list[float]]):
+    def __init__(self, plan: list[tuple[str, str, dict]], layers: nn.ModuleDict, dropout: dict[str, list[float]],
+                 normalised: dict[str, list[bool]] | None = None):
         super().__init__()
         self.plan, self.layers, self.dropout = plan, layers, dropout  # use from_models / select
         self.num_jobs = next(layers.parameters()).shape[0]
+        # BatchNorm layers only some jobs have: which jobs normalise there (the others keep their input); a mask
+        # on the device per layer, built once (a CUDA graph reads it), as (K,) for jobs and (K*C,) for channels
+        self.normalised = {name: list(jobs) for name, jobs in (normalised or {}).items() if not all(jobs)}
+        for name, jobs in self.normalised.items():
+            mask = torch.tensor(jobs, device=layers[name].weight.device)
+            self.register_buffer(f"_jobs_{name}", mask, persistent=False)
+            self.register_buffer(f"_channels_{name}", mask.repeat_interleave(layers[name].weight.shape[1]),
+                                 persistent=False)
 
     @classmethod
     def from_models(cls, models: list[nn.Sequential]) -> StackedModel:
-        """Stack the models' layers, copying each model's weights and BatchNorm stats exactly."""
+        """Stack the models' layers, copying each model's weights and BatchNorm stats exactly. Jobs with and without
+        BatchNorm stack together: a job without it gets stand-in BatchNorm parameters it never uses."""
         if not models:
             raise ValueError("no models to stack")
         skeletons, drops = [], []
@@ -66,43 +90,58 @@ class StackedModel(nn.Module):
                 raise ValueError(f"job {i} is a {type(model).__name__}, job 0 a {type(models[0]).__name__}")
             layers, dropout = [], {}
             for name, m in model.named_children():
-                if isinstance(m, nn.Dropout):  # keyed by position: jobs without dropout there get p = 0
-                    if len(layers) in dropout:
+                if isinstance(m, nn.Dropout):  # keyed by the layer before it: jobs without dropout there get p = 0
+                    after = layers[-1][0] if layers else None
+                    if after in dropout:
                         raise ValueError(f"job {i}: two dropout layers in a row at {name}")
-                    dropout[len(layers)] = (name, m.p)
+                    dropout[after] = (name, m.p)
                 else:
                     layers.append((name, *_layer(m)))
             skeletons.append(layers)
             drops.append(dropout)
-        with_bn = [any(kind == "bn" for _, kind, _ in s) for s in skeletons]
-        if len(set(with_bn)) > 1:
-            raise ValueError(f"batch_norm differs: jobs {[i for i, b in enumerate(with_bn) if b]} have BatchNorm, "
-                             f"jobs {[i for i, b in enumerate(with_bn) if not b]} do not")
-        for i, s in enumerate(skeletons):
-            if s != skeletons[0]:
-                j = next((j for j, (a, b) in enumerate(zip(s, skeletons[0])) if a != b), min(len(s), len(skeletons[0])))
-                mine, first = (" ".join([*x[j][:2], *(f"{a}={v}" for a, v in x[j][2].items())])
-                               if j < len(x) else "nothing" for x in (s, skeletons[0]))
-                raise ValueError(f"job {i} differs from job 0 at layer {j}: {mine} vs {first}")
-        plan, layers, dropout = [], nn.ModuleDict(), {}
+        bare = [[layer for layer in s if layer[1] != "bn"] for s in skeletons]
+        with_bn = [i for i, s in enumerate(skeletons) if len(s) > len(bare[i])]
+        full = skeletons[with_bn[0]] if with_bn else skeletons[0]  # every layer, BatchNorm included
+        for i in range(len(models)):
+            _same(i, bare[i], 0, bare[0])
+            if i in with_bn:
+                _same(i, skeletons[i], with_bn[0], full)
+        plan, layers, dropout, normalised = [], nn.ModuleDict(), {}, {}
         children = [dict(m.named_children()) for m in models]
-        for pos in range(len(skeletons[0]) + 1):
-            if any(pos in d for d in drops):
-                name = next(d[pos][0] for d in drops if pos in d)
-                dropout[name] = [d[pos][1] if pos in d else 0.0 for d in drops]
+
+        def add_dropout(after: str | None) -> None:
+            if any(after in d for d in drops):
+                name = next(d[after][0] for d in drops if after in d)
+                dropout[name] = [d[after][1] if after in d else 0.0 for d in drops]
                 plan.append((name, "dropout", {}))
-            if pos < len(skeletons[0]):
-                name, kind, args = skeletons[0][pos]
-                plan.append((name, kind, {k: v for k, v in args.items() if k != "shape"}))
-                if kind in ("linear", "conv", "bn"):
-                    mods, holder = [c[name] for c in children], nn.Module()
-                    for n, p in mods[0].named_parameters(recurse=False):
-                        holder.register_parameter(n, nn.Parameter(torch.stack([m.get_parameter(n).detach()
-                                                                               for m in mods])))
-                    for n, _ in mods[0].named_buffers(recurse=False):
-                        holder.register_buffer(n, torch.stack([m.get_buffer(n) for m in mods]))
-                    layers[name] = holder
-        return cls(plan, layers, dropout).train(models[0].training)
+
+        add_dropout(None)
+        for name, kind, args in full:
+            plan.append((name, kind, {k: v for k, v in args.items() if k != "shape"}))
+            if kind in ("linear", "conv", "bn"):
+                mods = [c.get(name) for c in children]
+                if kind == "bn":
+                    normalised[name] = [m is not None for m in mods]
+                    stand_in = copy.deepcopy(next(m for m in mods if m is not None))
+                    stand_in.reset_parameters()  # weight 1, bias 0, running mean 0 and var 1: never used
+                    mods = [stand_in if m is None else m for m in mods]
+                holder = nn.Module()
+                for n, p in mods[0].named_parameters(recurse=False):
+                    holder.register_parameter(n, nn.Parameter(torch.stack([m.get_parameter(n).detach() for m in mods])))
+                for n, _ in mods[0].named_buffers(recurse=False):
+                    holder.register_buffer(n, torch.stack([m.get_buffer(n) for m in mods]))
+                layers[name] = holder
+            add_dropout(name)
+        return cls(plan, layers, dropout, normalised).train(models[0].training)
+
+    def has(self, k: int, layer: str) -> bool:
+        """Whether job k's own model has this layer (not so for a BatchNorm layer of a job without BatchNorm)."""
+        return layer not in self.normalised or self.normalised[layer][k]
+
+    def param_owners(self) -> list[list[bool]]:
+        """Per job, for each of parameters() in order: whether it is one of the job's own (not a stand-in)."""
+        return [[self.has(k, name) for name, h in self.layers.items() for _ in h.parameters(recurse=False)]
+                for k in range(self.num_jobs)]
 
     def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Logits (K, B, 10) for a batch all jobs share (B, 1, 28, 28) or one per job (K, B, 1, 28, 28); in training
@@ -127,13 +166,20 @@ class StackedModel(nn.Module):
                                                                                 **args)
                 layout = WIDE
             elif kind == "bn":
+                if name in self.normalised and not any(self.normalised[name]):
+                    continue  # only stand-ins left here (the jobs with BatchNorm have left the stack)
                 stats = h.running_mean.view(-1), h.running_var.view(-1), h.weight.flatten(), h.bias.flatten()
+                mixed = name in self.normalised  # jobs without BatchNorm keep x: where(), exact, gradient too
                 if layout == JOBS and x.dim() == 3:  # (K, B, F) as (1, K*F, B): same statistics, no transpose copy
                     kf = x.shape[0] * x.shape[2]
                     y = F.batch_norm(x.transpose(1, 2).reshape(1, kf, -1), *stats, self.training, **args)
-                    x = y.view(k, -1, x.shape[1]).transpose(1, 2)
+                    y = y.view(k, -1, x.shape[1]).transpose(1, 2)
+                    x = torch.where(self.get_buffer(f"_jobs_{name}").view(k, 1, 1), y, x) if mixed else y
                 else:
-                    x, layout = F.batch_norm(self._wide(x, layout), *stats, self.training, **args), WIDE
+                    x, layout = self._wide(x, layout), WIDE
+                    y = F.batch_norm(x, *stats, self.training, **args)
+                    x = torch.where(self.get_buffer(f"_channels_{name}").view(-1, *[1] * (x.dim() - 2)), y, x) \
+                        if mixed else y
                 if self.training:
                     h.num_batches_tracked.add_(1)
             elif kind == "relu":
@@ -173,11 +219,12 @@ class StackedModel(nn.Module):
 
     def job_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Job k's weights and BatchNorm stats under its own model's keys (loads strict into models.MLP / CNN)."""
-        return {f"{name}.{key}": t[k].clone() for name, h in self.layers.items() for key, t in h.state_dict().items()}
+        return {f"{name}.{key}": t[k].clone() for name, h in self.layers.items() if self.has(k, name)
+                for key, t in h.state_dict().items()}
 
     def load_job_state_dict(self, k: int, state: dict[str, torch.Tensor]) -> None:
         """Overwrite job k's weights and BatchNorm stats with a state dict of its own model."""
-        mine = {f"{name}.{key}": t for name, h in self.layers.items()
+        mine = {f"{name}.{key}": t for name, h in self.layers.items() if self.has(k, name)
                 for key, t in h.state_dict(keep_vars=True).items()}
         if set(state) != set(mine):
             raise KeyError(f"state dict keys differ: missing {sorted(set(mine) - set(state))}, "
@@ -198,7 +245,8 @@ class StackedModel(nn.Module):
             for n, b in h.named_buffers(recurse=False):
                 new.register_buffer(n, b[keep])
         dropout = {name: [ps[i] for i in keep] for name, ps in self.dropout.items()}
-        return StackedModel(self.plan, layers, dropout).train(self.training)
+        normalised = {name: [jobs[i] for i in keep] for name, jobs in self.normalised.items()}
+        return StackedModel(self.plan, layers, dropout, normalised).train(self.training)
 
 
 def _hyper(h: dict) -> dict:
@@ -219,12 +267,15 @@ def _hyper(h: dict) -> dict:
 
 class StackedOptimizer:
     """SGD (momentum, nesterov, L2 decay; dampening 0) / Adam (L2) / AdamW (decoupled) per job over stacked
-    parameters (leading dim K), equal job by job to torch.optim; jobs of different kinds share one optimizer."""
+    parameters (leading dim K), equal job by job to torch.optim; jobs of different kinds share one optimizer.
+    `owners[k][i]`: whether params[i] is job k's own (StackedModel.param_owners); a job steps only its own, and its
+    state lists them in order, as its own model's optimizer does."""
 
-    def __init__(self, params: list[torch.Tensor], hyper: list[dict]):
+    def __init__(self, params: list[torch.Tensor], hyper: list[dict], owners: list[list[bool]] | None = None):
         self.params, self.hyper = list(params), [_hyper(h) for h in hyper]
         if any(p.shape[0] != len(self.hyper) for p in self.params):
             raise ValueError(f"{len(self.hyper)} jobs' settings for parameters of {self.params[0].shape[0]} jobs")
+        self.owners = [list(o) for o in owners] if owners is not None else [[True] * len(self.params)] * len(hyper)
         device = self.params[0].device
         self.lr = torch.tensor([h["lr"] for h in self.hyper], dtype=torch.float32, device=device)
         self.steps = torch.zeros(len(self.hyper), dtype=torch.float32, device=device)  # float32: what fused Adam reads
@@ -238,8 +289,12 @@ class StackedOptimizer:
             self._views = [self._per_job(ts) for ts in (self.params, self.exp_avg, self.exp_avg_sq)]
             self._lr, self._steps = self.lr.unbind(0), self.steps.unbind(0)
 
-    def _per_job(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        return [list(v) for v in zip(*(t.unbind(0) for t in tensors))] if tensors else [[] for _ in self.hyper]
+    def _per_job(self, tensors: list[torch.Tensor | None]) -> list[list[torch.Tensor]]:
+        """Each job's slices of its own tensors, in order (a tensor no job owns may be None: no gradient)."""
+        if not tensors:
+            return [[] for _ in self.hyper]
+        slices = [t.unbind(0) if any(own[i] for own in self.owners) else None for i, t in enumerate(tensors)]
+        return [[s[k] for s, mine in zip(slices, own) if mine] for k, own in enumerate(self.owners)]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -273,13 +328,14 @@ class StackedOptimizer:
     def job_state(self, k: int) -> dict:
         """Job k's optimizer state as its own torch.optim optimizer's state_dict() (loads into one), cloned."""
         h, state = self.hyper[k], {}
-        for i in range(len(self.params)):
+        mine = [i for i, own in enumerate(self.owners[k]) if own]
+        for j, i in enumerate(mine):  # numbered as the job's own optimizer numbers its parameters
             if h["kind"] == "sgd":
-                state[i] = {"momentum_buffer": self.exp_avg[i][k].clone() if h["momentum"] else None}
+                state[j] = {"momentum_buffer": self.exp_avg[i][k].clone() if h["momentum"] else None}
             else:
-                state[i] = {"step": self.steps[k].clone(), "exp_avg": self.exp_avg[i][k].clone(),
+                state[j] = {"step": self.steps[k].clone(), "exp_avg": self.exp_avg[i][k].clone(),
                             "exp_avg_sq": self.exp_avg_sq[i][k].clone()}
-        group = {key: v for key, v in h.items() if key != "kind"} | {"params": list(range(len(self.params)))}
+        group = {key: v for key, v in h.items() if key != "kind"} | {"params": list(range(len(mine)))}
         if h["kind"] == "sgd":
             group["dampening"] = 0.0  # torch.optim.SGD's load_state_dict does not default it
         return {"state": state, "param_groups": [group]}
@@ -288,8 +344,8 @@ class StackedOptimizer:
         """Overwrite job k's state (and lr) with `job_state` output or its torch.optim optimizer's state_dict()."""
         with torch.no_grad():
             self.steps[k].zero_()
-            for i in range(len(self.params)):
-                s = state["state"].get(i, {})
+            for j, i in enumerate(i for i, own in enumerate(self.owners[k]) if own):
+                s = state["state"].get(j, {})
                 for buf, key in ((self.exp_avg, "exp_avg"), (self.exp_avg_sq, "exp_avg_sq")):
                     value = s.get(key, s.get("momentum_buffer") if key == "exp_avg" else None)
                     if buf:
@@ -300,7 +356,7 @@ class StackedOptimizer:
 
     def select(self, keep: list[int], new_params: list[torch.Tensor]) -> StackedOptimizer:
         """The optimizer of `StackedModel.select(keep)`: these jobs' settings and state, on `new_params`."""
-        new = StackedOptimizer(new_params, [self.hyper[i] for i in keep])
+        new = StackedOptimizer(new_params, [self.hyper[i] for i in keep], [self.owners[i] for i in keep])
         with torch.no_grad():
             new.lr.copy_(self.lr[keep])
             new.steps.copy_(self.steps[keep])

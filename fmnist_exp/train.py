@@ -184,7 +184,7 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
         m.label = f"[{m.name}] " if len(group) > 1 else ""
     first = group[0]
     model = StackedModel.from_models([m.model for m in group])
-    optimizer = StackedOptimizer(list(model.parameters()), [m.hyper for m in group])
+    optimizer = StackedOptimizer(list(model.parameters()), [m.hyper for m in group], model.param_owners())
     for k, m in enumerate(group):
         if m.optimizer_state is not None:
             optimizer.load_job_state(k, m.optimizer_state)

@@ -28,12 +28,30 @@ def test_what_fuses_and_what_does_not():
         ["train.early_stopping.patience=2", "optimizer=adamw"],    # 3: early stopping, AdamW
         ["data.batch_size=16"],                                    # 4: another step shape
         ["model.hidden=[256,64]"],                                 # 5: another architecture
-        ["regularization=batchnorm"],                              # 6: BatchNorm: its own group
+        ["regularization=batchnorm"],                              # 6: BatchNorm: apart on a CPU (cost)
         ["train.epochs=3"],                                        # 7: another number of epochs
         ["data.batch_size=16", "optimizer=sgd"],                   # 8: with 4
     ]]
-    assert job.plan_groups(cfgs, None) == [[0, 1, 2, 3], [4, 8], [5], [6], [7]]
-    assert job.plan_groups(cfgs, 3) == [[0, 1, 2], [3], [4, 8], [5], [6], [7]]  # fused.max_group caps a group
+    assert job.plan_groups(cfgs, None) == [[0, 1, 2, 3], [6], [4, 8], [5], [7]]
+    assert job.plan_groups(cfgs, 3) == [[0, 1, 2], [3], [6], [4, 8], [5], [7]]  # fused.max_group caps a group
+
+
+def test_batchnorm_is_a_per_job_switch_where_one_step_for_both_costs_less(monkeypatch):
+    """The notebook grid's ablations: plain, He, He+BN, He+BN+dropout, SGD and Adam, at one batch size. On a CPU a
+    step's arithmetic dominates and BatchNorm would cost the plain jobs ~40 %: two groups. On a GPU a step costs its
+    launches: one group of all eight (half the replays)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a login node planning for GPU nodes
+    ladder = [[f"optimizer={o}", f"ablation={a}", "data.batch_size=16"] for o in ("sgd", "adam")
+              for a in ("plain", "he", "he_bn", "he_bn_dropout")]
+    cpu = [compose_cfg(*o, "train.device=cpu") for o in ladder]
+    gpu = [compose_cfg(*o, "train.device=cuda") for o in ladder]
+    assert len({job.fusion_key(c) for c in cpu}) == 1
+    assert job.plan_groups(cpu, None) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert job.plan_groups(gpu, None) == [list(range(8))]
+    assert job.describe_fusion(gpu).startswith("model MLP [128, 64] (+BN for 4 of 8), batch 16")
+    assert job.describe_fusion([cpu[i] for i in (2, 3)]).startswith("model MLP [128, 64] +BN, batch 16")
+    # a worker's half of a mixed group holds one kind: no stand-ins
+    assert job.balance([list(range(8))], cpu, 2) == [[2, 3, 6, 7], [0, 1, 4, 5]]
 
 
 def test_a_group_never_holds_more_jobs_than_fit_in_memory(monkeypatch):
@@ -146,13 +164,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_root, one_thread):
-    """The notebook grid's He+BN (+dropout) group: SGD and Adam, one seed (so one batch for all), fused vs alone.
+@pytest.mark.parametrize("ablations", [["he_bn", "he_bn_dropout"], ["plain", "he_bn_dropout"]], ids=["bn", "mixed"])
+def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_root, one_thread, ablations):
+    """The notebook grid's He+BN (+dropout) group: SGD and Adam, one seed (so one batch for all), fused vs alone;
+    and a group of jobs with and without BatchNorm, as a GPU trains them (a per-job switch).
     On the same number of threads every kernel gives a job's numbers whatever else is stacked beside it, so the two
     are equal to the last bit: what differs between a sweep's fused jobs and the same jobs run alone on 2 threads
     is torch's own 1- vs 2-thread rounding (batch-norm statistics, reductions), not fusion."""
-    variants = [["optimizer=sgd", "ablation=he_bn"], ["optimizer=adam", "ablation=he_bn"],
-                ["optimizer=sgd", "ablation=he_bn_dropout"], ["optimizer=adam", "ablation=he_bn_dropout"]]
+    variants = [[f"optimizer={o}", f"ablation={a}"] for a in ablations for o in ("sgd", "adam")]
     cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2", "tracking.enabled=false", "data.batch_size=16",
                         "train.threads=1", *v) for v in variants]
     assert len({job.fusion_key(c) for c in cfgs}) == 1 and job.shares_batches(cfgs)

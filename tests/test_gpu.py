@@ -15,7 +15,7 @@ GPU = torch.device("cuda")
 
 
 def test_replayed_steps_match_eager_steps_on_the_gpu(tmp_path, tiny_root):
-    from test_step import group  # the 4-job group: SGD/Adam/AdamW, dropout in two, halving lr, one early stop
+    from test_step import group  # 4 jobs: SGD/Adam/AdamW, dropout and BatchNorm in two, halving lr, an early stop
 
     tiny = data.load(tiny_root, tiny_root / "none", False, 100, 0, GPU)
     results = {}

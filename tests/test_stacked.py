@@ -99,6 +99,27 @@ CASES = {
 }
 
 
+def step_both(stacked, opt, models, refs, x, y) -> None:
+    """One step of the stack and of each model alone (its torch.optim optimizer) on the same batch: x (B, ...) and
+    y (B,) shared, or one per job in front."""
+    opt.zero_grad()
+    job_losses(stacked(x), y).sum().backward()
+    opt.step()
+    for k, (m, ref) in enumerate(zip(models, refs)):
+        ref.zero_grad()
+        F.cross_entropy(m(x if x.dim() == 4 else x[k]), y if y.dim() == 1 else y[k]).backward()
+        ref.step()
+
+
+def assert_jobs_are_their_models(stacked, models) -> None:
+    """Each job's slice of the stack is its model's state dict: the same keys, the same values within 1e-5."""
+    for k, m in enumerate(models):
+        mine, theirs = stacked.job_state_dict(k), m.state_dict()
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=1e-5, msg=f"job {k} {key}")
+
+
 def seeded_models(cls, kwargs, seeds=(0, 1, 2)):
     models = []
     for seed in seeds:
@@ -131,19 +152,8 @@ def test_stacked_forward_and_training_equal_each_model_alone(case):
     refs = [torch_optimizer(m.parameters(), h) for m, h in zip(models, hyper)]
     for step in range(3):
         xs, y = torch.rand(3, 8, 1, 28, 28, generator=g), torch.randint(0, 10, (3, 8), generator=g)
-        inputs = (x[:4], y[0, :4]) if step == 1 else (xs, y)  # shared and per-job batches
-        opt.zero_grad()
-        job_losses(stacked(inputs[0]), inputs[1]).sum().backward()
-        opt.step()
-        for k, (m, ref) in enumerate(zip(models, refs)):
-            ref.zero_grad()
-            F.cross_entropy(m(inputs[0] if step == 1 else xs[k]), inputs[1] if step == 1 else y[k]).backward()
-            ref.step()
-    for k, m in enumerate(models):
-        mine, theirs = stacked.job_state_dict(k), m.state_dict()
-        assert mine.keys() == theirs.keys()
-        for key in theirs:
-            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=1e-5, msg=f"job {k} {key}")
+        step_both(stacked, opt, models, refs, *((x[:4], y[0, :4]) if step == 1 else (xs, y)))  # shared, per job
+    assert_jobs_are_their_models(stacked, models)
     initial = seeded_models(cls, kwargs)[0].fc1.weight.detach()
     assert float((stacked.job_state_dict(0)["fc1.weight"] - initial).abs().max()) > 0  # training moved it
 
@@ -172,9 +182,66 @@ def test_job_state_dict_loads_strict_and_select_keeps_the_right_jobs(case):
         kept.load_job_state_dict(1, {"fc1.weight": models[0].fc1.weight})
 
 
+@pytest.mark.parametrize("cls, kwargs", [(MLP, dict(hidden=[32, 16])), (CNN, dict(channels=[4, 8], hidden=[16]))],
+                         ids=["mlp", "cnn"])
+def test_jobs_with_and_without_batchnorm_stack_and_each_trains_as_alone(cls, kwargs):
+    """BatchNorm is a per-job switch: jobs without it keep their activations (and gradients) exactly, own no
+    BatchNorm parameters, and their state dicts and optimizer states are their own models' ones."""
+    drop = [0.3] + [0.0] * (len(kwargs["hidden"]) - 1)
+    variants = [dict(), dict(batch_norm=True), dict(dropout=drop), dict(batch_norm=True, dropout=[0.5, *drop[1:]])]
+    models = []
+    for seed, extra in enumerate(variants):
+        torch.manual_seed(seed)
+        models.append(cls(**kwargs, **extra))
+    stacked = StackedModel.from_models(models)
+    assert stacked.dropout == {"dropout1": [0.0, 0.0, 0.3, 0.5]}  # after relu1, with or without bn1 before it
+    assert [name for name, _, _ in stacked.plan if name in ("fc1", "bn1", "relu1", "dropout1")] == \
+        ["fc1", "bn1", "relu1", "dropout1"]
+    for m in models[2:]:  # the training below compares without dropout masks (per-job dropout: tests below)
+        m.dropout1.p = 0.0
+    stacked = StackedModel.from_models(models)
+    assert stacked.normalised == {name: [False, True, False, True] for name, kind, _ in stacked.plan if kind == "bn"}
+    owners = stacked.param_owners()
+    assert [sum(own) for own in owners] == [len(list(m.parameters())) for m in models]
+    # SGD for the BatchNorm jobs: Adam turns the ~0 gradient of a bias before BatchNorm (rounding noise) into steps
+    hyper = [HYPER[1], HYPER[2], HYPER[3], HYPER[5]]
+    opt = StackedOptimizer(list(stacked.parameters()), hyper, owners)
+    refs = [torch_optimizer(m.parameters(), h) for m, h in zip(models, hyper)]
+    g = torch.Generator().manual_seed(4)
+    for step in range(4):
+        xs, y = torch.rand(4, 8, 1, 28, 28, generator=g), torch.randint(0, 10, (4, 8), generator=g)
+        step_both(stacked, opt, models, refs, *((xs[0], y[0]) if step % 2 else (xs, y)))  # shared, per job
+    assert_jobs_are_their_models(stacked, models)
+    for k, m in enumerate(models):
+        mine, state = stacked.job_state_dict(k), opt.job_state(k)
+        assert len(state["state"]) == len(list(m.parameters()))
+        torch_optimizer(m.parameters(), hyper[k]).load_state_dict(state)  # its own optimizer takes it as it is
+        cls(**kwargs, **variants[k]).load_state_dict(mine, strict=True)
+    loaded = StackedOptimizer([p.detach().clone() for p in stacked.parameters()], hyper, owners)
+    for k in range(4):  # a resumed group loads each job's own state into the stack
+        loaded.load_job_state(k, opt.job_state(k))
+        pairs = zip(loaded.job_state(k)["state"].values(), opt.job_state(k)["state"].values())
+        for i, (mine, theirs) in enumerate(pairs):
+            assert mine.keys() == theirs.keys(), (k, i)
+            assert all(mine[key] is theirs[key] is None or torch.equal(mine[key], theirs[key]) for key in mine), (k, i)
+    # jobs without BatchNorm left alone in a stack skip its layers; the ones kept keep their weights and state
+    plain = stacked.select([2, 0])
+    assert plain.normalised == {name: [False, False] for name in stacked.normalised}
+    x = torch.rand(5, 1, 28, 28, generator=g)
+    torch.testing.assert_close(plain.eval()(x), torch.stack([models[2].eval()(x), models[0].eval()(x)]),
+                               rtol=0, atol=1e-5)
+    small = opt.select([2, 0], list(plain.parameters()))
+    assert small.job_state(0)["state"].keys() == opt.job_state(2)["state"].keys()
+    assert StackedModel.from_models([models[1], models[3]]).normalised == {}  # all with BatchNorm: no masks
+
+
 def test_architectures_that_differ_do_not_stack():
-    with pytest.raises(ValueError, match=r"batch_norm differs: jobs \[1\] have BatchNorm, jobs \[0\] do not"):
-        StackedModel.from_models([MLP(), MLP(batch_norm=True)])
+    bn = MLP(batch_norm=True)
+    bn.bn2.momentum = 0.2
+    with pytest.raises(ValueError, match=r"job 2 differs from job 1 at layer 5: "
+                                         r"bn2 bn shape=\('BatchNorm1d', 64\) momentum=0.2 eps=1e-05 vs "
+                                         r"bn2 bn shape=\('BatchNorm1d', 64\) momentum=0.1 eps=1e-05"):
+        StackedModel.from_models([MLP(), MLP(batch_norm=True), bn])
     with pytest.raises(ValueError, match=r"job 1 differs from job 0 at layer 3: "
                                          r"fc2 linear shape=\(128, 32\) vs fc2 linear shape=\(128, 64\)"):
         StackedModel.from_models([MLP(), MLP(hidden=[128, 32])])
