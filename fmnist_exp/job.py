@@ -350,7 +350,8 @@ class Job:
     """One experiment with its own MLflow run, TensorBoard events, checkpoints and outcome.
 
     Driven as: `prepare()` (validate, build, skip or resume, start the run; may already return an Outcome),
-    `on_epoch(metrics, state)` after every epoch, then `submit_results(final)` and `end_run(final)`, or
+    `ready()` before the first step, `on_epoch(metrics, state)` after every epoch, then `submit_results(final)` and
+    `end_run(final)`, or
     `fail(status, error)`; `close()` always, which releases what the tracking process holds for the job.
     """
 
@@ -423,10 +424,7 @@ class Job:
         if ctx.group:
             self.tracker.set_tag("fmnist.group", ctx.group)
         self._log_start()
-        # the run exists, and the tracking process's start-up work (imports, store) is done, before the first step:
-        # running beside training, it would take a core from torch's threads (benchmarks/RESULTS.md)
-        self.tracker.flush()
-        return None
+        return None  # the run is being created in the tracking process: `ready` waits for it
 
     def _log_start(self) -> None:
         model, dataset, tracker = self.member.model, self.dataset, self.tracker
@@ -469,6 +467,11 @@ class Job:
                     tracking.client(uri).set_tag(run.info.run_id, tracking.sweep_tag(parent["run_id"]), "reused")
                 return ("skip" if run.info.status == "FINISHED" else "resume"), run
         return None, None
+
+    def ready(self) -> None:
+        """Wait until the job's run exists and its tracking process's start-up work (imports, store) is done: it
+        must not run beside training, where it would take a core from torch's threads (benchmarks/RESULTS.md)."""
+        self.tracker.flush()
 
     # --- each epoch, the end ------------------------------------------------------------------------------------
     def on_epoch(self, metrics: dict, state: train.LoopState) -> None:
@@ -681,6 +684,13 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
                 end(i, lambda: skipped)
         except Exception as e:
             fail(i, e)
+    # all prepared first, then waited for: the jobs' runs are created (and their tracking processes start) at once
+    for i, job in enumerate(jobs):
+        if outcomes[i] is None:
+            try:
+                job.ready()
+            except Exception as e:
+                fail(i, e)
     training = [i for i in range(len(jobs)) if outcomes[i] is None]
     # jobs resumed from different epochs cannot share steps: each starting epoch trains as its own group
     by_start: dict[int, list[int]] = {}
