@@ -2,7 +2,9 @@
 run the way a user runs it (failures, signals, resume), plus Hydra's own launcher test suites against it."""
 from __future__ import annotations
 
+import logging
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from mlflow import MlflowClient
 
 from conftest import compose_cfg, run_cli, store_runs, tiny_overrides
 from fmnist_exp import job, train
+from hydra_plugins.fmnist_fused_launcher import _core
 from hydra_plugins.fmnist_fused_launcher.fused_launcher import FusedLauncher
 
 
@@ -212,6 +215,38 @@ def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root)
         from omegaconf import OmegaConf
         models.load_best(OmegaConf.load(f"{job_dir}/config.yaml").model, job_dir)  # loads strict, weights_only
     assert sum(line.startswith("| ★") for line in result.stdout.splitlines()) == 1
+    # each job dir has its group's log: one file (hard links), with every job's epochs and the group's start
+    for group in ("1", "2"):
+        dirs = [Path(r["tags"]["fmnist.job_dir"]) for r in children if r["tags"]["fmnist.group"] == group]
+        logs = [d / "group.log" for d in dirs]
+        assert len({log.stat().st_ino for log in logs}) == 1 and logs[0].stat().st_nlink == 2
+        text = logs[0].read_text()
+        assert all(text.count(f"[{r['tags']['fmnist.overrides']}] Epoch 2/2") == 1 for r in children
+                   if r["tags"]["fmnist.group"] == group)
+
+
+def test_a_group_log_is_each_job_dirs_where_links_fail(tmp_path, monkeypatch):
+    """group.log as each job dir's own file where hard links cannot be made, or where one was there before."""
+    paths = [tmp_path / f"job{i}" / "group.log" for i in range(3)]
+    for p in paths:
+        p.parent.mkdir()
+    paths[2].write_text("attempt 1\n")  # a requeued job's log from its first attempt, in another file
+    handlers = _core.group_log(paths)
+    assert len(handlers) == 2 and paths[1].stat().st_ino == paths[0].stat().st_ino != paths[2].stat().st_ino
+    for h in handlers:
+        h.close()
+    assert len(_core.group_log(paths)) == 2  # again (a requeue): the links stay, nothing is added
+    monkeypatch.setattr(_core.os, "link", lambda a, b: (_ for _ in ()).throw(OSError("no hard links here")))
+    other = [tmp_path / f"other{i}.log" for i in range(3)]
+    log = logging.getLogger("group-log-test")
+    handlers = _core.group_log(other)
+    for h in handlers:
+        log.addHandler(h)
+    log.warning("a line")
+    for h in handlers:
+        log.removeHandler(h)
+        h.close()
+    assert len(handlers) == 3 and all(p.read_text() == "a line\n" for p in other)
 
 
 def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):

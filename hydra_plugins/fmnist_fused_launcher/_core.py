@@ -205,7 +205,7 @@ def train_group(members: list) -> list:
     group.log; a signal stops them all, each KILLED with its checkpoint. Returns each job's Outcome."""
     from fmnist_exp import job, train
     root = logging.getLogger()
-    handlers = [logging.FileHandler(ctx.job_dir / "group.log") for _, ctx in members]
+    handlers = group_log([ctx.job_dir / "group.log" for _, ctx in members])
     for h in handlers:
         h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(h)
@@ -216,6 +216,21 @@ def train_group(members: list) -> list:
         for h in handlers:
             root.removeHandler(h)
             h.close()
+
+
+def group_log(paths: list[Path]) -> list[logging.Handler]:
+    """Handlers that write a group's log lines to every one of `paths` (each job dir's group.log): one file, written
+    once, which the other paths are hard links to; where a link cannot be made (no hard links there, or the path is
+    another file already, from an earlier attempt of a requeued job) that path gets its own handler. One file per
+    job would write every line K times: 256 jobs x 17 epochs, 1.1 million writes and 166 MB of copies."""
+    handlers = [logging.FileHandler(paths[0])]
+    for path in paths[1:]:
+        try:
+            if not (path.exists() and os.path.samefile(path, paths[0])):
+                os.link(paths[0], path)
+        except OSError:
+            handlers.append(logging.FileHandler(path))
+    return handlers
 
 
 def end_jobs(launcher, configs: list[DictConfig], hydra_cfgs: list, members: list, outcomes: list) -> list[JobReturn]:
