@@ -351,8 +351,8 @@ class Job:
 
     Driven as: `prepare()` (validate, build, skip or resume, start the run; may already return an Outcome),
     `ready()` before the first step, `on_epoch(metrics, state)` after every epoch, then `submit_results(final)` and
-    `end_run(final)`, or
-    `fail(status, error)`; `close()` always, which releases what the tracking process holds for the job.
+    `end_run(final)`, or `fail(status, error)`; `close()` always, which releases what the tracking process holds
+    for the job.
     """
 
     def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS,

@@ -276,6 +276,7 @@ class StackedOptimizer:
         if any(p.shape[0] != len(self.hyper) for p in self.params):
             raise ValueError(f"{len(self.hyper)} jobs' settings for parameters of {self.params[0].shape[0]} jobs")
         self.owners = [list(o) for o in owners] if owners is not None else [[True] * len(self.params)] * len(hyper)
+        self._owned = [any(own[i] for own in self.owners) for i in range(len(self.params))]  # by any job
         device = self.params[0].device
         self.lr = torch.tensor([h["lr"] for h in self.hyper], dtype=torch.float32, device=device)
         self.steps = torch.zeros(len(self.hyper), dtype=torch.float32, device=device)  # float32: what fused Adam reads
@@ -293,7 +294,7 @@ class StackedOptimizer:
         """Each job's slices of its own tensors, in order (a tensor no job owns may be None: no gradient)."""
         if not tensors:
             return [[] for _ in self.hyper]
-        slices = [t.unbind(0) if any(own[i] for own in self.owners) else None for i, t in enumerate(tensors)]
+        slices = [t.unbind(0) if owned else None for t, owned in zip(tensors, self._owned)]
         return [[s[k] for s, mine in zip(slices, own) if mine] for k, own in enumerate(self.owners)]
 
     @torch.no_grad()

@@ -61,7 +61,8 @@ def group(tmp_path, seeds, patience=None) -> list[train.Member]:
         torch.manual_seed(seed)
         stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
         members.append(train.Member(
-            name=f"job{i}", model=MLP(hidden=[32, 16], dropout=dropout, batch_norm=i % 2 == 1), hyper={"kind": kind, "lr": lr},
+            name=f"job{i}", model=MLP(hidden=[32, 16], dropout=dropout, batch_norm=i % 2 == 1),
+            hyper={"kind": kind, "lr": lr},
             scheduler=torch.optim.lr_scheduler.StepLR(stand_in, step_size=1, gamma=0.5),
             generator=torch.Generator().manual_seed(seed), dropout=torch.Generator().manual_seed(seed),
             settings=train.LoopSettings(epochs=3, batch_size=48, eval_batch_size=64,  # 10 full batches + 20
