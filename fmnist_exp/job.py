@@ -240,9 +240,10 @@ def split_by(ids: list[int], cfgs: list[DictConfig], value) -> list[list[int]]:
 # and so their batches, ~0.93x (stacked_step.py's "shared" column at K = 8-32, batch 100).
 STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM, SHARED_BATCH = 250.0, 60.0, 7.5, 1.35, 0.93
 # Jobs with and without BatchNorm in one group: every job pays for BatchNorm, plus ~4 % (torch.where, stand-ins).
-# 4 plain + 4 BatchNorm jobs of the notebook grid as one group vs two, 1 thread: 2.44 vs 1.01 + 1.42 ms a step at
-# batch 16, 7.66 vs 2.81 + 3.87 ms at batch 100 (benchmarks/stacked_step.py --mixed --ks 8 --threads 1 --clock
-# cpu). So on a CPU they stay apart; on a GPU, where a step costs its launches, one step serves both.
+# One mixed group vs the two apart, 1 thread (benchmarks/stacked_step.py --mixed --ks 2 4 8 --threads 1 --clock
+# cpu): 0.76 / 0.95 / 1.01x at K = 2 / 4 / 8 and batch 16, 0.95 / 1.21 / 1.15x at batch 100; this estimate gives
+# 0.78 / 0.92 / 1.03 and 0.98 / 1.11 / 1.15. So on a CPU small groups mix (a step's fixed part dominates) and the
+# notebook grid's 4 + 4 stay apart; on a GPU, where a step costs its launches, one step serves both.
 MIXED_BN = 1.04
 # On a GPU a step replayed as a CUDA graph is ~150 us whatever it holds, and a job adds ~1.4 us at batch 16 (issue
 # 10's H200 probe: 9.8 / 3.7 / 2.0 us per job-step at K = 16 / 64 / 256); the batch's share is a guess, unmeasured.

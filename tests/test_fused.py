@@ -41,8 +41,8 @@ def test_what_fuses_and_what_does_not():
 
 def test_batchnorm_is_a_per_job_switch_where_one_step_for_both_costs_less(monkeypatch):
     """The notebook grid's ablations: plain, He, He+BN, He+BN+dropout, SGD and Adam, at one batch size. On a CPU a
-    step's arithmetic dominates and BatchNorm would cost the plain jobs ~40 %: two groups. On a GPU a step costs its
-    launches: one group of all eight (half the replays)."""
+    step's arithmetic dominates and BatchNorm over all eight jobs costs more than a second step: two groups (a pair
+    mixes: a step's fixed part dominates). On a GPU a step costs its launches: one group of all eight."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a login node planning for GPU nodes
     ladder = [[f"optimizer={o}", f"ablation={a}", "data.batch_size=16"] for o in ("sgd", "adam")
               for a in ("plain", "he", "he_bn", "he_bn_dropout")]
@@ -55,6 +55,8 @@ def test_batchnorm_is_a_per_job_switch_where_one_step_for_both_costs_less(monkey
     assert job.describe_fusion([cpu[i] for i in (2, 3)]).startswith("model MLP [128, 64] +BN, batch 16")
     # a worker's half of a mixed group holds one kind: no stand-ins
     assert job.balance([list(range(8))], cpu, 2) == [[2, 3, 6, 7], [0, 1, 4, 5]]
+    pair = [cpu[0], cpu[6]]  # plain SGD, He+BN Adam: cheaper as one step on one core, apart on two
+    assert job.plan_groups(pair, None) == [[0, 1]] and job.balance([[0, 1]], pair, 2) == [[1], [0]]
 
 
 def test_a_group_never_holds_more_jobs_than_fit_in_memory(monkeypatch):
