@@ -14,8 +14,8 @@ Variants alternate within each repetition and the best repetition counts: the VM
 processes load it, torch's 2-thread parallel regions stall on each other (small ops suffer most, which flatters
 stacking); `--threads 1 --clock cpu` (process CPU time) is the figure that load barely moves.
 Prints a markdown table of microseconds per job-step. `--mixed` instead times BatchNorm as a per-job switch: K
-jobs of the notebook grid's ladder (half plain, half He + BatchNorm, dropout in one of each, SGD and Adam, one
-batch for all) as one stack, against the two halves as two stacks, one after the other.
+jobs like the notebook grid's ladder (half plain, half with BatchNorm, half of those with dropout; SGD and Adam;
+one batch for all) as one stack, against the two halves as two stacks, one after the other.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ ADAM = dict(kind="adam", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8
 
 
 def models(k: int, batch_norm=(False,)) -> list[MLP]:
-    """k notebook MLPs; job i has BatchNorm as batch_norm[i % len(batch_norm)] says, and then dropout every other."""
+    """k notebook MLPs; job i has BatchNorm as batch_norm[i % len(batch_norm)] says, and every other pair of those
+    dropout 0.3."""
     out = []
     for seed in range(k):
         torch.manual_seed(seed)
