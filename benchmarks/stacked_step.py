@@ -38,8 +38,8 @@ ADAM = dict(kind="adam", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8
 
 
 def models(k: int, batch_norm=(False,)) -> list[MLP]:
-    """k notebook MLPs; job i has BatchNorm as batch_norm[i % len(batch_norm)] says, and every other pair of those
-    dropout 0.3."""
+    """k notebook MLPs; job i has BatchNorm as batch_norm[i % len(batch_norm)] says, and a BatchNorm job whose
+    i // 2 is odd dropout 0.3 too (about half of them)."""
     out = []
     for seed in range(k):
         torch.manual_seed(seed)
