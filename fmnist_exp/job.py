@@ -189,7 +189,7 @@ def describe_fusion(cfgs: list[DictConfig]) -> str:
     cfg, m = cfgs[0], cfgs[0].model
     arch = f"{m._target_.rsplit('.', 1)[-1]} {list(m.channels) if 'channels' in m else ''}{list(m.hidden)}"
     batches = f", seed {cfg.train.seed} (one batch for all)" if shares_batches(cfgs) else ""
-    norm = sum(bool(c.model.batch_norm) for c in cfgs)
+    norm = sum(map(batch_norm, cfgs))
     bn = "" if not norm else " +BN" if norm == len(cfgs) else f" (+BN for {norm} of {len(cfgs)})"
     return (f"model {arch}{bn}, batch {cfg.data.batch_size}, {cfg.train.epochs} "
             f"epochs, valid {cfg.data.valid_size} (split {cfg.data.split_seed}), device {cfg.train.device}{batches}")
@@ -209,7 +209,7 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
     groups = []
     for ids in by_key.values():
         size = min(max_group or len(ids), jobs_that_fit(cfgs[ids[0]])) if len(ids) > 1 else 1
-        for bn_part in split_by(ids, cfgs, lambda c: bool(c.model.batch_norm)):
+        for bn_part in split_by(ids, cfgs, batch_norm):
             for part in split_by(bn_part, cfgs, lambda c: c.train.seed):
                 groups += [part[j: j + size] for j in range(0, len(part), size)]
     return groups
@@ -218,6 +218,11 @@ def plan_groups(cfgs: list[DictConfig], max_group: int | None) -> list[list[int]
 def shares_batches(cfgs: list[DictConfig]) -> bool:
     """Whether these jobs (several, of one fusion key) share one seed, hence one data order: one batch a step."""
     return len(cfgs) > 1 and len({c.train.seed for c in cfgs}) == 1
+
+
+def batch_norm(cfg: DictConfig) -> bool:
+    """Whether this job's model has BatchNorm (a per-job switch inside a group, StackedModel.normalised)."""
+    return bool(cfg.model.get("batch_norm"))
 
 
 def split_by(ids: list[int], cfgs: list[DictConfig], value) -> list[list[int]]:
@@ -263,9 +268,10 @@ def group_cost(cfgs: list[DictConfig]) -> float:
     steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
     if on_gpu(cfg):  # launch-bound: one big group beats several small ones
         return steps * (GPU_STEP_US + len(cfgs) * (GPU_JOB_STEP_US + GPU_SAMPLE_US * int(d.batch_size))) * 1e-6
-    norm = {bool(c.model.get("batch_norm")) for c in cfgs}  # a mixed group normalises every job's activations
-    per_job = (JOB_STEP_US + SAMPLE_US * int(d.batch_size)) * (
-        1.0 if True not in norm else BATCH_NORM * MIXED_BN if False in norm else BATCH_NORM)
+    per_job = JOB_STEP_US + SAMPLE_US * int(d.batch_size)
+    norm = {batch_norm(c) for c in cfgs}
+    if True in norm:  # every job pays for BatchNorm in a group that has it (a mixed one normalises them all)
+        per_job *= BATCH_NORM * (MIXED_BN if False in norm else 1.0)
     if shares_batches(cfgs):
         per_job *= SHARED_BATCH
     return steps * (STEP_US + len(cfgs) * per_job) * 1e-6
@@ -291,7 +297,7 @@ def balance(groups: list[list[int]], cfgs: list[DictConfig], workers: int) -> li
             break
         half = (len(top) + 1) // 2
         # halves of one kind (BatchNorm or not) and fewer seeds: no stand-ins, more shared batches
-        ordered = sorted(top, key=lambda i: (bool(cfgs[i].model.batch_norm), cfgs[i].train.seed, i))
+        ordered = sorted(top, key=lambda i: (batch_norm(cfgs[i]), cfgs[i].train.seed, i))
         split = [g for g in groups if g is not top] + [sorted(ordered[:half]), sorted(ordered[half:])]
         before, after = (makespan([cost(g) for g in gs], workers) for gs in (groups, split))
         # a split that ends no sooner still pays while workers idle: it lets the next split of an equal group
