@@ -172,7 +172,7 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
     """Train `members` together as one stacked model for their epochs (each until its own early stop), keep each
     one's best checkpoint, then test it: sets each member's `final`, or its `error` if it diverged.
 
-    All members share the model's layer sizes, batch size and epochs (fusion_key in job.py). After every epoch each
+    All members share the model's layer sizes, batch size and epochs (fusion.fusion_key). After every epoch each
     member's full checkpoint goes to `member.last`, then `member.on_epoch(metrics, state)` runs. A finished,
     stopped or diverged member leaves the stack, so it costs nothing more. A signal caught by `stop` raises
     Interrupted between steps: members not yet done keep the checkpoint of their last completed epoch.

@@ -14,7 +14,7 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 from mlflow import MlflowClient
 
 from conftest import compose_cfg, run_cli, store_runs, tiny_overrides
-from fmnist_exp import job, train
+from fmnist_exp import fusion, job, train
 from hydra_plugins.fmnist_fused_launcher import _core
 from hydra_plugins.fmnist_fused_launcher.fused_launcher import FusedLauncher
 
@@ -35,8 +35,8 @@ def test_what_fuses_and_what_does_not():
         ["train.epochs=3"],                                        # 7: another number of epochs
         ["data.batch_size=16", "optimizer=sgd"],                   # 8: with 4
     ]]
-    assert job.plan_groups(cfgs, None) == [[0, 1, 2, 3], [6], [4, 8], [5], [7]]
-    assert job.plan_groups(cfgs, 3) == [[0, 1, 2], [3], [6], [4, 8], [5], [7]]  # fused.max_group caps a group
+    assert fusion.plan_groups(cfgs, None) == [[0, 1, 2, 3], [6], [4, 8], [5], [7]]
+    assert fusion.plan_groups(cfgs, 3) == [[0, 1, 2], [3], [6], [4, 8], [5], [7]]  # fused.max_group caps a group
 
 
 def test_batchnorm_is_a_per_job_switch_where_one_step_for_both_costs_less(monkeypatch):
@@ -48,63 +48,63 @@ def test_batchnorm_is_a_per_job_switch_where_one_step_for_both_costs_less(monkey
               for a in ("plain", "he", "he_bn", "he_bn_dropout")]
     cpu = [compose_cfg(*o, "train.device=cpu") for o in ladder]
     gpu = [compose_cfg(*o, "train.device=cuda") for o in ladder]
-    assert len({job.fusion_key(c) for c in cpu}) == 1
-    assert job.plan_groups(cpu, None) == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert job.plan_groups(gpu, None) == [list(range(8))]
-    assert job.describe_fusion(gpu).startswith("model MLP [128, 64] (+BN for 4 of 8), batch 16")
-    assert job.describe_fusion([cpu[i] for i in (2, 3)]).startswith("model MLP [128, 64] +BN, batch 16")
+    assert len({fusion.fusion_key(c) for c in cpu}) == 1
+    assert fusion.plan_groups(cpu, None) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert fusion.plan_groups(gpu, None) == [list(range(8))]
+    assert fusion.describe_fusion(gpu).startswith("model MLP [128, 64] (+BN for 4 of 8), batch 16")
+    assert fusion.describe_fusion([cpu[i] for i in (2, 3)]).startswith("model MLP [128, 64] +BN, batch 16")
     # a worker's half of a mixed group holds one kind: no stand-ins
-    assert job.balance([list(range(8))], cpu, 2) == [[2, 3, 6, 7], [0, 1, 4, 5]]
+    assert fusion.balance([list(range(8))], cpu, 2) == [[2, 3, 6, 7], [0, 1, 4, 5]]
     pair = [cpu[0], cpu[6]]  # plain SGD, He+BN Adam: cheaper as one step on one core, apart on two
-    assert job.plan_groups(pair, None) == [[0, 1]] and job.balance([[0, 1]], pair, 2) == [[1], [0]]
+    assert fusion.plan_groups(pair, None) == [[0, 1]] and fusion.balance([[0, 1]], pair, 2) == [[1], [0]]
 
 
 def test_a_group_never_holds_more_jobs_than_fit_in_memory(monkeypatch):
     cfgs = [compose_cfg(f"train.seed={i}") for i in range(5)]
-    assert 1 <= job.jobs_that_fit(cfgs[0]) and job.jobs_that_fit(cfgs[0], share=1e-12) == 1
-    monkeypatch.setattr(job, "jobs_that_fit", lambda cfg: 2)
-    assert job.plan_groups(cfgs, 64) == [[0, 1], [2, 3], [4]]
+    assert 1 <= fusion.jobs_that_fit(cfgs[0]) and fusion.jobs_that_fit(cfgs[0], share=1e-12) == 1
+    monkeypatch.setattr(fusion, "jobs_that_fit", lambda cfg: 2)
+    assert fusion.plan_groups(cfgs, 64) == [[0, 1], [2, 3], [4]]
 
 
 def test_a_login_node_without_a_gpu_plans_groups_for_gpu_nodes(monkeypatch):
     """hydra/launcher=slurm plans groups where the sweep is submitted; train.device=cuda jobs run on GPU nodes."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfgs = [compose_cfg(f"train.seed={i}", "train.device=cuda") for i in range(5)]
-    assert job.plan_groups(cfgs, 4) == [[0, 1, 2, 3], [4]]
+    assert fusion.plan_groups(cfgs, 4) == [[0, 1, 2, 3], [4]]
     # 4 learning rates x 4 seeds: on a CPU a group per seed (shared batches), on a GPU, launch-bound, one group
     grid = [[f"optimizer.lr={lr}", f"train.seed={seed}"] for lr in (0.001, 0.002, 0.004, 0.008) for seed in range(4)]
-    assert job.plan_groups([compose_cfg(*o, "train.device=cpu") for o in grid], None) == [
+    assert fusion.plan_groups([compose_cfg(*o, "train.device=cpu") for o in grid], None) == [
         list(range(seed, 16, 4)) for seed in range(4)]
-    assert job.plan_groups([compose_cfg(*o, "train.device=cuda") for o in grid], None) == [list(range(16))]
+    assert fusion.plan_groups([compose_cfg(*o, "train.device=cuda") for o in grid], None) == [list(range(16))]
 
 
 def test_groups_are_balanced_for_worker_processes():
     """n_jobs workers take groups costliest first; the costliest is halved only where that shortens the sweep."""
     card = [compose_cfg(*o) for o in [["data.batch_size=16"], ["data.batch_size=100"],
                                        ["data.batch_size=16", "optimizer=sgd"], ["data.batch_size=100", "optimizer=sgd"]]]
-    groups = job.plan_groups(card, None)
+    groups = fusion.plan_groups(card, None)
     assert groups == [[0, 2], [1, 3]]
-    assert job.balance(groups, card, 2) == [[0, 2], [1, 3]]  # halving the batch-16 pair would not end sooner
-    assert job.balance(list(reversed(groups)), card, 2) == [[0, 2], [1, 3]]  # costliest first
+    assert fusion.balance(groups, card, 2) == [[0, 2], [1, 3]]  # halving the batch-16 pair would not end sooner
+    assert fusion.balance(list(reversed(groups)), card, 2) == [[0, 2], [1, 3]]  # costliest first
     seeds = [compose_cfg(f"train.seed={i}") for i in range(64)]
-    assert job.balance([list(range(64))], seeds, 1) == [list(range(64))]
-    assert job.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
-    assert [len(g) for g in job.balance([list(range(64))], seeds, 4)] == [16] * 4
-    assert job.makespan([4, 3, 2, 2], 2) == 6 and job.makespan([5], 3) == 5
+    assert fusion.balance([list(range(64))], seeds, 1) == [list(range(64))]
+    assert fusion.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
+    assert [len(g) for g in fusion.balance([list(range(64))], seeds, 4)] == [16] * 4
+    assert fusion.makespan([4, 3, 2, 2], 2) == 6 and fusion.makespan([5], 3) == 5
     # jobs of one seed share their batches: a sweep over seeds fuses per seed where the parts cost less...
     grid = [compose_cfg(f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}", f"train.seed={seed}")
             for lr in (0.001, 0.002, 0.004, 0.008) for wd in (0, 0.001, 0.01, 0.1) for seed in range(4)]
-    assert job.plan_groups(grid, None) == [list(range(seed, 64, 4)) for seed in range(4)]
-    assert job.balance(job.plan_groups(grid, None), grid, 2) == [list(range(seed, 64, 4)) for seed in range(4)]
+    assert fusion.plan_groups(grid, None) == [list(range(seed, 64, 4)) for seed in range(4)]
+    assert fusion.balance(fusion.plan_groups(grid, None), grid, 2) == [list(range(seed, 64, 4)) for seed in range(4)]
     few = [compose_cfg(f"train.seed={seed}", f"optimizer.lr={lr}") for seed in range(4) for lr in (0.001, 0.002)]
-    assert job.plan_groups(few, None) == [list(range(8))]  # ...not for two jobs a seed (a step's fixed part)
-    assert job.balance([list(range(8))], few, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # halved along seeds
+    assert fusion.plan_groups(few, None) == [list(range(8))]  # ...not for two jobs a seed (a step's fixed part)
+    assert fusion.balance([list(range(8))], few, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # halved along seeds
     alternating = [few[i] for i in (0, 2, 4, 6, 1, 3, 5, 7)]  # seeds 0 1 2 3 0 1 2 3
-    assert job.balance([list(range(8))], alternating, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert fusion.balance([list(range(8))], alternating, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
     # workers only where they repay their start: the design card yes, two jobs of one epoch no
-    assert job.workers_pay(groups, job.balance(groups, card, 2), card, 2)
+    assert fusion.workers_pay(groups, fusion.balance(groups, card, 2), card, 2)
     short = [compose_cfg("train.epochs=1", f"optimizer.lr={lr}") for lr in (0.01, 0.001)]
-    assert not job.workers_pay([[0, 1]], job.balance([[0, 1]], short, 2), short, 2)
+    assert not fusion.workers_pay([[0, 1]], fusion.balance([[0, 1]], short, 2), short, 2)
 
 
 def history(outcome_job_dir):
@@ -179,7 +179,7 @@ def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_
     variants = [[f"optimizer={o}", f"ablation={a}"] for a in ablations for o in ("sgd", "adam")]
     cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2", "tracking.enabled=false", "data.batch_size=16",
                         "train.threads=1", *v) for v in variants]
-    assert len({job.fusion_key(c) for c in cfgs}) == 1 and job.shares_batches(cfgs)
+    assert len({fusion.fusion_key(c) for c in cfgs}) == 1 and fusion.shares_batches(cfgs)
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(4)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(4)]
     process = job.Process()

@@ -52,8 +52,8 @@ def pick_workers(launcher, configs: list[DictConfig]) -> int:
         return int(launcher.n_jobs)
     if not all(is_fmnist_job(c) for c in configs):
         return 1
-    from fmnist_exp import job
-    if any(job.on_gpu(c) for c in configs):
+    from fmnist_exp import fusion, job
+    if any(fusion.on_gpu(c) for c in configs):
         return 1
     threads = max(int(c.train.threads or 1) for c in configs)
     try:  # a worker and its tracking process peak at ~1.1 GB (benchmarks/RESULTS.md)
@@ -110,19 +110,19 @@ def job_config(hydra_context, config: DictConfig, overrides: Sequence[str], num:
 
 def plan(configs: list[DictConfig], max_group: int | None, workers: int = 1,
          required: bool = False) -> tuple[list[list[int]] | None, int]:
-    """Indices of `configs` in fused groups (job.plan_groups), and how many train at once: up to `workers`, each in a
-    process of its own, the groups then balanced for them (job.balance) when that pays (job.workers_pay) or the
+    """Indices of `configs` in fused groups (fusion.plan_groups), and how many train at once: up to `workers`, each in a
+    process of its own, the groups then balanced for them (fusion.balance) when that pays (fusion.workers_pay) or the
     user asked for them (`required`); a log line per group says what it shares. (None, 1) when they are not all
     fmnist_exp jobs (nothing to fuse: they run one by one)."""
     if not all(is_fmnist_job(c) for c in configs):
         log.info(f"Launching {len(configs)} jobs one by one (not fmnist_exp jobs: nothing to fuse)")
         return None, 1
-    from fmnist_exp import job
+    from fmnist_exp import fusion
     task_cfgs = [task_config(c) for c in configs]
-    groups = job.plan_groups(task_cfgs, max_group)
+    groups = fusion.plan_groups(task_cfgs, max_group)
     if workers > 1:
-        balanced = job.balance(groups, task_cfgs, workers)
-        if required or job.workers_pay(groups, balanced, task_cfgs, workers):
+        balanced = fusion.balance(groups, task_cfgs, workers)
+        if required or fusion.workers_pay(groups, balanced, task_cfgs, workers):
             groups = balanced
         else:
             workers = 1
@@ -131,7 +131,7 @@ def plan(configs: list[DictConfig], max_group: int | None, workers: int = 1,
              + (f", {workers} at a time (a process each)" if workers > 1 else ""))
     for n, members in enumerate(groups, start=1):
         log.info(f"Group {n}/{len(groups)}: {len(members)} job(s) sharing "
-                 f"{job.describe_fusion([task_cfgs[i] for i in members])}")
+                 f"{fusion.describe_fusion([task_cfgs[i] for i in members])}")
     return groups, workers
 
 

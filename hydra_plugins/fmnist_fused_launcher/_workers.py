@@ -3,7 +3,7 @@ CPU core): on a CPU, one torch thread per process beats two threads in one proce
 4 at batch 16: 1.5-1.9x the throughput, benchmarks/RESULTS.md).
 
 The launcher's process does what Hydra does around a job (output dir, .hydra/ configs, callbacks, JobReturn) and
-hands each group's jobs to a free worker, costliest group first (job.balance); a worker trains them exactly as a
+hands each group's jobs to a free worker, costliest group first (fusion.balance); a worker trains them exactly as a
 group trained in this process (_core.train_group: the same job lifecycle) and returns their outcomes. Workers run
 in a process group of their own: a signal reaches the launcher, which forwards it to every worker once (each stops
 its jobs KILLED with their checkpoints) and starts no more groups; a worker whose launcher dies gets SIGTERM.
