@@ -111,10 +111,12 @@ def group_cost(cfgs: list[DictConfig]) -> float:
     """Estimated seconds to train these jobs (one fusion key) as one group (CPU: on one thread): only its ratio to
     other groups' costs matters (it orders, splits and balances groups across worker processes)."""
     cfg, d = cfgs[0], cfgs[0].data
-    steps = -(-max(1, 60_000 - int(d.valid_size)) // int(d.batch_size)) * int(cfg.train.epochs)
+    # out-of-range values (a job that will fail its own validation, alone) must not stop the planning of the rest
+    batch = max(1, int(d.batch_size))
+    steps = -(-max(1, 60_000 - int(d.valid_size)) // batch) * max(0, int(cfg.train.epochs))
     if on_gpu(cfg):  # launch-bound: one big group beats several small ones
-        return steps * (GPU_STEP_US + len(cfgs) * (GPU_JOB_STEP_US + GPU_SAMPLE_US * int(d.batch_size))) * 1e-6
-    per_job = JOB_STEP_US + SAMPLE_US * int(d.batch_size)
+        return steps * (GPU_STEP_US + len(cfgs) * (GPU_JOB_STEP_US + GPU_SAMPLE_US * batch)) * 1e-6
+    per_job = JOB_STEP_US + SAMPLE_US * batch
     norm = {batch_norm(c) for c in cfgs}
     if True in norm:  # every job pays for BatchNorm in a group that has it (a mixed one normalises them all)
         per_job *= BATCH_NORM * (MIXED_BN if False in norm else 1.0)
@@ -183,7 +185,8 @@ def jobs_that_fit(cfg: DictConfig, share: float = 0.5) -> int:
     for h in hooks:
         h.remove()
     params = sum(p.numel() for p in model.parameters())
-    per_job = 4 * (4 * params + sum(widths) * (3 * cfg.data.batch_size + cfg.data.eval_batch_size))
+    batches = 3 * max(1, cfg.data.batch_size) + max(1, cfg.data.eval_batch_size)  # bad values: the job fails alone
+    per_job = 4 * (4 * params + sum(widths) * batches)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:

@@ -268,6 +268,22 @@ def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
     assert bad["tags"]["fmnist.group"] == good["tags"]["fmnist.group"]  # they trained together
 
 
+def test_a_bad_value_fails_its_own_job_and_bad_launcher_options_are_refused(tmp_path, tiny_root):
+    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
+                     "train.epochs=1", "data.batch_size=64,0", cwd=tmp_path)  # planning and balancing see batch 0
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert "1 of 2 jobs failed" in out and "data.batch_size=0 is invalid: it must be a positive integer" in out
+    children = {r["name"]: r["status"] for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]}
+    assert sorted(children.values()) == ["FAILED", "FINISHED"]
+    assert next(s for name, s in children.items() if name.endswith("data.batch_size=0")) == "FAILED"
+    for option in ("max_group=0", "n_jobs=-1"):  # not silently "no limit" / "one process"
+        refused = run_cli("-m", f"hydra.launcher.{option}", *tiny_overrides(tiny_root), "train.epochs=1",
+                          "optimizer.lr=0.1,0.01", cwd=tmp_path)
+        assert refused.returncode == 1
+        assert f"hydra.launcher.{option} is invalid: it must be a positive number of" in refused.stderr
+
+
 def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
     from conftest import make_tiny_set
     from test_reliability import interrupt_after, start_cli

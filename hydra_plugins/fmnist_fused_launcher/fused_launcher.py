@@ -18,6 +18,8 @@ class FusedLauncher(Launcher):
     apps other than fmnist_exp run one by one."""
 
     def __init__(self, max_group: Optional[int] = 64, n_jobs: Optional[int] = None, **kwargs: Any) -> None:
+        check_positive("max_group", max_group, "jobs in a group, or null for as many as fit in memory")
+        check_positive("n_jobs", n_jobs, "worker processes, or null for one per CPU core")
         self.max_group, self.n_jobs = max_group, n_jobs
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
@@ -34,3 +36,10 @@ class FusedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from . import _core
         return _core.launch(self, job_overrides, initial_job_idx)
+
+
+def check_positive(key: str, value: Optional[int], what: str) -> None:
+    """A launcher option that must be null or at least 1 (0 and -1 would otherwise pass silently)."""
+    if value is not None and value < 1:
+        raise ValueError(f"hydra.launcher.{key}={value} is invalid: it must be a positive number of {what}; "
+                         f"pass e.g. hydra.launcher.{key}=2")
