@@ -292,14 +292,17 @@ class Job:
         return tracking.download_artifact(self.tracker.uri, rid, "checkpoints/last.pt", self.ctx.job_dir)
 
     def _reuse_earlier_run(self, config_hash: str):
-        """sweep.skip_finished: ('skip', run) if this config FINISHED before, ('resume', run) if it was KILLED."""
+        """sweep.skip_finished: ('skip', run) if this config ever FINISHED (even if a later run of it was stopped),
+        else ('resume', its newest KILLED run), else (None, None)."""
         uri, parent = self.tracker.uri, self.ctx.parent
-        for run in tracking.runs_with_config(uri, self.cfg.tracking.experiment, config_hash):
-            if run.info.status in ("FINISHED", "KILLED"):
-                if parent:
-                    tracking.client(uri).set_tag(run.info.run_id, tracking.sweep_tag(parent["run_id"]), "reused")
-                return ("skip" if run.info.status == "FINISHED" else "resume"), run
-        return None, None
+        runs = tracking.runs_with_config(uri, self.cfg.tracking.experiment, config_hash)  # newest first
+        run = next((r for r in runs if r.info.status == "FINISHED"), None) or \
+            next((r for r in runs if r.info.status == "KILLED"), None)
+        if run is None:
+            return None, None
+        if parent:
+            tracking.client(uri).set_tag(run.info.run_id, tracking.sweep_tag(parent["run_id"]), "reused")
+        return ("skip" if run.info.status == "FINISHED" else "resume"), run
 
     def ready(self) -> None:
         """Wait until the job's run exists and its tracking process's start-up work (imports, store) is done: it

@@ -140,6 +140,13 @@ def test_resumed_sweep_continues_a_killed_job(tmp_path, slow_root):
     job = next(r for r in runs if r["name"].endswith("optimizer.lr=0.001"))
     assert job["status"] == "FINISHED"
     assert [s for s, _ in history(client(tmp_path), job["run_uuid"])] == [1, 2]
+    # the same config run again and stopped: its newest run is KILLED, but it has FINISHED once, so it is skipped
+    rc, _ = interrupt_after(start_cli("-m", *args, "optimizer.lr=0.001", cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    assert rc == 130
+    third = run_cli("-m", *args, "optimizer.lr=0.001", "sweep.skip_finished=true", cwd=tmp_path)
+    assert third.returncode == 0, third.stdout[-2000:]
+    assert f"Skipped: this config already FINISHED as run {job['run_uuid']}" in third.stdout, third.stdout[-3000:]
+    assert "Resuming" not in third.stdout
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
