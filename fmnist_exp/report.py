@@ -68,6 +68,7 @@ def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFram
     table.insert(0, "best", ["★" if i == 0 and len(table) and table.loc[0, "status"] == "FINISHED"
                              and pd.notna(table.loc[0, by]) else "" for i in range(len(table))])
     table.attrs["ranked_by"] = (by, ascending)
+    table.attrs["columns"] = columns  # config key -> column: --by takes either
     return table
 
 
@@ -80,16 +81,20 @@ def ranked_by_line(table: pd.DataFrame) -> str:
 def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
     """Mean ± std of the scores per value of `by`, over everything else that varies (seeds, ...)."""
     options = [c for c in table.columns if c not in ("best", "run_id", "status", "error", "name", *METRICS)]
+    by = table.attrs.get("columns", {}).get(by, by)  # train.seed -> seed
     if by not in options:
         raise SystemExit(f"error: --by {by}: not a key that varies in this sweep; choose one of {options}")
     rank, ascending = table.attrs.get("ranked_by", RANK["valid_loss"])
     done = table[table["status"] == "FINISHED"]
+    if done.empty:
+        raise SystemExit(f"error: --by {by}: no job of this sweep FINISHED, so there are no scores to average; "
+                         "run it without --by to see why each job stopped")
     out = []
     for value, g in done.groupby(by, sort=False):
         row = {by: value, "runs": len(g), "_rank": g[rank].mean()}
         for m in ("ckpt_valid_loss", "ckpt_valid_acc", "test_acc", "test_loss", "train_time"):
-            std = g[m].std(ddof=1) if len(g) > 1 else 0.0
-            row[m] = f"{g[m].mean():.4f} ± {std:.4f}"
+            # a spread needs two runs: one run is its own mean, nothing more
+            row[m] = f"{g[m].mean():.4f} ± {g[m].std(ddof=1):.4f}" if len(g) > 1 else f"{g[m].mean():.4f}"
         out.append(row)
     result = pd.DataFrame(out).sort_values("_rank", ascending=ascending).drop(columns="_rank").reset_index(drop=True)
     result.attrs["ranked_by"] = (f"mean {rank}", ascending)

@@ -127,6 +127,22 @@ def test_report_groups_replicates(tmp_path, tiny_root):
     assert all(r[1] == "2" and "±" in r[header.index("test_acc")] for r in rows)
     means = [float(r[header.index("ckpt_valid_loss")].split(" ± ")[0]) for r in rows]
     assert means == sorted(means) and "Ranked by mean ckpt_valid_loss" in out  # groups ranked on validation data
+    by_key = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "train.seed"], cwd=tmp_path,
+                            capture_output=True, text=True, env=cli_env())  # the config key, or its column: seed
+    assert by_key.returncode == 0, by_key.stderr
+    header, *rows = table_rows(by_key.stdout)
+    assert header[:2] == ["seed", "runs"] and sorted(r[0] for r in rows) == ["0", "1"]
+
+
+def test_report_by_a_key_of_a_sweep_where_no_job_finished(tmp_path, tiny_root):
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd", "optimizer.lr=1e12,1e13",
+                     cwd=tmp_path)  # both diverge
+    assert result.returncode == 1 and "2 of 2 jobs failed" in result.stderr
+    out = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "optimizer.lr"], cwd=tmp_path,
+                         capture_output=True, text=True, env=cli_env())
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "error: --by lr: no job of this sweep FINISHED, so there are no scores to average; "
+        "run it without --by to see why each job stopped"]
 
 
 def test_parent_run_describes_the_sweep(sweep):
