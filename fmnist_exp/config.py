@@ -117,7 +117,7 @@ class DataConfig:
 @dataclass
 class EarlyStoppingConfig:
     patience: Optional[int] = None  # epochs without improvement of train.monitor; null = off
-    min_delta: float = 0.0
+    min_delta: float = 0.0  # an epoch resets the patience count only if it beats the last such epoch by more
 
 
 @dataclass

@@ -105,9 +105,10 @@ class LoopSettings:
 class LoopState:
     """Everything a resumed run needs to continue exactly where the last completed epoch left off."""
     epoch: int = 0  # last completed epoch (1-based)
-    best: float | None = None  # best monitored value so far
+    best: float | None = None  # best monitored value so far: its epoch's weights are the best checkpoint
     best_epoch: int = 0
     stale_epochs: int = 0  # epochs without improvement, for early stopping
+    stop_best: float | None = None  # the value early stopping last counted as an improvement (by > min_delta)
     history: list[dict] = field(default_factory=list)
 
 
@@ -278,10 +279,13 @@ def end_of_epoch(m: Member, metrics: dict, weights: dict, optimizer_state: dict,
     log.info("%sEpoch %d/%d | train loss %.3f | valid loss %.3f | valid acc %.3f | lr %.2e | %.2f s",
              m.label, epoch, s.epochs, metrics["train_loss"], metrics["valid_loss"],
              metrics["valid_acc"], metrics["lr"], metrics["epoch_time"])
-    if _improved(metrics[s.monitor], state.best, s.monitor, s.min_delta):
-        state.best, state.best_epoch, state.stale_epochs = metrics[s.monitor], epoch, 0
+    value = metrics[s.monitor]
+    if _improved(value, state.best, s.monitor, 0.0):  # the best checkpoint is the best epoch, by any margin
+        state.best, state.best_epoch = value, epoch
         m.best_weights = weights
         save_atomic(weights, m.checkpoint)
+    if _improved(value, state.stop_best, s.monitor, s.min_delta):  # early stopping: improved by more than min_delta
+        state.stop_best, state.stale_epochs = value, 0
     else:
         state.stale_epochs += 1
     state.epoch = epoch
@@ -342,7 +346,7 @@ def save_checkpoint(m: Member, weights: dict, optimizer_state: dict) -> None:
         "scheduler": m.scheduler.state_dict(),
         "lr": m.lr,  # the next epoch's, as the schedule set it (the schedule's state does not hold it)
         "loop": {"epoch": state.epoch, "best": state.best, "best_epoch": state.best_epoch,
-                 "stale_epochs": state.stale_epochs, "history": state.history},
+                 "stale_epochs": state.stale_epochs, "stop_best": state.stop_best, "history": state.history},
         "rng": {"generator": m.generator.get_state(), "dropout": m.dropout.get_state(),
                 "dropout_device": m.dropout.device.type},
     }, m.last)
@@ -377,4 +381,5 @@ def restore_checkpoint(path: Path, m: Member) -> None:
     save_atomic(m.best_weights, m.checkpoint)
     loop = ckpt["loop"]
     m.state = LoopState(epoch=loop["epoch"], best=loop["best"], best_epoch=loop["best_epoch"],
-                        stale_epochs=loop["stale_epochs"], history=list(loop["history"]))
+                        stale_epochs=loop["stale_epochs"], history=list(loop["history"]),
+                        stop_best=loop.get("stop_best", loop["best"]))  # checkpoints before it had one best

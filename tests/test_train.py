@@ -64,7 +64,15 @@ def test_early_stopping_stops_when_the_monitor_stalls(tiny, tmp_path):
     # lr so small the loss moves far less than min_delta: every epoch after the first is "stale"
     _, final, history = fit(tiny, tmp_path, optimizer_cls=torch.optim.SGD, lr=1e-9, epochs=20, patience=2,
                             min_delta=0.5)
-    assert len(history) == 3 and final["epochs_run"] == 3 and final["best_epoch"] == 1
+    assert len(history) == 3 and final["epochs_run"] == 3
+    losses = [h["valid_loss"] for h in history]
+    assert final["best_epoch"] == losses.index(min(losses)) + 1  # the best checkpoint ignores min_delta
+
+
+def test_min_delta_does_not_choose_the_best_checkpoint(tiny, tmp_path):
+    _, final, history = fit(tiny, tmp_path, epochs=4, min_delta=10.0)  # no early stopping; every margin < 10
+    losses = [h["valid_loss"] for h in history]
+    assert losses.index(min(losses)) > 0 and final["best_epoch"] == losses.index(min(losses)) + 1
 
 
 @pytest.mark.parametrize("make,expected", [
