@@ -88,8 +88,10 @@ def split_by(ids: list[int], cfgs: list[DictConfig], value) -> list[list[int]]:
 # A fused step's cost on one CPU thread, in us: a fixed part per step of the group, plus a part per job that grows
 # with the batch (fitted to benchmarks/stacked_step.py at K = 1 and 4, batch 16 and 100: within ~15 %); BatchNorm
 # makes a job's part ~1.35x (the notebook grid's groups of 4, trained in worker processes); jobs that share a seed,
-# and so their batches, ~0.93x (stacked_step.py's "shared" column at K = 8-32, batch 100).
-STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM, SHARED_BATCH = 250.0, 60.0, 7.5, 1.35, 0.93
+# and so their batches, ~0.86x: jobs of several seeds take their first layer job by job on a CPU, exactly as alone
+# (stacked.py; `stacked_step.py --ks 2 8 32 --batches 16 100 --threads 1 --clock cpu`: shared / per-job batches
+# 0.81-0.89 at batch 16, 0.83-0.91 at batch 100).
+STEP_US, JOB_STEP_US, SAMPLE_US, BATCH_NORM, SHARED_BATCH = 250.0, 60.0, 7.5, 1.35, 0.86
 # Jobs with and without BatchNorm in one group: every job pays for BatchNorm, plus ~4 % (torch.where, stand-ins).
 # One mixed group vs the two apart, 1 thread (benchmarks/stacked_step.py --mixed --ks 2 4 8 --threads 1 --clock
 # cpu): 0.76 / 0.95 / 1.01x at K = 2 / 4 / 8 and batch 16, 0.95 / 1.21 / 1.15x at batch 100; this estimate gives

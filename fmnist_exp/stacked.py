@@ -153,10 +153,23 @@ class StackedModel(nn.Module):
             layout = SHARED
         else:
             raise ValueError(f"input of shape {tuple(x.shape)}: expected (B, 1, 28, 28) or ({k}, B, 1, 28, 28)")
+        # On a CPU each job's own batch goes through the first layer job by job, in the op a lone job's first layer
+        # is (F.linear / F.conv2d), so a job trained beside jobs of other seeds gets its numbers alone to the bit: one
+        # batched product rounds differently at some batch sizes (1e-9 in a gradient, ~0.01 in an epoch's
+        # accuracy). It costs 1.1-1.9x the batched product (benchmarks/stacked_step.py), one reason groups are
+        # split by seed (fusion.SHARED_BATCH). On a GPU K launches would cost more than the step: one batched op.
+        by_job = layout == JOBS and x.device.type == "cpu"
         for name, kind, args in self.plan:
             h = self.layers[name] if name in self.layers else None
             if kind == "linear" and layout == SHARED:  # one wide product, not K copies of the input
                 x, layout = F.linear(x, h.weight.flatten(0, 1), h.bias.flatten()), WIDE
+            elif kind == "linear" and by_job:
+                x = torch.cat([F.linear(*job) for job in zip(x.unbind(0), h.weight.unbind(0), h.bias.unbind(0))], 1)
+                layout, by_job = WIDE, False  # (B, K*H), as the shared batch's wide product: the same layers after
+            elif kind == "conv" and by_job:
+                x = torch.cat([F.conv2d(*job, **args) for job in zip(x.unbind(0), h.weight.unbind(0),
+                                                                     h.bias.unbind(0))], dim=1)
+                layout, by_job = WIDE, False
             elif kind == "linear":  # W @ x^T: the weight's gradient comes out in its own layout, no copy to accumulate
                 x = torch.baddbmm(h.bias.unsqueeze(2), h.weight, self._jobs(x, layout).transpose(1, 2)).transpose(1, 2)
                 layout = JOBS

@@ -26,7 +26,7 @@ def test_the_launcher_is_found_the_way_hydra_finds_plugins():
 def test_what_fuses_and_what_does_not():
     cfgs = [compose_cfg(*o) for o in [
         [],                                                        # 0: the defaults
-        ["optimizer=sgd", "train.seed=3", "schedule=cosine"],      # 1: optimizer, seed, schedule: per job
+        ["optimizer=sgd", "schedule=cosine"],                      # 1: optimizer, schedule: per job
         ["model.init=he", "model.dropout=[0.5,0.2]", "train.monitor=valid_acc"],  # 2: init, dropout, monitor
         ["train.early_stopping.patience=2", "optimizer=adamw"],    # 3: early stopping, AdamW
         ["data.batch_size=16"],                                    # 4: another step shape
@@ -97,7 +97,9 @@ def test_groups_are_balanced_for_worker_processes():
     assert fusion.plan_groups(grid, None) == [list(range(seed, 64, 4)) for seed in range(4)]
     assert fusion.balance(fusion.plan_groups(grid, None), grid, 2) == [list(range(seed, 64, 4)) for seed in range(4)]
     few = [compose_cfg(f"train.seed={seed}", f"optimizer.lr={lr}") for seed in range(4) for lr in (0.001, 0.002)]
-    assert fusion.plan_groups(few, None) == [list(range(8))]  # ...not for two jobs a seed (a step's fixed part)
+    assert fusion.plan_groups(few, None) == [[0, 1], [2, 3], [4, 5], [6, 7]]  # two jobs a seed: pairs cost less
+    pair = [compose_cfg(f"train.seed={seed}", "data.batch_size=16") for seed in range(2)]
+    assert fusion.plan_groups(pair, None) == [[0, 1]]  # ...one a seed: fused still (a step's fixed part saved)
     assert fusion.balance([list(range(8))], few, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # halved along seeds
     alternating = [few[i] for i in (0, 2, 4, 6, 1, 3, 5, 7)]  # seeds 0 1 2 3 0 1 2 3
     assert fusion.balance([list(range(8))], alternating, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
@@ -169,17 +171,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("ablations", [["he_bn", "he_bn_dropout"], ["plain", "he_bn_dropout"]], ids=["bn", "mixed"])
-def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_root, one_thread, ablations):
+LADDER = lambda *ablations: [[f"optimizer={o}", f"ablation={a}"] for a in ablations for o in ("sgd", "adam")]
+SEEDS = lambda *extra: [[f"optimizer={o}", f"train.seed={s}", *extra] for s in (0, 1) for o in ("sgd", "adam")]
+
+
+@pytest.mark.parametrize("variants", [LADDER("he_bn", "he_bn_dropout"), LADDER("plain", "he_bn_dropout"), SEEDS(),
+                                      SEEDS("data.batch_size=20"), SEEDS("regularization=dropout"), SEEDS("model=cnn")],
+                         ids=["bn", "mixed", "seeds", "seeds-batch20", "seeds-dropout", "seeds-cnn"])
+def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_root, one_thread, variants):
     """The notebook grid's He+BN (+dropout) group: SGD and Adam, one seed (so one batch for all), fused vs alone;
-    and a group of jobs with and without BatchNorm, as a GPU trains them (a per-job switch).
+    a group of jobs with and without BatchNorm, as a GPU trains them (a per-job switch); and groups of two seeds,
+    so a batch per job (MLP at batch 16 and 20 with dropout, CNN).
     On the same number of threads every kernel gives a job's numbers whatever else is stacked beside it, so the two
     are equal to the last bit: what differs between a sweep's fused jobs and the same jobs run alone on 2 threads
     is torch's own 1- vs 2-thread rounding (batch-norm statistics, reductions), not fusion."""
-    variants = [[f"optimizer={o}", f"ablation={a}"] for a in ablations for o in ("sgd", "adam")]
     cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2", "tracking.enabled=false", "data.batch_size=16",
                         "train.threads=1", *v) for v in variants]
-    assert len({fusion.fusion_key(c) for c in cfgs}) == 1 and fusion.shares_batches(cfgs)
+    assert len({fusion.fusion_key(c) for c in cfgs}) == 1
+    assert fusion.shares_batches(cfgs) == (variants[0][1].startswith("ablation"))
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(4)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(4)]
     process = job.Process()
