@@ -379,18 +379,20 @@ def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_
         assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
 
 
-def test_a_worker_killed_outright_leaves_no_run_running(tmp_path):
-    """A worker process SIGKILLed (the OOM killer): its jobs end KILLED, with a line saying how to finish the
-    sweep; the sweep's end reports them and exits 1; nothing stays RUNNING; skip_finished then completes it."""
+def test_a_worker_killed_outright_loses_only_its_own_jobs(tmp_path):
+    """A worker process SIGKILLed (the OOM killer) mid-sweep: its jobs end KILLED with a line saying how to finish
+    the sweep; the other worker trains on and the groups not yet started still run (the dead one's slot in a fresh
+    worker); the sweep's end counts each job once and exits 1; nothing stays RUNNING; skip_finished completes it."""
     import os
     from pathlib import Path
 
     from conftest import make_tiny_set
+    from hydra_plugins.fmnist_fused_launcher._workers import LOST
     from test_reliability import start_cli
     root = tmp_path / "slowdata"
     make_tiny_set(root, n_train=16000, n_test=500)
     args = ["hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(root), "data.batch_size=16",
-            "train.epochs=2", "model.hidden=[128,64],[64,32]"]
+            "train.epochs=2", "optimizer=sgd,adam", "model.hidden=[128,64],[64,32],[32,16]"]
     proc = start_cli("-m", *args, cwd=tmp_path)
     seen = []
     for line in proc.stdout:
@@ -401,15 +403,24 @@ def test_a_worker_killed_outright_leaves_no_run_running(tmp_path):
                and _parent(p) == proc.pid and b"spawn_main" in (p / "cmdline").read_bytes()]
     assert len(workers) == 2, "".join(seen)[-2000:]
     os.kill(workers[0], signal.SIGKILL)
-    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    out = "".join(seen) + proc.communicate(timeout=600)[0]
     assert proc.returncode == 1, out[-3000:]
+    assert "Launching 6 jobs as 4 fused group(s), 2 at a time" in out  # groups 3 and 4 wait for a free worker
     assert "its worker process died" in out and "sweep.skip_finished=true" in out
+    assert "SIGTERM" not in out and "Resume with:" not in out, out[-3000:]  # no signal reached the other worker
+    assert "2 of 6 jobs failed" in out, out[-3000:]
     runs = store_runs(tmp_path)
     assert "RUNNING" not in {r["status"] for r in runs}, runs
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    killed = [r for r in children if r["status"] == "KILLED"]
+    assert len(children) == 6 and len(killed) == 2, children
+    assert {r["tags"]["fmnist.group"] for r in killed} in ({"1"}, {"2"})  # one of the two groups started first
+    assert {r["tags"]["error"] for r in killed} == {LOST}
+    assert {r["status"] for r in children if r not in killed} == {"FINISHED"}  # the other 3 groups, 4 jobs
     again = run_cli("-m", *args, "sweep.skip_finished=true", cwd=tmp_path)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
-    assert {r["status"] for r in children} == {"FINISHED"} and len({r["name"] for r in children}) == 2
+    assert {r["status"] for r in children} == {"FINISHED"} and len({r["name"] for r in children}) == 6
 
 
 def _parent(proc_dir) -> int | None:

@@ -7,6 +7,10 @@ hands each group's jobs to a free worker, costliest group first (fusion.balance)
 group trained in this process (_core.train_group: the same job lifecycle) and returns their outcomes. Workers run
 in a process group of their own: a signal reaches the launcher, which forwards it to every worker once (each stops
 its jobs KILLED with their checkpoints) and starts no more groups; a worker whose launcher dies gets SIGTERM.
+
+Each worker slot is a pool of one process: a pool whose process dies (the OOM killer, kill -9) is broken, and one
+pool of n would terminate its other workers with it. So only the dead worker's jobs are lost (KILLED, each run with
+LOST as its reason); the other workers train on, and the slot's next group starts in a fresh worker.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LOST = ("its worker process died before recording the job (killed, or out of memory); "
         "rerun the sweep with sweep.skip_finished=true")
+LOST_WAIT_S = 15.0  # how long a dead worker's tracking process may take to end its jobs' runs (see record_lost)
 
 
 def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers: int) -> list[JobReturn]:
@@ -44,7 +50,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     free_slots = list(range(workers))  # a worker's progress bar line
     signals = _Forward()
     outcomes_seen = []
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
     with signals:
         try:
             while pending or running:
@@ -53,11 +59,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                     group_configs = [configs[i] for i in ids]
                     members, hydra_cfgs = _core.start_jobs(launcher, group_configs, str(n), parallel_jobs=workers)
                     slot = free_slots.pop(0)
-                    try:
-                        future = pool.submit(train_in_worker, members, slot, logging_cfg)
-                    except BrokenProcessPool as e:  # a worker died earlier: the pool takes no more groups
-                        future = Future()
-                        future.set_exception(e)
+                    future = _submit(pools, slot, members, logging_cfg)
                     running[future] = (ids, group_configs, hydra_cfgs, members, slot)
                 if not running:
                     break
@@ -70,17 +72,74 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                     except Exception as e:  # the worker died (killed, out of memory) or could not send its results
                         log.error("group of %s: %s (%s)", ", ".join(ctx.run_name for _, ctx in members), LOST,
                                   type(e).__name__)
-                        outcomes = [job.Outcome("KILLED", error=LOST) for _ in members]
-                        job.settle(outcomes, members, ends_sweep=False)  # each outcome to its job dir
+                        if isinstance(e, BrokenProcessPool):  # the slot's next group gets a fresh worker
+                            pools[slot].shutdown(wait=True)
+                            pools[slot] = None
+                        outcomes = record_lost(members)
                     outcomes_seen += outcomes
                     for i, ret in zip(ids, _core.end_jobs(launcher, group_configs, hydra_cfgs, members, outcomes)):
                         results[i] = ret
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for pool in pools:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
     signum = signals.signum or next((o.signum for o in outcomes_seen if o.signum is not None), None)
     if signum is not None:  # the user stopped the sweep: every started job has recorded itself KILLED
         job.stop_sweep(callbacks.read_parent(Path(str(hydra.sweep.dir))), signum)
     return results
+
+
+def _submit(pools: list, slot: int, members: list, logging_cfg: tuple) -> Future:
+    """Hand a group to the worker of `slot` (a pool of one process), starting one where the slot has none, or has
+    one that died while idle (its pool is then broken)."""
+    for _ in range(2):
+        if pools[slot] is None:
+            pools[slot] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_init_worker)
+        try:
+            return pools[slot].submit(train_in_worker, members, slot, logging_cfg)
+        except BrokenProcessPool as e:
+            error = e
+            pools[slot].shutdown(wait=True)
+            pools[slot] = None
+    future = Future()  # a fresh worker died at once too: the group is lost as a running one is
+    future.set_exception(error)
+    return future
+
+
+def record_lost(members: list) -> list:
+    """The outcomes of a group whose worker died: each job KILLED with LOST, written to its job dir. The jobs' runs
+    were made by the worker's tracking process, which ends them KILLED when the worker goes (tracking_process.serve):
+    once it has (or after LOST_WAIT_S), each such run gets LOST as its reason and its id goes into the outcome, so
+    that no run stays RUNNING and the sweep's end counts the job once, by its run."""
+    from fmnist_exp import job, tracking, tracking_process
+    outcomes = [job.Outcome("KILLED", error=LOST) for _ in members]
+    parent = members[0][1].parent  # the jobs of a group share their sweep
+    tracked = [i for i, (cfg, _) in enumerate(members) if cfg.tracking.enabled]
+    if parent and tracked:
+        try:
+            dirs = {i: str(members[i][1].job_dir.resolve()) for i in tracked}
+            deadline = time.monotonic() + LOST_WAIT_S
+            while True:
+                by_dir = {r.data.tags.get("fmnist.job_dir"): r
+                          for r in tracking.child_runs(parent["uri"], parent["experiment_id"], parent["run_id"])}
+                runs = {i: by_dir.get(d) for i, d in dirs.items()}
+                if time.monotonic() >= deadline or all(r is not None and r.info.status != "RUNNING"
+                                                       for r in runs.values()):
+                    break
+                time.sleep(0.5)
+            c = tracking.client(parent["uri"])
+            for i, run in runs.items():
+                if run is None:  # the worker died before the job's run was made: the sweep's end counts its dir
+                    continue
+                outcomes[i].run_id = run.info.run_id
+                if run.info.status == "RUNNING" or run.data.tags.get("error") == tracking_process.NOT_ENDED:
+                    c.set_tag(run.info.run_id, "error", LOST)
+                    tracking.end_run(parent["uri"], run.info.run_id, "KILLED")
+        except Exception as e:  # the store is unreachable: the outcomes still say what happened
+            log.error("could not record the lost jobs' runs KILLED: %s", e)
+    job.settle(outcomes, members, ends_sweep=False)
+    return outcomes
 
 
 def train_in_worker(members: list, slot: int, logging_cfg: tuple) -> list:
