@@ -354,7 +354,8 @@ class Job:
 
     def fail(self, status: str, error: str, signum: int | None = None) -> Outcome:
         """Record a failed or interrupted job: its run ends FAILED/KILLED with the reason, never RUNNING."""
-        log.error("%s", error)
+        label = f"[{self.ctx.run_name}] " if self.ctx.multirun else ""  # which job, among a sweep's lines
+        log.error("%s%s", label, error)
         tracker = self.tracker
         run_id = tracker.run_id if tracker is not None else None
         if tracker is not None and tracker.enabled:
@@ -377,7 +378,7 @@ class Job:
             run_id = tracker.run_id
         if status == "KILLED" and run_id and signum == signal.SIGUSR2 and os.environ.get("SUBMITIT_EXECUTOR"):
             log.warning("Checkpointed for SLURM's requeue: the requeued job continues run %s", run_id)
-        elif status == "KILLED" and run_id:
+        elif status == "KILLED" and run_id and not self.ctx.multirun:  # a sweep's line is stop_sweep's
             log.error("Resume with: python -m fmnist_exp %s train.resume=%s", " ".join(self.ctx.overrides), run_id)
         return Outcome(status, error=error, signum=signum, run_id=run_id)
 
@@ -466,6 +467,9 @@ def stop_sweep(parent: dict | None, signum: int):
     an interrupted process does (128 + N). Every launcher ends a stopped sweep this way."""
     if parent:
         tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+    log.error("Sweep stopped by %s: its unfinished jobs are KILLED with their last epoch's checkpoint; to finish it, "
+              "rerun the same command with sweep.skip_finished=true (finished jobs are skipped, stopped ones "
+              "resume)", signal.Signals(signum).name)
     sys.exit(128 + signum)
 
 

@@ -273,6 +273,7 @@ def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
     runs = store_runs(tmp_path)
     bad = next(r for r in runs if r["name"].endswith("optimizer.lr=1000000000000.0"))
     good = next(r for r in runs if r["name"].endswith("optimizer.lr=0.1"))
+    assert f"[{bad['name']}] training diverged" in out  # the group's log line says which job
     assert bad["status"] == "FAILED" and good["status"] == "FINISHED"
     assert bad["tags"]["fmnist.group"] == good["tags"]["fmnist.group"]  # they trained together
 
@@ -368,6 +369,8 @@ def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_
     rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", sig)
     assert rc == code, out[-3000:]
     assert "2 at a time" in out and "Epoch 2/2" not in out
+    assert out.count(f"Sweep stopped by {sig.name}") == 1 and "sweep.skip_finished=true" in out
+    assert "Resume with:" not in out  # one line for the sweep, not a single-run command per job
     runs = store_runs(tmp_path)
     assert sorted(r["status"] for r in runs) == ["KILLED"] * 5, out[-3000:]  # 4 jobs in 2 workers, and the parent
     again = run_cli("-m", *args, "sweep.skip_finished=true", cwd=tmp_path)
