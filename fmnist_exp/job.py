@@ -515,6 +515,24 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
             log.error("job %s failed", jobs[i].ctx.run_name, exc_info=e)
             end(i, lambda: jobs[i].fail("FAILED", f"{type(e).__name__}: {e}", stop.signum))
 
+    def submit(i: int) -> None:  # a job done training: its results, written by its tracker while the caller goes on
+        m = jobs[i].member
+        if m.error is None:
+            try:
+                stop.recording = True
+                jobs[i].submit_results(m.final)
+            except Exception as e:
+                m.error = e
+            finally:
+                stop.recording = False
+
+    def close_out(i: int) -> None:  # ...then its end: FINISHED, or FAILED with its error
+        m = jobs[i].member
+        if m.error is not None:
+            fail(i, m.error)
+        else:
+            end(i, lambda: jobs[i].end_run(m.final))
+
     for i, job in enumerate(jobs):
         try:
             if stop.signum is not None:
@@ -532,6 +550,8 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
             except Exception as e:
                 fail(i, e)
     training = [i for i in range(len(jobs)) if outcomes[i] is None]
+    for i in training:  # a job that stops early or diverges ends its run then, while the rest of its group trains
+        jobs[i].member.on_leave = lambda m, i=i: (submit(i), close_out(i))
     # jobs resumed from different epochs cannot share steps: each starting epoch trains as its own group
     by_start: dict[int, list[int]] = {}
     for i in training:
@@ -544,24 +564,13 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
                 m = jobs[i].member
                 if m.final is None and m.error is None:
                     m.error = e
-        # every job's results first, then every job's end: one job's writes (its own thread) overlap the next
-        # job's plotting, so a group's end-of-run work costs little more than drawing the plots
-        for i in ids:
-            m = jobs[i].member
-            if m.error is None:
-                try:
-                    stop.recording = True
-                    jobs[i].submit_results(m.final)
-                except Exception as e:
-                    m.error = e
-                finally:
-                    stop.recording = False
-        for i in ids:
-            m = jobs[i].member
-            if m.error is not None:
-                fail(i, m.error)
-            else:
-                end(i, lambda i=i: jobs[i].end_run(jobs[i].member.final))
+        # the jobs still in the stack at its end: every job's results first, then every job's end: one job's writes
+        # (its own thread) overlap the next job's plotting, so a group's end costs little more than drawing the plots
+        ending = [i for i in ids if outcomes[i] is None]
+        for i in ending:
+            submit(i)
+        for i in ending:
+            close_out(i)
     if stop.signum is not None:  # the signal came after the last step (testing, plots): the runs are complete
         for o in outcomes:
             if o.signum is None:

@@ -153,6 +153,7 @@ class Member:
     checkpoint: Path  # best weights (a plain state_dict of `model`)
     last: Path | None = None  # full checkpoint after every epoch
     on_epoch: object = None  # (metrics, state) -> None, after every epoch (tracking)
+    on_leave: object = None  # (member) -> None, when it leaves the stack before the others (done, stopped, diverged)
     state: LoopState = field(default_factory=LoopState)
     optimizer_state: dict | None = None  # restored from a full checkpoint
     best_weights: dict | None = None
@@ -175,7 +176,8 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
 
     All members share the model's layer sizes, batch size and epochs (fusion.fusion_key). After every epoch each
     member's full checkpoint goes to `member.last`, then `member.on_epoch(metrics, state)` runs. A finished,
-    stopped or diverged member leaves the stack, so it costs nothing more. A signal caught by `stop` raises
+    stopped or diverged member leaves the stack, so it costs nothing more, and `member.on_leave(member)` runs then
+    (the members still there when the last epoch ends leave after fit returns). A signal caught by `stop` raises
     Interrupted between steps: members not yet done keep the checkpoint of their last completed epoch.
     """
     group = [m for m in members if m.running]
@@ -189,7 +191,7 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
     for k, m in enumerate(group):
         if m.optimizer_state is not None:
             optimizer.load_job_state(k, m.optimizer_state)
-    n, sizes = len(data.train_y), batch_sizes(len(data.train_y), first.settings.batch_size)
+    sizes = batch_sizes(len(data.train_y), first.settings.batch_size)
     graph = graph_kind(data.train_x.device, first.settings.cuda_graph)
     stepper = Stepper(model, optimizer, data, [m.dropout for m in group], graph)
     for epoch in range(first.state.epoch + 1, first.settings.epochs + 1):
@@ -210,6 +212,9 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
         if len(keep) < len(group):  # done, stopped early or diverged: out of the stack
             if not keep:
                 break
+            for m in group:  # its job records itself now, not when the rest of the group is done
+                if not m.running and m.on_leave is not None:
+                    m.on_leave(m)
             model = model.select(keep)
             optimizer = optimizer.select(keep, list(model.parameters()))
             group = [group[k] for k in keep]

@@ -278,6 +278,29 @@ def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
     assert bad["tags"]["fmnist.group"] == good["tags"]["fmnist.group"]  # they trained together
 
 
+def test_a_job_that_leaves_its_group_early_ends_its_run_then(tmp_path):
+    """Diverged (epoch 1) and early-stopped (epoch 2) jobs end their runs while the rest of the group trains on."""
+    from conftest import make_tiny_set
+    make_tiny_set(tmp_path / "slowdata", n_train=16000, n_test=500)  # ~1 s an epoch: room between the ends
+    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tmp_path / "slowdata"),
+                     "data.batch_size=16", "train.epochs=4", "optimizer=sgd", "optimizer.lr=0.1,1e12",
+                     "train.early_stopping.patience=1", "train.early_stopping.min_delta=0,100", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "2 of 4 jobs failed" in out and "Launching 4 jobs as 1 fused group" in out
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = {}
+    for r in store_runs(tmp_path):
+        if "mlflow.parentRunId" in r["tags"]:
+            o = dict(t.split("=", 1) for t in r["name"].split())
+            runs[float(o["optimizer.lr"]), float(o["train.early_stopping.min_delta"])] = c.get_run(r["run_uuid"])
+    longest, stopped = runs[0.1, 0.0], runs[0.1, 100.0]
+    diverged = [runs[1e12, 0.0], runs[1e12, 100.0]]
+    assert longest.data.metrics["epochs_run"] == 4 and stopped.data.metrics["epochs_run"] == 2
+    epoch_done = {m.step: m.timestamp for m in c.get_metric_history(longest.info.run_id, "valid_loss")}
+    assert all(r.info.status == "FAILED" and r.info.end_time <= epoch_done[2] for r in diverged)
+    assert stopped.info.status == "FINISHED" and stopped.info.end_time <= epoch_done[3]
+
+
 def test_a_bad_value_fails_its_own_job_and_bad_launcher_options_are_refused(tmp_path, tiny_root):
     result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
                      "train.epochs=1", "data.batch_size=64,0", cwd=tmp_path)  # planning and balancing see batch 0
