@@ -49,7 +49,9 @@ class CheckpointMismatch(ValueError):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
-BAR_POSITION: int | None = None  # the progress bar's line, when several processes share a terminal (_workers.py)
+# Set in a fused worker process whose launcher draws the sweep's one progress bar (_workers.py): each job-epoch
+# trained (or skipped by a job that left early) is reported there, and no batch bar is drawn here.
+EPOCHS_DONE = None  # (count) -> None
 
 
 class StopOnSignal:
@@ -209,6 +211,8 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
                            lr=lrs[k], epoch_time=epoch_time)
             end_of_epoch(m, metrics, model.job_state_dict(k), optimizer.job_state(k), data)
         keep = [k for k, m in enumerate(group) if m.running]
+        if EPOCHS_DONE is not None:  # this epoch's, and those a job leaving early will not train
+            EPOCHS_DONE(sum(1 + (0 if m.running else m.settings.epochs - epoch) for m in group))
         if len(keep) < len(group):  # done, stopped early or diverged: out of the stack
             if not keep:
                 break
@@ -235,10 +239,9 @@ def train_epoch(stepper: Stepper, group: list[Member], data: FashionMNIST, sizes
     shared = bool((orders == orders[:1]).all()) if k > 1 else True
     losses = torch.zeros(k, len(sizes), device=device)
     bar = None
-    if progress:
+    if progress and EPOCHS_DONE is None:
         from tqdm import tqdm
-        bar = tqdm(total=len(sizes), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
-                   position=BAR_POSITION)
+        bar = tqdm(total=len(sizes), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
     offset = 0
     try:
         for step, size in enumerate(sizes):

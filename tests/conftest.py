@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -87,6 +88,50 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
     """`python -m fmnist_exp ARGS` in `cwd`, as a user types it."""
     return subprocess.run([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=cli_env(env))
+
+
+def run_in_terminal(*args: str, cwd: Path, timeout: float = 600) -> tuple[int, list[str]]:
+    """`python -m fmnist_exp ARGS` in a 150x50 pseudo-terminal, as a user sees it: (exit code, the screen's lines
+    after it, from a minimal terminal that follows what tqdm writes: text, carriage return, newline, cursor up)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 150, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, stdin=slave, stdout=slave,
+                            stderr=slave, env=cli_env({"COLUMNS": "150"}), close_fds=True)
+    os.close(slave)
+    raw, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closed: the command and its children are done
+                break
+            if not chunk:
+                break
+            raw += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    code = proc.wait(timeout=60)
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[\d*[A-Za-z]|\r|\n|[^\x1b\r\n]+", raw.decode("utf-8", "replace")):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token.startswith("\x1b["):
+            if token.endswith("A"):
+                row = max(0, row - int(token[2:-1] or 1))
+        else:
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + token + line[col + len(token):]
+            col += len(token)
+    return code, [line.rstrip() for line in lines]
 
 
 def table_rows(text: str) -> list[list[str]]:

@@ -361,6 +361,22 @@ def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
         assert {"best_model.pt", "config.yaml"} <= {x.path for x in c.list_artifacts(r.info.run_id)}
 
 
+def test_workers_sharing_a_terminal_show_one_sweep_bar_under_their_log_lines(tmp_path):
+    """Each worker drew its own batch bar, which the other worker's log lines overwrote (stale bars, lines starting
+    mid-line). Now the launcher draws one bar for the sweep and prints its workers' lines above it."""
+    from conftest import make_tiny_set, run_in_terminal
+    make_tiny_set(tmp_path / "slowdata", n_train=16000, n_test=500)  # epochs long enough for bars to be drawn
+    code, screen = run_in_terminal("-m", "hydra.launcher.n_jobs=2", *tiny_overrides(tmp_path / "slowdata"),
+                                   "train.progress=auto", "train.epochs=2", "optimizer=sgd,adam",
+                                   "data.batch_size=16,100", cwd=tmp_path)
+    assert code == 0, "\n".join(screen[-30:])
+    log_end = next(i for i, line in enumerate(screen) if line.startswith("| best"))
+    lines = [line for line in screen[:log_end] if line]
+    assert lines[-1].startswith("sweep: 100%") and "8/8" in lines[-1], "\n".join(lines[-5:])  # job-epochs
+    assert all(line.startswith("[20") for line in lines[:-1]), "\n".join(lines)  # whole log lines, no bar left
+    assert sum("Epoch 2/2" in line for line in lines) == 4
+
+
 def test_a_big_group_spreads_its_writes_over_several_tracking_processes(tmp_path, tiny_root):
     """tracking.processes=3 (on a GPU host with spare cores the default for a big group): one group of 5 jobs, its
     runs, plots and TensorBoard files as complete as with one tracking process."""

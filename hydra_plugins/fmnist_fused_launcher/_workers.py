@@ -14,10 +14,14 @@ LOST as its reason); the other workers train on, and the slot's next group start
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -47,11 +51,12 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     results: list[JobReturn | None] = [None] * len(configs)
     pending = list(enumerate(groups, start=1))
     running: dict = {}
-    free_slots = list(range(workers))  # a worker's progress bar line
+    free_slots = list(range(workers))
     signals = _Forward()
     outcomes_seen = []
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
-    with signals:
+    feed = _Feed(sum(int(c.train.epochs) for c in configs)) if _Feed.wanted(configs) else None
+    with signals, feed or contextlib.nullcontext():
         try:
             while pending or running:
                 while pending and free_slots and signals.signum is None:
@@ -59,7 +64,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                     group_configs = [configs[i] for i in ids]
                     members, hydra_cfgs = _core.start_jobs(launcher, group_configs, str(n), parallel_jobs=workers)
                     slot = free_slots.pop(0)
-                    future = _submit(pools, slot, members, logging_cfg)
+                    future = _submit(pools, slot, members, logging_cfg, feed and feed.queue)
                     running[future] = (ids, group_configs, hydra_cfgs, members, slot)
                 if not running:
                     break
@@ -77,6 +82,8 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                             pools[slot] = None
                         outcomes = record_lost(members)
                     outcomes_seen += outcomes
+                    if feed is not None:
+                        feed.group_done(members)
                     for i, ret in zip(ids, _core.end_jobs(launcher, group_configs, hydra_cfgs, members, outcomes)):
                         results[i] = ret
         finally:
@@ -89,15 +96,15 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     return results
 
 
-def _submit(pools: list, slot: int, members: list, logging_cfg: tuple) -> Future:
+def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queue) -> Future:
     """Hand a group to the worker of `slot` (a pool of one process), starting one where the slot has none, or has
     one that died while idle (its pool is then broken)."""
     for _ in range(2):
         if pools[slot] is None:
             pools[slot] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_init_worker)
+                                              initializer=_init_worker, initargs=(feed_queue,))
         try:
-            return pools[slot].submit(train_in_worker, members, slot, logging_cfg)
+            return pools[slot].submit(train_in_worker, members, logging_cfg)
         except BrokenProcessPool as e:
             error = e
             pools[slot].shutdown(wait=True)
@@ -142,20 +149,31 @@ def record_lost(members: list) -> list:
     return outcomes
 
 
-def train_in_worker(members: list, slot: int, logging_cfg: tuple) -> list:
+def train_in_worker(members: list, logging_cfg: tuple) -> list:
     """In a worker: one group's jobs trained together, each outcome written to its job dir; returns the outcomes."""
     from fmnist_exp import job, train
     configure_log(*logging_cfg)
-    train.BAR_POSITION = slot
+    if _FEED is not None:  # the launcher draws the sweep's bar: this worker's log lines and epochs go to it
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(logging.handlers.QueueHandler(_FEED))
+        group = members[0][1].group
+        train.EPOCHS_DONE = lambda n: _FEED.put(("epochs", group, n))
     outcomes = _core.train_group(members)
     job.settle(outcomes, members, ends_sweep=False)
     return outcomes
 
 
-def _init_worker() -> None:
+_FEED = None  # in a worker: the launcher's _Feed queue, when it draws the sweep's progress bar
+
+
+def _init_worker(feed_queue=None) -> None:
     """A worker's process-wide set-up: its own process group (a terminal's Ctrl-C reaches the launcher, which
-    forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), and SIGTERM
-    when the launcher dies (Linux), so no job trains on unwatched."""
+    forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), SIGTERM
+    when the launcher dies (Linux), so no job trains on unwatched, and the launcher's feed, if any."""
+    global _FEED
+    _FEED = feed_queue
     os.setpgid(0, 0)
     for sig in _Forward.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -202,3 +220,60 @@ class _Forward:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class _Feed:
+    """The sweep's one progress bar, drawn by the launcher while its workers share a terminal: a bar per worker
+    would be overwritten by the other workers' log lines (stale bars, lines starting mid-line). Workers send their
+    log records and the job-epochs they train through a queue; the launcher prints the records above the bar
+    (tqdm's logging redirect) and counts the epochs (a group that ends counts all its jobs' epochs: skipped, resumed,
+    stopped early or failed)."""
+
+    @staticmethod
+    def wanted(configs: list[DictConfig]) -> bool:
+        """A bar as a run would draw one (train.progress: on, or auto on a terminal)."""
+        return {"on": True, "off": False}.get(str(configs[0].train.progress), sys.stderr.isatty())
+
+    def __init__(self, total: int):
+        self.total, self.done, self.running, self.ended = total, 0, {}, set()
+        self.queue = multiprocessing.get_context("spawn").Queue()
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        self.bar = tqdm(total=self.total, desc="sweep", unit="job-epoch", file=sys.stderr, dynamic_ncols=True)
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+        self._thread = threading.Thread(target=self._drain, name="sweep-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.queue.put(None)
+        self._thread.join(timeout=5)
+        self._redirect.__exit__(*exc)
+        self.bar.close()
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if isinstance(item, logging.LogRecord):
+                logging.getLogger(item.name).handle(item)  # the launcher's handlers: printed above the bar
+                continue
+            _, group, n = item
+            with self._lock:
+                if group not in self.ended:  # a late count of a group already counted whole is dropped
+                    self.running[group] = self.running.get(group, 0) + n
+                    self._show()
+
+    def group_done(self, members: list) -> None:
+        with self._lock:
+            group = members[0][1].group
+            self.ended.add(group)
+            self.running.pop(group, None)
+            self.done += sum(int(cfg.train.epochs) for cfg, _ in members)
+            self._show()
+
+    def _show(self) -> None:
+        self.bar.n = min(self.total, self.done + sum(self.running.values()))
+        self.bar.refresh()
