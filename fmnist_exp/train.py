@@ -209,7 +209,7 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
                 continue
             metrics = dict(train_loss=train_losses[k], valid_loss=valid_losses[k], valid_acc=valid_accs[k],
                            lr=lrs[k], epoch_time=epoch_time)
-            end_of_epoch(m, metrics, model.job_state_dict(k), optimizer.job_state(k), data)
+            end_of_epoch(m, metrics, model.job_state_dict(k), optimizer.job_state(k), data, len(group))
         keep = [k for k, m in enumerate(group) if m.running]
         if EPOCHS_DONE is not None:  # this epoch's, and those a job leaving early will not train
             EPOCHS_DONE(sum(1 + (0 if m.running else m.settings.epochs - epoch) for m in group))
@@ -277,16 +277,18 @@ def diverged(losses: torch.Tensor, step: int, group: list[Member], epoch: int) -
     return True
 
 
-def end_of_epoch(m: Member, metrics: dict, weights: dict, optimizer_state: dict, data: FashionMNIST) -> None:
+def end_of_epoch(m: Member, metrics: dict, weights: dict, optimizer_state: dict, data: FashionMNIST,
+                 jobs: int = 1) -> None:
     """One member's epoch bookkeeping: schedule, best checkpoint, full checkpoint, tracking, early stopping."""
     s, state = m.settings, m.state
     plateau = isinstance(m.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     m.scheduler.optimizer.step()  # the stand-in has no gradient: changes nothing, keeps the schedule's order check
     m.scheduler.step(metrics["valid_loss"]) if plateau else m.scheduler.step()
     epoch = state.epoch + 1
-    log.info("%sEpoch %d/%d | train loss %.3f | valid loss %.3f | valid acc %.3f | lr %.2e | %.2f s",
-             m.label, epoch, s.epochs, metrics["train_loss"], metrics["valid_loss"],
-             metrics["valid_acc"], metrics["lr"], metrics["epoch_time"])
+    took = metrics["epoch_time"]  # in a group of `jobs`, each job's share of the group's epoch (its epoch_time)
+    log.info("%sEpoch %d/%d | train loss %.3f | valid loss %.3f | valid acc %.3f | lr %.2e | %s",
+             m.label, epoch, s.epochs, metrics["train_loss"], metrics["valid_loss"], metrics["valid_acc"],
+             metrics["lr"], f"{took:.2f} s" if jobs == 1 else f"{took:.2f} s a job ({jobs} in {took * jobs:.2f} s)")
     value = metrics[s.monitor]
     if _improved(value, state.best, s.monitor, 0.0):  # the best checkpoint is the best epoch, by any margin
         state.best, state.best_epoch = value, epoch
