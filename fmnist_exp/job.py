@@ -171,8 +171,13 @@ def build(cfg: DictConfig, device: torch.device, name: str = "", job_dir: Path |
         checkpoint=job_dir / "best_model.pt", last=job_dir / "last.pt")
 
 
+def shows_progress(cfg: DictConfig) -> bool:
+    """Whether a progress bar is drawn (train.progress: on, off, or auto: when attached to a terminal)."""
+    return {"on": True, "off": False}.get(str(cfg.train.progress), sys.stderr.isatty())
+
+
 def loop_settings(cfg: DictConfig) -> train.LoopSettings:
-    progress = {"on": True, "off": False}.get(cfg.train.progress, sys.stderr.isatty())
+    progress = shows_progress(cfg)
     return train.LoopSettings(
         epochs=cfg.train.epochs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
         monitor=cfg.train.monitor, patience=cfg.train.early_stopping.patience,

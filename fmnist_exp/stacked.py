@@ -163,12 +163,9 @@ class StackedModel(nn.Module):
             h = self.layers[name] if name in self.layers else None
             if kind == "linear" and layout == SHARED:  # one wide product, not K copies of the input
                 x, layout = F.linear(x, h.weight.flatten(0, 1), h.bias.flatten()), WIDE
-            elif kind == "linear" and by_job:
-                x = torch.cat([F.linear(*job) for job in zip(x.unbind(0), h.weight.unbind(0), h.bias.unbind(0))], 1)
-                layout, by_job = WIDE, False  # (B, K*H), as the shared batch's wide product: the same layers after
-            elif kind == "conv" and by_job:
-                x = torch.cat([F.conv2d(*job, **args) for job in zip(x.unbind(0), h.weight.unbind(0),
-                                                                     h.bias.unbind(0))], dim=1)
+            elif kind in ("linear", "conv") and by_job:  # out as the shared batch's: (B, K*H) or (B, K*C, H, W)
+                op = F.linear if kind == "linear" else lambda *job: F.conv2d(*job, **args)
+                x = torch.cat([op(*job) for job in zip(x.unbind(0), h.weight.unbind(0), h.bias.unbind(0))], dim=1)
                 layout, by_job = WIDE, False
             elif kind == "linear":  # W @ x^T: the weight's gradient comes out in its own layout, no copy to accumulate
                 x = torch.baddbmm(h.bias.unsqueeze(2), h.weight, self._jobs(x, layout).transpose(1, 2)).transpose(1, 2)

@@ -55,7 +55,8 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     signals = _Forward()
     outcomes_seen = []
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
-    feed = _Feed(sum(int(c.train.epochs) for c in configs)) if _Feed.wanted(configs) else None
+    # the sweep's bar where a run would draw one
+    feed = _Feed(sum(int(c.train.epochs) for c in configs)) if job.shows_progress(configs[0]) else None
     with signals, feed or contextlib.nullcontext():
         try:
             while pending or running:
@@ -228,11 +229,6 @@ class _Feed:
     log records and the job-epochs they train through a queue; the launcher prints the records above the bar
     (tqdm's logging redirect) and counts the epochs (a group that ends counts all its jobs' epochs: skipped, resumed,
     stopped early or failed)."""
-
-    @staticmethod
-    def wanted(configs: list[DictConfig]) -> bool:
-        """A bar as a run would draw one (train.progress: on, or auto on a terminal)."""
-        return {"on": True, "off": False}.get(str(configs[0].train.progress), sys.stderr.isatty())
 
     def __init__(self, total: int):
         self.total, self.done, self.running, self.ended = total, 0, {}, set()
