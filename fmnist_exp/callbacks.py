@@ -115,14 +115,16 @@ class SweepCallback(Callback):
     def _end(self, sweep_dir: Path) -> None:
         parent = read_parent(sweep_dir)
         outcomes = job.read_outcomes(sweep_dir)
-        unfinished = [(f"{name}: {o.error or o.status}", o) for name, o in outcomes
-                      if o.status not in ("FINISHED", "SKIPPED")]
+        unfinished = [(name, o) for name, o in outcomes if o.status not in ("FINISHED", "SKIPPED")]
         if parent:
+            with_runs = end_orphans(parent, dict(outcomes))
             failures, total = self._report(parent, sweep_dir)
-            lost = [line for line, o in unfinished if o.run_id is None]  # no run in the table: cancelled before it ran
+            # jobs with a run are counted by it, in the table; the others (cancelled before they ran) by outcome
+            lost = [f"{name}: {o.error or o.status}" for name, o in unfinished
+                    if o.run_id is None and name not in with_runs]
             failures, total = failures + lost, total + len(lost)
         else:  # untracked: each job's outcome.json is all there is
-            failures, total = [line for line, _ in unfinished], len(outcomes)
+            failures, total = [f"{name}: {o.error or o.status}" for name, o in unfinished], len(outcomes)
         if failures:
             print(f"{len(failures)} of {total} jobs failed: {'; '.join(failures)}", file=sys.stderr, flush=True)
             sys.exit(1)
@@ -149,6 +151,27 @@ class SweepCallback(Callback):
         where = "" if uri.startswith("http") else " (after make ui)"
         print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
         return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
+
+
+ORPHANED = ("its process ended without recording the job (killed together with its tracking process: a lost node, "
+            "out of memory, kill -9); rerun the sweep with sweep.skip_finished=true")
+
+
+def end_orphans(parent: dict, outcomes: dict[str, job.Outcome]) -> set[str]:
+    """At a sweep's end no job runs any more: a child run still RUNNING lost its training process and its tracking
+    process at once (a cluster node lost, a job's processes killed whole). End it KILLED with the reason its job
+    dir's outcome gives (a launcher records lost jobs there), else ORPHANED, so no run stays RUNNING. Returns the job
+    dir names that have a run (their jobs are counted by their runs, once)."""
+    uri = parent["uri"]
+    runs = tracking.child_runs(uri, parent["experiment_id"], parent["run_id"])
+    for run in runs:
+        if run.info.status == "RUNNING":
+            outcome = outcomes.get(Path(run.data.tags.get("fmnist.job_dir", "")).name)
+            reason = outcome.error if outcome is not None and outcome.error else ORPHANED
+            log.error("%s: %s", run.info.run_name, reason)
+            tracking.client(uri).set_tag(run.info.run_id, "error", reason)
+            tracking.end_run(uri, run.info.run_id, "KILLED")
+    return {Path(r.data.tags["fmnist.job_dir"]).name for r in runs if "fmnist.job_dir" in r.data.tags}
 
 
 def end_if_running(uri: str, run_id: str) -> None:

@@ -194,8 +194,9 @@ class Job:
     """
 
     def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS,
-                 tracking_process: tracking.TrackingProcess | None = None):
+                 tracking_process: tracking.TrackingProcess | None = None, said: set[str] | None = None):
         self.cfg, self.ctx, self.process, self.tracking_process = cfg, ctx, process, tracking_process
+        self.said = set() if said is None else said  # start lines already logged (a group's jobs share one set)
         self.tracker: tracking.Tracker | None = None
         self.params: dict[str, str] = {}
         self.member: train.Member | None = None  # what the training loop trains
@@ -273,12 +274,14 @@ class Job:
             tracker.log_dataset("fashion-mnist", dataset.digest, dataset.source, dataset.split_sizes())
         tracker.set_tag("fmnist.data_source", dataset.source)
         tracker.set_tag("fmnist.threads", str(torch.get_num_threads()))
-        log.info("Data: %s (%s) on %s | model %s, %s params", dataset.source, dataset.split_sizes(),
-                 dataset.train_x.device, type(model).__name__,
-                 f"{sum(p.numel() for p in model.parameters()):,}")
-        log.info("Training: %d steps per epoch, epochs %d..%d",
-                 len(train.batch_sizes(len(dataset.train_y), self.member.settings.batch_size)),
-                 self.member.state.epoch + 1, self.member.settings.epochs)
+        lines = [f"Data: {dataset.source} ({dataset.split_sizes()}) on {dataset.train_x.device} | model "
+                 f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} params",
+                 f"Training: {len(train.batch_sizes(len(dataset.train_y), self.member.settings.batch_size))} steps "
+                 f"per epoch, epochs {self.member.state.epoch + 1}..{self.member.settings.epochs}"]
+        for line in lines:  # once per group: its jobs share data, shapes and (unless resumed) epochs
+            if line not in self.said:
+                self.said.add(line)
+                log.info("%s", line)
 
     def _resume_checkpoint(self, run) -> Path | None:
         """Check that `run` can be continued with this config; its last full checkpoint (None: it never finished
@@ -497,7 +500,8 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
     n = tracking.processes_for(len(members), spare, first.tracking.processes) if first.tracking.enabled else 1
     if n > 1:
         log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)
-    jobs = [Job(cfg, ctx, process, tracking.pick_process(i, n)) for i, (cfg, ctx) in enumerate(members)]
+    said: set[str] = set()
+    jobs = [Job(cfg, ctx, process, tracking.pick_process(i, n), said) for i, (cfg, ctx) in enumerate(members)]
     outcomes: list[Outcome | None] = [None] * len(jobs)
 
     def end(i: int, make) -> None:

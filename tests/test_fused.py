@@ -3,6 +3,7 @@ run the way a user runs it (failures, signals, resume), plus Hydra's own launche
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from pathlib import Path
 
@@ -208,6 +209,7 @@ def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "Group 1/2: 2 job(s) sharing model MLP [128, 64], batch 16" in out
+    assert_job_lines_as_hydra_logs_them(result.stdout, epochs=2, jobs=4, groups=2)
     runs = store_runs(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
@@ -234,6 +236,17 @@ def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root)
         text = logs[0].read_text()
         assert all(text.count(f"[{r['tags']['fmnist.overrides']}] Epoch 2/2") == 1 for r in children
                    if r["tags"]["fmnist.group"] == group)
+
+
+def assert_job_lines_as_hydra_logs_them(stdout: str, epochs: int, jobs: int, groups: int) -> None:
+    """A job's lines look as under the basic launcher (Hydra's job_logging: logger and level, which `[HYDRA]` hid,
+    an [ERROR] too); a group's jobs share their data and shapes: its Data and Training lines come once."""
+    lines = stdout.splitlines()
+    epoch_lines = [line for line in lines if f"Epoch {epochs}/{epochs} |" in line]
+    assert len(epoch_lines) == jobs and all(re.match(r"\[[\d:, -]+\]\[fmnist_exp\.train\]\[INFO\] - \[", line)
+                                            for line in epoch_lines), "\n".join(epoch_lines)
+    assert sum("][fmnist_exp][INFO] - Data: " in line for line in lines) == groups, stdout[-3000:]
+    assert sum("][fmnist_exp][INFO] - Training: " in line for line in lines) == groups, stdout[-3000:]
 
 
 def test_a_group_log_is_each_job_dirs_where_links_fail(tmp_path, monkeypatch):
@@ -273,7 +286,7 @@ def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
     runs = store_runs(tmp_path)
     bad = next(r for r in runs if r["name"].endswith("optimizer.lr=1000000000000.0"))
     good = next(r for r in runs if r["name"].endswith("optimizer.lr=0.1"))
-    assert f"[{bad['name']}] training diverged" in out  # the group's log line says which job
+    assert f"[fmnist_exp][ERROR] - [{bad['name']}] training diverged" in out  # which job, at ERROR level
     assert bad["status"] == "FAILED" and good["status"] == "FINISHED"
     assert bad["tags"]["fmnist.group"] == good["tags"]["fmnist.group"]  # they trained together
 
@@ -346,6 +359,7 @@ def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "Launching 4 jobs as 2 fused group(s), 2 at a time (a process each)" in out
+    assert_job_lines_as_hydra_logs_them(result.stdout, epochs=2, jobs=4, groups=2)
     assert out.count("Test (best checkpoint") == 4 and sum(line.startswith("| ★") for line in result.stdout.splitlines()) == 1
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     children = [c.get_run(r["run_uuid"]) for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
@@ -375,6 +389,7 @@ def test_workers_sharing_a_terminal_show_one_sweep_bar_under_their_log_lines(tmp
     assert lines[-1].startswith("sweep: 100%") and "8/8" in lines[-1], "\n".join(lines[-5:])  # job-epochs
     assert all(line.startswith("[20") for line in lines[:-1]), "\n".join(lines)  # whole log lines, no bar left
     assert sum("Epoch 2/2" in line for line in lines) == 4
+    assert_job_lines_as_hydra_logs_them("\n".join(lines), epochs=2, jobs=4, groups=2)
 
 
 def test_a_big_group_spreads_its_writes_over_several_tracking_processes(tmp_path, tiny_root):

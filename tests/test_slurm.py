@@ -1,7 +1,9 @@
 """The hydra/launcher=slurm path through real `sbatch` job arrays on a one-node SLURM cluster on this machine."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -93,7 +95,7 @@ def test_scancel_ends_runs_killed_and_skip_finished_completes_the_sweep(slurm, t
             "optimizer=sgd,adam"]
     proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli_env(slurm.env))
-    wait_for_log(tmp_path, r"Training:", 2, proc)  # both jobs of the fused task are training
+    wait_for_log(tmp_path, r"Epoch 1/5", 2, proc)  # both jobs of the fused task are training
     slurm.cancel_all()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
@@ -106,6 +108,33 @@ def test_scancel_ends_runs_killed_and_skip_finished_completes_the_sweep(slurm, t
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
     assert len(table) == 2 and all("FINISHED" in line for line in table)
+
+
+def test_a_task_killed_whole_leaves_no_running_run_and_counts_each_job_once(slurm, tmp_path):
+    """SIGKILL to every process of a task at once (a lost node, a job's cgroup killed whole): its jobs' tracking
+    processes die with them, so nothing ends their runs. The sweep's end does: each run KILLED with the reason the
+    launcher recorded, never RUNNING, and each job counted once (it was once by its run and once by its dir)."""
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)
+    args = ["-m", "hydra/launcher=slurm", *FITS_NODE, *tiny_overrides(root), "data.batch_size=16", "train.epochs=5",
+            "optimizer=sgd,adam"]
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(slurm.env))
+    wait_for_log(tmp_path, r"Epoch 1/5", 2, proc)  # both jobs of the fused task are training
+    task = slurm.jobs()[0].split()[0]
+    pids = [int(line.split()[0]) for line in slurm.run("scontrol", "listpids", task).stdout.splitlines()[1:]]
+    assert len(pids) >= 3, pids  # at least the batch shell, the task's python and its tracking process
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    children, parents = children_of_sweep(tmp_path)
+    assert len(children) == 2 and {c["status"] for c in children} == {"KILLED"}, out[-3000:]
+    assert all(c["tags"]["error"].startswith(f"SLURM job {task} ended without a result") for c in children), \
+        [c["tags"]["error"] for c in children]
+    assert [p["status"] for p in parents] == ["FAILED"]
+    assert "2 of 2 jobs failed" in out, out[-3000:]
 
 
 def test_fused_sweep_runs_a_task_per_group(slurm, tmp_path, tiny_root):

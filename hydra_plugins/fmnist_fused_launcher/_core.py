@@ -178,7 +178,11 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
     callbacks."""
     from fmnist_exp import job
     members, hydra_cfgs = start_jobs(launcher, configs, group_name)
-    outcomes = train_group(members)
+    configure_log(job_console(launcher.config.hydra), launcher.config.hydra.verbose)
+    try:
+        outcomes = train_group(members)
+    finally:
+        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     results = end_jobs(launcher, configs, hydra_cfgs, members, outcomes)
     job.settle(outcomes, members)
     return results
@@ -198,6 +202,23 @@ def start_jobs(launcher, configs: list[DictConfig], group_name: str, parallel_jo
         members.append((task_config(config), ctx))
         launcher.hydra_context.callbacks.on_job_start(config=config, task_function=launcher.task_function)
     return members, hydra_cfgs
+
+
+def job_console(hydra: DictConfig) -> DictConfig | None:
+    """The logging Hydra's run_job sets up for a job (hydra.job_logging: `[time][logger][LEVEL] - message` on the
+    console), without its file handlers: a group's lines go to its group.log (train_group), and a per-job log file
+    opened here would be one job's. So a job's lines look the same under every launcher; the launcher's own lines
+    keep hydra.hydra_logging (`[HYDRA] ...`), as under the basic launcher."""
+    if hydra.job_logging is None:
+        return None
+    conf = OmegaConf.to_container(hydra.job_logging, resolve=False)
+    files = {name for name, h in (conf.get("handlers") or {}).items() if isinstance(h, dict) and "filename" in h}
+    for name in files:
+        del conf["handlers"][name]
+    for holder in [conf.get("root") or {}, *(conf.get("loggers") or {}).values()]:
+        if isinstance(holder, dict) and holder.get("handlers"):
+            holder["handlers"] = [h for h in holder["handlers"] if h not in files]
+    return OmegaConf.create(conf)
 
 
 def train_group(members: list) -> list:

@@ -47,7 +47,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     from fmnist_exp import callbacks, job, tracking
     tracking.TRACKING_PROCESS.discard_unused()  # each worker has its own tracking process
     hydra = launcher.config.hydra
-    logging_cfg = (hydra.hydra_logging, hydra.verbose)
+    logging_cfg = (_core.job_console(hydra), hydra.verbose)  # jobs' lines as under any launcher
     results: list[JobReturn | None] = [None] * len(configs)
     pending = list(enumerate(groups, start=1))
     running: dict = {}
@@ -57,6 +57,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
     # the sweep's bar where a run would draw one
     feed = _Feed(sum(int(c.train.epochs) for c in configs)) if job.shows_progress(configs[0]) else None
+    configure_log(*logging_cfg)  # the workers' lines this process prints (the sweep's bar) and its own, alike
     with signals, feed or contextlib.nullcontext():
         try:
             while pending or running:
@@ -91,6 +92,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
             for pool in pools:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
+    configure_log(hydra.hydra_logging, hydra.verbose)  # after the bar's logging redirect has put its handlers back
     signum = signals.signum or next((o.signum for o in outcomes_seen if o.signum is not None), None)
     if signum is not None:  # the user stopped the sweep: every started job has recorded itself KILLED
         job.stop_sweep(callbacks.read_parent(Path(str(hydra.sweep.dir))), signum)
