@@ -18,14 +18,16 @@ from fmnist_exp.job import free_memory, pick_device
 
 
 def fusion_key(cfg: DictConfig) -> str:
-    """What a training step's shapes depend on: jobs with equal keys train together as one stacked model. Seed,
+    """What a training step's shapes depend on, and the process settings it runs under (threads, the denormal
+    flag): jobs with equal keys train together as one stacked model. Seed,
     init, dropout probabilities, BatchNorm on or off, optimizer, schedule, early stopping and monitor may differ
     within a group (plan_groups still parts seeds and BatchNorm where that costs less)."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
              if k not in ("init", "init_std", "dropout", "batch_norm")}
     d, t = cfg.data, cfg.train
     return json.dumps({"model": model, "data": OmegaConf.to_container(d, resolve=True), "epochs": t.epochs,
-                       "device": t.device, "cuda_graph": t.cuda_graph, "threads": t.threads, "progress": t.progress,
+                       "device": t.device, "cuda_graph": t.cuda_graph, "threads": t.threads,
+                       "flush_denormal": t.flush_denormal, "progress": t.progress,
                        "resume": t.resume, "tracking": OmegaConf.to_container(cfg.tracking, resolve=True),
                        "skip_finished": cfg.sweep.skip_finished}, sort_keys=True)
 

@@ -95,20 +95,32 @@ def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
 
 
 class Process:
-    """Settings of the whole process, made once whatever the number of jobs: torch threads, the CPU's denormal
-    flag (per thread: set before torch starts its workers), and each data set loaded once per device."""
+    """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, and
+    each data set loaded once per device. Jobs of one process may ask for different settings (a sweep over
+    train.threads under the basic launcher; groups of different settings in one worker): each job gets its own."""
 
     def __init__(self):
         self._datasets: dict[tuple, data.FashionMNIST] = {}
-        self._configured = False
+        self._default_threads: int | None = None  # torch's own choice, before any job set it
+        self._flush: bool | None = None  # the denormal flag this process's threads have
+        self._pool_started = False  # torch's worker threads may exist: they keep the flag they started with
 
     def configure(self, cfg: DictConfig, ctx: JobContext) -> None:
-        if self._configured:
-            return
-        self._configured = True
-        torch.set_num_threads(pick_threads(cfg.train.threads, ctx.parallel_jobs))
-        if cfg.train.flush_denormal:
-            torch.set_flush_denormal(True)  # False (and no change) on CPUs without the flag; CUDA ignores it
+        if self._default_threads is None:
+            self._default_threads = torch.get_num_threads()
+        threads = pick_threads(cfg.train.threads, ctx.parallel_jobs, self._default_threads)
+        flush = bool(cfg.train.flush_denormal)
+        if self._pool_started and self._flush is not None and flush != self._flush:
+            raise config.ConfigError(
+                f"train.flush_denormal={str(flush).lower()} in a process whose torch threads already run with "
+                f"{str(self._flush).lower()} (a CPU flag each thread keeps from its start): sweep it with "
+                f"train.threads=1, or run each value as a sweep of its own")
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        if flush != self._flush:  # on this thread, and on the worker threads torch starts after it
+            torch.set_flush_denormal(flush)  # False (and no change) on CPUs without the flag; CUDA ignores it
+            self._flush = flush
+        self._pool_started = self._pool_started or threads > 1
 
     def dataset(self, cfg: DictConfig, device: torch.device) -> data.FashionMNIST:
         d = cfg.data
@@ -141,11 +153,11 @@ def free_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def pick_threads(requested: int | None, parallel_jobs: int | None) -> int:
-    """Torch threads: as requested, else the cores shared evenly among parallel jobs, else torch's default."""
+def pick_threads(requested: int | None, parallel_jobs: int | None, default: int) -> int:
+    """Torch threads: as requested, else the cores shared evenly among parallel jobs, else torch's `default`."""
     if requested:
         return requested
-    return max(1, cores() // parallel_jobs) if parallel_jobs else torch.get_num_threads()
+    return max(1, cores() // parallel_jobs) if parallel_jobs else default
 
 
 OPTIMIZER_KINDS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"}

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,3 +414,36 @@ def test_batchnorm_with_a_last_batch_of_one(tmp_path, tiny_root):
     assert "Training: 5 steps per epoch" in result.stdout
     (run,) = assert_nothing_running(tmp_path)
     assert run["status"] == "FINISHED"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "fused"])
+def test_each_job_of_a_sweep_gets_its_own_process_settings(tmp_path, tiny_root, launcher):
+    """train.threads and train.flush_denormal belong to the process, but a sweep's jobs may ask for different ones
+    (one process runs them all under the basic launcher, and the fused one's groups of one): each job got the first
+    job's. Weights of 1e-40 are denormal: flushed to zero with the flag, kept without it."""
+    args = ["-m", f"hydra/launcher={launcher}", "hydra.launcher.n_jobs=1" if launcher == "fused" else "",
+            *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd", "model.init=normal", "model.init_std=1e-40"]
+    result = run_cli(*[a for a in args if a], "train.threads=1", "train.flush_denormal=true,false", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    nonzero = {}
+    for run in store_runs(tmp_path):
+        if "mlflow.parentRunId" in run["tags"]:
+            flush = {"0": "true", "1": "false"}[Path(run["tags"]["fmnist.job_dir"]).name.split("_")[0]]  # job num
+            weights = torch.load(f"{run['tags']['fmnist.job_dir']}/best_model.pt", weights_only=True)["fc1.weight"]
+            nonzero[flush] = int((weights != 0).sum())
+    assert nonzero["false"] == 784 * 128 > nonzero["true"], nonzero
+    result = run_cli(*[a for a in args if a], "train.threads=1,2", "hydra.sweep.dir=threads", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    threads = {Path(r["tags"]["fmnist.job_dir"]).name.split("_")[0]: r["tags"]["fmnist.threads"]
+               for r in store_runs(tmp_path) if Path(r["tags"].get("fmnist.job_dir", "")).parent.name == "threads"}
+    assert threads == {"0": "1", "1": "2"}, threads  # jobs 0 and 1: train.threads=1 and 2
+
+
+def test_a_denormal_flag_torch_threads_cannot_take_is_one_line(tmp_path, tiny_root):
+    """torch's worker threads keep the flag they started with: a later job asking for another fails with the way
+    out, rather than training with the wrong one."""
+    result = run_cli("-m", "hydra/launcher=basic", *tiny_overrides(tiny_root), "train.epochs=1", "train.threads=2",
+                     "train.flush_denormal=true,false", cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    assert "1 of 2 jobs failed" in result.stderr and "sweep it with train.threads=1" in result.stderr
+    assert {r["status"] for r in store_runs(tmp_path)} == {"FINISHED", "FAILED"}
