@@ -1,7 +1,7 @@
 """K jobs of one architecture trained as one stacked model: every parameter gets a leading job dimension K.
 
-Linear is one batched matrix product (torch.baddbmm; the first layer on a batch all jobs share is one wide
-(B, 784) @ (784, K*H) product), Conv2d one grouped convolution over K*C channels (as HFTA does), BatchNorm one
+Linear is one batched matrix product (BatchedLinear, a lone layer's products batched; the first layer on a batch
+all jobs share is one wide (B, 784) @ (784, K*H) product), Conv2d one grouped convolution over K*C channels (as HFTA does), BatchNorm one
 F.batch_norm over K*C channels, so each job's running stats stay exact (vmap cannot update them in place).
 Jobs with and without BatchNorm stack together (a GPU replays one step for both: the step's cost there is its
 launches, not its arithmetic): the others' activations pass through unchanged (torch.where, exact both ways).
@@ -23,6 +23,59 @@ from torch import nn
 SHARED, WIDE, JOBS = "shared", "wide", "jobs"
 KINDS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.BatchNorm1d: "bn", nn.BatchNorm2d: "bn", nn.ReLU: "relu",
          nn.MaxPool2d: "pool", nn.Flatten: "flatten"}
+
+
+class BatchedLinear(torch.autograd.Function):
+    """K linear layers, x (K, B, in) -> (K, B, out), whose three products (output, input and weight gradients) are
+    a lone F.linear's in its own orientation: x Wᵀ, g W, gᵀ x, so on a CPU each job gets the lone layer's numbers
+    to the bit at every batch size and width. Autograd through `baddbmm(b, W, xᵀ)` computed the output and input
+    gradient transposed (W xᵀ, Wᵀ gᵀ), which rounds differently at odd batches under 15 and layers narrower than
+    16 (1e-7 after a step; a user's differential test of every config group). Also 4-13 % faster per layer (K = 4,
+    128 -> 64, batch 16 / 100, 1 thread). The weight's gradient comes out in its own layout (K, out, in)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()  # each job's (B, in) row-major, as a lone layer gets it: BLAS picks kernels by layout
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+
+
+_EXACT: dict[tuple, bool] = {}  # is_exact's answers, by shapes
+
+
+def is_exact(kind: str, args: dict, weight: torch.Tensor, x: torch.Tensor, grouped: bool = False) -> bool:
+    """Whether one op over all K jobs' weights gives each job the numbers its own op gives it, on this CPU's
+    kernels at these shapes (and the gradients too, when autograd is on): a wide op on a batch all jobs share,
+    (B, in) @ (in, K*H) or a conv to K*C channels, or (`grouped`) a grouped conv of the jobs' channels (B, K*C, ...).
+    BLAS and oneDNN tile the K*H columns and pick conv algorithms their own way: here wide products of widths that
+    are multiples of 32 came out exact at K = 2-8 and batches 7-100, and widths 8, 16, 50 or 100 did not (1e-6 in an
+    output); grouped convs of 16 channels were exact, of 8 not. Kernels are chosen by shape, not values, so one
+    check on random data per shape settles it; where it is not exact the layer runs job by job."""
+    grad = torch.is_grad_enabled()
+    key = (kind, str(args), tuple(weight.shape), tuple(x.shape), grad, grouped)
+    if key not in _EXACT:
+        gen = torch.Generator().manual_seed(0)
+        k, c = weight.shape[0], weight.shape[2] if grouped else 0
+        xs = torch.rand(x.shape, generator=gen).requires_grad_(grad and grouped)
+        w = (torch.rand(weight.shape, generator=gen) - 0.5).requires_grad_(grad)
+        b = (torch.rand(weight.shape[:2], generator=gen) - 0.5).requires_grad_(grad)
+        op = F.linear if kind == "linear" else lambda *a, **g: F.conv2d(*a, **args, **g)
+        together = op(xs, w.flatten(0, 1), b.flatten(), **({"groups": k} if grouped else {}))
+        apart = torch.cat([op(xs[:, j * c:(j + 1) * c] if grouped else xs, w[j], b[j]) for j in range(k)], dim=1)
+        exact = torch.equal(together, apart)
+        if exact and grad:
+            g = torch.rand(together.shape, generator=gen)
+            wrt = (xs, w, b) if grouped else (w, b)
+            exact = all(map(torch.equal, torch.autograd.grad(together, wrt, g), torch.autograd.grad(apart, wrt, g)))
+        _EXACT[key] = exact
+    return _EXACT[key]
 
 
 def _layer(m: nn.Module) -> tuple[str, dict]:
@@ -70,11 +123,10 @@ class StackedModel(nn.Module):
         self.plan, self.layers, self.dropout = plan, layers, dropout  # use from_models / select
         self.num_jobs = next(layers.parameters()).shape[0]
         # BatchNorm layers only some jobs have: which jobs normalise there (the others keep their input); a mask
-        # on the device per layer, built once (a CUDA graph reads it), as (K,) for jobs and (K*C,) for channels
+        # on the device per layer, built once (a CUDA graph reads it), one entry per channel (K*C,)
         self.normalised = {name: list(jobs) for name, jobs in (normalised or {}).items() if not all(jobs)}
         for name, jobs in self.normalised.items():
             mask = torch.tensor(jobs, device=layers[name].weight.device)
-            self.register_buffer(f"_jobs_{name}", mask, persistent=False)
             self.register_buffer(f"_channels_{name}", mask.repeat_interleave(layers[name].weight.shape[1]),
                                  persistent=False)
 
@@ -157,39 +209,42 @@ class StackedModel(nn.Module):
         # is (F.linear / F.conv2d), so a job trained beside jobs of other seeds gets its numbers alone to the bit: one
         # batched product rounds differently at some batch sizes (1e-9 in a gradient, ~0.01 in an epoch's
         # accuracy). It costs 1.1-1.9x the batched product (benchmarks/stacked_step.py), one reason groups are
-        # split by seed (fusion.SHARED_BATCH). On a GPU K launches would cost more than the step: one batched op.
-        by_job = layout == JOBS and x.device.type == "cpu"
+        # split by seed (fusion.SHARED_BATCH). A batch all jobs share goes through one wide op, and a later conv is one
+        # grouped conv, where that is exact (is_exact), else job by job. On a GPU K launches would cost more than the
+        # step: one batched op.
+        cpu = x.device.type == "cpu"
+        by_job = layout == JOBS and cpu
         for name, kind, args in self.plan:
             h = self.layers[name] if name in self.layers else None
-            if kind == "linear" and layout == SHARED:  # one wide product, not K copies of the input
-                x, layout = F.linear(x, h.weight.flatten(0, 1), h.bias.flatten()), WIDE
-            elif kind in ("linear", "conv") and by_job:  # out as the shared batch's: (B, K*H) or (B, K*C, H, W)
+            first = kind in ("linear", "conv") and (by_job or layout == SHARED)
+            if first and layout == SHARED and (not cpu or is_exact(kind, args, h.weight, x)):
+                w, b = h.weight.flatten(0, 1), h.bias.flatten()  # one wide op, not K copies of the input
+                x, layout = F.linear(x, w, b) if kind == "linear" else F.conv2d(x, w, b, **args), WIDE
+            elif first:  # job by job, out as one wide op's: (B, K*H) or (B, K*C, H, W)
                 op = F.linear if kind == "linear" else lambda *job: F.conv2d(*job, **args)
-                x = torch.cat([op(*job) for job in zip(x.unbind(0), h.weight.unbind(0), h.bias.unbind(0))], dim=1)
+                inputs = x.unbind(0) if by_job else [x] * k
+                x = torch.cat([op(*job) for job in zip(inputs, h.weight.unbind(0), h.bias.unbind(0))], dim=1)
                 layout, by_job = WIDE, False
-            elif kind == "linear":  # W @ x^T: the weight's gradient comes out in its own layout, no copy to accumulate
-                x = torch.baddbmm(h.bias.unsqueeze(2), h.weight, self._jobs(x, layout).transpose(1, 2)).transpose(1, 2)
-                layout = JOBS
+            elif kind == "linear":
+                x, layout = BatchedLinear.apply(self._jobs(x, layout), h.weight, h.bias), JOBS
             elif kind == "conv":
-                w, b = h.weight.flatten(0, 1), h.bias.flatten()
-                x = F.conv2d(x, w, b, **args) if layout == SHARED else F.conv2d(self._wide(x, layout), w, b, groups=k,
-                                                                                **args)
+                x, w, b = self._wide(x, layout), h.weight.flatten(0, 1), h.bias.flatten()
+                if not cpu or is_exact(kind, args, h.weight, x, grouped=True):
+                    x = F.conv2d(x, w, b, groups=k, **args)
+                else:  # job by job, each on its own channels
+                    x = torch.cat([F.conv2d(*job, **args) for job in zip(x.chunk(k, dim=1), h.weight.unbind(0),
+                                                                          h.bias.unbind(0))], dim=1)
                 layout = WIDE
             elif kind == "bn":
                 if name in self.normalised and not any(self.normalised[name]):
                     continue  # only stand-ins left here (the jobs with BatchNorm have left the stack)
                 stats = h.running_mean.view(-1), h.running_var.view(-1), h.weight.flatten(), h.bias.flatten()
                 mixed = name in self.normalised  # jobs without BatchNorm keep x: where(), exact, gradient too
-                if layout == JOBS and x.dim() == 3:  # (K, B, F) as (1, K*F, B): same statistics, no transpose copy
-                    kf = x.shape[0] * x.shape[2]
-                    y = F.batch_norm(x.transpose(1, 2).reshape(1, kf, -1), *stats, self.training, **args)
-                    y = y.view(k, -1, x.shape[1]).transpose(1, 2)
-                    x = torch.where(self.get_buffer(f"_jobs_{name}").view(k, 1, 1), y, x) if mixed else y
-                else:
-                    x, layout = self._wide(x, layout), WIDE
-                    y = F.batch_norm(x, *stats, self.training, **args)
-                    x = torch.where(self.get_buffer(f"_channels_{name}").view(-1, *[1] * (x.dim() - 2)), y, x) \
-                        if mixed else y
+                # (B, K*C, ...), a lone BatchNorm's layout at every K (so a job's statistics round as they do alone)
+                x, layout = self._wide(x, layout), WIDE
+                y = F.batch_norm(x, *stats, self.training, **args)
+                x = torch.where(self.get_buffer(f"_channels_{name}").view(-1, *[1] * (x.dim() - 2)), y, x) \
+                    if mixed else y
                 if self.training:
                     h.num_batches_tracked.add_(1)
             elif kind == "relu":

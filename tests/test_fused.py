@@ -176,24 +176,37 @@ LADDER = lambda *ablations: [[f"optimizer={o}", f"ablation={a}"] for a in ablati
 SEEDS = lambda *extra: [[f"optimizer={o}", f"train.seed={s}", *extra] for s in (0, 1) for o in ("sgd", "adam")]
 
 
+ODD = [[f"optimizer={o}", f"ablation={a}", "data.batch_size=7"] for a in ("plain", "he") for o in ("sgd", "adam")]
+NARROW = [[f"optimizer={o}", "model.hidden=[8]", "data.batch_size=64", f"optimizer.lr={lr}"] for o in ("sgd", "adam")
+          for lr in (0.01, 0.001)]  # one seed: the first layer is one wide product where that is exact
+CNN_ODD = [[f"optimizer={o}", "model=cnn", "data.batch_size=7", f"train.seed={s}"] for o in ("sgd", "adam")
+           for s in (0, 1)]
+CNN_NARROW = [[f"optimizer={o}", "model=cnn", "model.channels=[8,16]", "data.batch_size=64", f"train.seed={s}"]
+              for o in ("sgd", "adam") for s in (0, 1)]
+
+
 @pytest.mark.parametrize("variants", [LADDER("he_bn", "he_bn_dropout"), LADDER("plain", "he_bn_dropout"), SEEDS(),
-                                      SEEDS("data.batch_size=20"), SEEDS("regularization=dropout"), SEEDS("model=cnn")],
-                         ids=["bn", "mixed", "seeds", "seeds-batch20", "seeds-dropout", "seeds-cnn"])
+                                      SEEDS("data.batch_size=20"), SEEDS("regularization=dropout"), SEEDS("model=cnn"),
+                                      ODD, NARROW, CNN_ODD, CNN_NARROW],
+                         ids=["bn", "mixed", "seeds", "seeds-batch20", "seeds-dropout", "seeds-cnn", "batch7", "narrow",
+                              "cnn-batch7", "cnn-narrow"])
 def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_root, one_thread, variants):
     """The notebook grid's He+BN (+dropout) group: SGD and Adam, one seed (so one batch for all), fused vs alone;
     a group of jobs with and without BatchNorm, as a GPU trains them (a per-job switch); and groups of two seeds,
-    so a batch per job (MLP at batch 16 and 20 with dropout, CNN).
+    so a batch per job (MLP at batch 16 and 20 with dropout, CNN); odd batches and narrow layers, where a stacked
+    product in another orientation than a lone layer's rounded differently (stacked.BatchedLinear).
     On the same number of threads every kernel gives a job's numbers whatever else is stacked beside it, so the two
     are equal to the last bit: what differs between a sweep's fused jobs and the same jobs run alone on 2 threads
     is torch's own 1- vs 2-thread rounding (batch-norm statistics, reductions), not fusion."""
     cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2", "tracking.enabled=false", "data.batch_size=16",
                         "train.threads=1", *v) for v in variants]
     assert len({fusion.fusion_key(c) for c in cfgs}) == 1
-    assert fusion.shares_batches(cfgs) == (variants[0][1].startswith("ablation"))
+    assert fusion.shares_batches(cfgs) == (len({c.train.seed for c in cfgs}) == 1)
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(4)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(4)]
     process = job.Process()
-    assert [o.status for o in job.run_group(list(zip(cfgs, fused)), train.StopOnSignal(), process)] == ["FINISHED"] * 4
+    outcomes = job.run_group(list(zip(cfgs, fused)), train.StopOnSignal(), process)
+    assert [o.status for o in outcomes] == ["FINISHED"] * len(cfgs)
     for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):
         assert job.run(cfg, ctx_a, train.StopOnSignal(), process).status == "FINISHED"
         f, a = history(ctx_f.job_dir), history(ctx_a.job_dir)
