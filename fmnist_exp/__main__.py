@@ -60,6 +60,9 @@ def main() -> None:
         task()
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt:  # Ctrl-C before a sweep or a job set its own handlers (imports, Hydra composing)
+        print("Stopped by SIGINT before any job started: nothing was recorded", file=sys.stderr)
+        code = 130
     if not fast_exit_is_safe():
         sys.exit(code)
     # Everything is written by now (runs ended, TensorBoard closed, MLflow flushed). Run the atexit handlers, then

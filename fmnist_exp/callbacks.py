@@ -6,6 +6,7 @@ import atexit
 import json
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,10 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.lock = None
+        self.signals: SweepSignals | None = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "lock": None}  # the dir's lock stays with the sweep's process (joblib pickles us)
+    def __getstate__(self) -> dict:  # the dir's lock and the signal handlers stay with the sweep's process
+        return {**self.__dict__, "lock": None, "signals": None}  # (joblib pickles us)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.lock = claim_dir(config, "run")
@@ -91,6 +93,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.lock = claim_dir(config, "sweep")
+        self.signals = SweepSignals(Path(config.hydra.sweep.dir)).install()
         if not config.tracking.enabled:
             return
         tracking.silence_noisy_loggers()
@@ -107,10 +110,17 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep table and winner (tracked sweeps), then exit 1 if any job did not finish, tracked or not."""
+        if self.signals is not None:
+            self.signals.defer()  # a signal now waits for the table and the parent run's end (a few seconds)
         try:
             self._end(Path(config.hydra.sweep.dir))
         finally:
             self._release()
+            signum = self.signals.uninstall() if self.signals is not None else None
+            if signum is not None:
+                log.error("Stopped by %s at the sweep's end, once its table and runs were recorded",
+                          signal.Signals(signum).name)
+                sys.exit(128 + signum)
 
     def _end(self, sweep_dir: Path) -> None:
         parent = read_parent(sweep_dir)
@@ -151,6 +161,44 @@ class SweepCallback(Callback):
         where = "" if uri.startswith("http") else " (after make ui)"
         print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
         return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
+
+
+class SweepSignals:
+    """SIGINT / SIGTERM while no job of the sweep's process is training (Hydra composing, the launcher between jobs
+    or groups, workers starting): the same end as a stop during training (job.stop_sweep: the parent KILLED saying
+    why, one line on how to finish the sweep, exit 128+N) instead of a traceback, or a silent death that left the
+    parent RUNNING. A job's training and the fused launcher's workers install their own handlers over these and
+    put them back after. At the sweep's end (`defer`) a signal waits until the table and the runs are recorded."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir, self.deferring, self.signum, self._previous = sweep_dir, False, None, {}
+
+    def install(self) -> SweepSignals:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave the default handlers
+            self._previous.clear()
+        return self
+
+    def defer(self) -> None:
+        self.deferring = True
+
+    def uninstall(self) -> int | None:
+        """Put the previous handlers back; the signal that came while deferring, if any."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return self.signum
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring:
+            self.signum = self.signum or signum
+            return
+        self.uninstall()  # a second signal: Python's default
+        job.stop_sweep(read_parent(self.sweep_dir), signum)
 
 
 ORPHANED = ("its process ended without recording the job (killed together with its tracking process: a lost node, "

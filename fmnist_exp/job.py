@@ -479,17 +479,25 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
                       reason)
     if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep:
         return
-    stop_sweep(parent, signum)
+    stop_sweep(parent, signum, sweep=ctx.multirun)
 
 
-def stop_sweep(parent: dict | None, signum: int):
-    """The user stopped the process with signal `signum`: close the sweep's parent run too (if any), and exit as
-    an interrupted process does (128 + N). Every launcher ends a stopped sweep this way."""
+def stop_sweep(parent: dict | None, signum: int, sweep: bool = True):
+    """The user stopped the process with signal `signum`: close the sweep's parent run too (if any: KILLED, saying
+    why), say how to finish the sweep, and exit as an interrupted process does (128 + N). Every launcher ends a
+    stopped sweep this way; a single run (`sweep=False`) only exits: its job has said how to resume it."""
+    name = signal.Signals(signum).name
     if parent:
-        tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
-    log.error("Sweep stopped by %s: its unfinished jobs are KILLED with their last epoch's checkpoint; to finish it, "
-              "rerun the same command with sweep.skip_finished=true (finished jobs are skipped, stopped ones "
-              "resume)", signal.Signals(signum).name)
+        try:
+            tracking.client(parent["uri"]).set_tag(parent["run_id"], "error", f"stopped by {name}: rerun the same "
+                                                   f"command with sweep.skip_finished=true to finish it")
+            tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+        except Exception as e:  # exiting anyway: the atexit check (callbacks.end_if_running) tries again
+            log.error("could not end the sweep's parent run: %s", e)
+    if sweep:
+        log.error("Sweep stopped by %s: its unfinished jobs are KILLED with their last epoch's checkpoint; to finish "
+                  "it, rerun the same command with sweep.skip_finished=true (finished jobs are skipped, stopped ones "
+                  "resume)", name)
     sys.exit(128 + signum)
 
 

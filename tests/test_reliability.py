@@ -76,6 +76,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, slow_root, sig, code):
     assert [s for s, _ in history(c, killed["run_uuid"])] == [1]
     assert "checkpoints/last.pt" in {a.path for a in c.list_artifacts(killed["run_uuid"], "checkpoints")}
     assert f"train.resume={killed['run_uuid']}" in out  # the message says how to resume
+    assert "Sweep stopped" not in out and "skip_finished" not in out  # a single run's one way: its resume line
 
     resumed = run_cli(*args, f"train.resume={killed['run_uuid']}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:]
@@ -447,3 +448,61 @@ def test_a_denormal_flag_torch_threads_cannot_take_is_one_line(tmp_path, tiny_ro
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
     assert "1 of 2 jobs failed" in result.stderr and "sweep it with train.threads=1" in result.stderr
     assert {r["status"] for r in store_runs(tmp_path)} == {"FINISHED", "FAILED"}
+
+
+@pytest.mark.parametrize("launcher, marker, sig, code", [
+    (["hydra/launcher=basic"], "#1 :", signal.SIGTERM, 143),  # between two jobs: Hydra composing the next
+    (["hydra.launcher.n_jobs=1"], "Test (best checkpoint", signal.SIGINT, 130),  # between two fused groups
+    (["hydra.launcher.n_jobs=2"], "Launching 4 jobs", signal.SIGINT, 130)])  # fused workers starting (importing)
+def test_a_stop_while_no_job_trains_ends_the_sweep_like_one_during_training(tmp_path, slow_root, launcher, marker, sig,
+                                                                            code):
+    """Outside a job's training no handler of ours ran: SIGTERM killed the sweep silently with its parent run left
+    RUNNING for good, SIGINT printed a KeyboardInterrupt traceback (and exited 1 between basic jobs), and fused
+    workers stopped while importing died with tracebacks, were reported 'died (killed, or out of memory)' and cost
+    15 s each. Now the same end as a stop during training: one line, the parent KILLED saying why, 128+N."""
+    args = ["-m", *launcher, *tiny_overrides(slow_root), "train.epochs=2", "optimizer=sgd,adam", "data.batch_size=16,100"]
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C reaches every process of the command
+            break
+    started = time.monotonic()
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == code, out[-3000:]
+    assert time.monotonic() - started < 12, out[-3000:]
+    assert "Traceback" not in out and "worker process died" not in out, out[-3000:]
+    assert f"Sweep stopped by {signal.Signals(sig).name}" in out and "sweep.skip_finished=true" in out
+    runs = assert_nothing_running(tmp_path)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    assert parent["status"] == "KILLED" and "sweep.skip_finished=true" in parent["tags"]["error"]
+    again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
+
+
+def test_a_stop_at_the_sweeps_end_waits_for_its_table_and_runs(tmp_path, tiny_root):
+    """SIGTERM while the table is printed and the winner logged killed the process there: the parent run stayed
+    RUNNING for good (no handler ran; no atexit either), SIGINT left a traceback or was swallowed (exit 0)."""
+    proc = start_cli("-m", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam",
+                     cwd=tmp_path)
+    rc, out = interrupt_after(proc, "| best", signal.SIGTERM)
+    assert rc == 143 and "Stopped by SIGTERM at the sweep's end, once its table and runs were recorded" in out, out
+    assert "Traceback" not in out
+    runs = assert_nothing_running(tmp_path)
+    assert {r["status"] for r in runs} == {"FINISHED"} and len(runs) == 3  # the parent ended as the table says
+    assert next(tmp_path.glob("multirun/*/*/sweep_table.md")).is_file()
+
+
+def test_ctrl_c_before_any_job_started_is_one_line(tmp_path, tiny_root):
+    """Ctrl-C while Python imports torch or Hydra composes: a KeyboardInterrupt traceback of 40-95 lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *tiny_overrides(tiny_root)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(),
+                            start_new_session=True)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert "Stopped by SIGINT before any job started: nothing was recorded" in out or "Resume with:" in out, out

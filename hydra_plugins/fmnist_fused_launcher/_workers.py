@@ -106,12 +106,17 @@ def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queu
         if pools[slot] is None:
             pools[slot] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                               initializer=_init_worker, initargs=(feed_queue,))
+        # a worker starts (spawned in submit) with the stop signals blocked: one that reaches it while it imports
+        # waits for _init_worker, which records it, rather than a KeyboardInterrupt killing it mid-import
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             return pools[slot].submit(train_in_worker, members, logging_cfg)
         except BrokenProcessPool as e:
             error = e
             pools[slot].shutdown(wait=True)
             pools[slot] = None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     future = Future()  # a fresh worker died at once too: the group is lost as a running one is
     future.set_exception(error)
     return future
@@ -156,6 +161,11 @@ def train_in_worker(members: list, logging_cfg: tuple) -> list:
     """In a worker: one group's jobs trained together, each outcome written to its job dir; returns the outcomes."""
     from fmnist_exp import job, train
     configure_log(*logging_cfg)
+    if _STOPPED is not None:  # stopped while this worker started: its jobs never begin (no runs), the sweep stops
+        outcomes = [job.Outcome("KILLED", error=f"{train.Interrupted(_STOPPED)} before it started", signum=_STOPPED)
+                    for _ in members]
+        job.settle(outcomes, members, ends_sweep=False)
+        return outcomes
     if _FEED is not None:  # the launcher draws the sweep's bar: this worker's log lines and epochs go to it
         root = logging.getLogger()
         for handler in list(root.handlers):
@@ -169,17 +179,21 @@ def train_in_worker(members: list, logging_cfg: tuple) -> list:
 
 
 _FEED = None  # in a worker: the launcher's _Feed queue, when it draws the sweep's progress bar
+_STOPPED = None  # in a worker: the stop signal that came while it started, if any
 
 
 def _init_worker(feed_queue=None) -> None:
     """A worker's process-wide set-up: its own process group (a terminal's Ctrl-C reaches the launcher, which
     forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), SIGTERM
     when the launcher dies (Linux), so no job trains on unwatched, and the launcher's feed, if any."""
-    global _FEED
+    global _FEED, _STOPPED
     _FEED = feed_queue
     os.setpgid(0, 0)
+    pending = signal.sigpending()  # blocked since the launcher spawned us (_submit)
+    _STOPPED = next((sig for sig in _Forward.SIGNALS if sig in pending), None)
     for sig in _Forward.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN)  # discards the pending ones
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _Forward.SIGNALS)
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
