@@ -604,6 +604,8 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
         for o in outcomes:
             if o.signum is None:
                 o.signum = stop.signum
-        if any(o.status == "FINISHED" for o in outcomes):
-            log.error("interrupted by %s after this run finished", signal.Signals(stop.signum).name)
+        done = [job.ctx.run_name for job, o in zip(jobs, outcomes) if o.status == "FINISHED"]
+        if done:
+            log.error("interrupted by %s after %s finished", signal.Signals(stop.signum).name,
+                      "; ".join(done) if first_ctx.multirun else "this run")
     return outcomes

@@ -1,8 +1,9 @@
 """K jobs of one architecture trained as one stacked model: every parameter gets a leading job dimension K.
 
 Linear is one batched matrix product (BatchedLinear, a lone layer's products batched; the first layer on a batch
-all jobs share is one wide (B, 784) @ (784, K*H) product), Conv2d one grouped convolution over K*C channels (as HFTA does), BatchNorm one
-F.batch_norm over K*C channels, so each job's running stats stay exact (vmap cannot update them in place).
+all jobs share is one wide (B, 784) @ (784, K*H) product), Conv2d one grouped convolution over K*C channels (as HFTA
+does), BatchNorm one F.batch_norm over K*C channels, so each job's running stats stay exact (vmap cannot update them
+in place). On a CPU each job's numbers are its own alone, to the bit (BatchedLinear, is_exact).
 Jobs with and without BatchNorm stack together (a GPU replays one step for both: the step's cost there is its
 launches, not its arithmetic): the others' activations pass through unchanged (torch.where, exact both ways).
 Batched layers, not torch.func.vmap: a whole Adam step of the notebook MLP at K=8 costs 713 vs 1005 us per job at
@@ -30,8 +31,8 @@ class BatchedLinear(torch.autograd.Function):
     a lone F.linear's in its own orientation: x Wᵀ, g W, gᵀ x, so on a CPU each job gets the lone layer's numbers
     to the bit at every batch size and width. Autograd through `baddbmm(b, W, xᵀ)` computed the output and input
     gradient transposed (W xᵀ, Wᵀ gᵀ), which rounds differently at odd batches under 15 and layers narrower than
-    16 (1e-7 after a step; a user's differential test of every config group). Also 4-13 % faster per layer (K = 4,
-    128 -> 64, batch 16 / 100, 1 thread). The weight's gradient comes out in its own layout (K, out, in)."""
+    16 (1e-7 after a step; a user's differential test of every config group). About as fast: a whole step -8 to
+    +4 % by shape (benchmarks/RESULTS.md). The weight's gradient comes out in its own layout (K, out, in)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -432,7 +432,7 @@ def test_each_job_of_a_sweep_gets_its_own_process_settings(tmp_path, tiny_root, 
             flush = {"0": "true", "1": "false"}[Path(run["tags"]["fmnist.job_dir"]).name.split("_")[0]]  # job num
             weights = torch.load(f"{run['tags']['fmnist.job_dir']}/best_model.pt", weights_only=True)["fc1.weight"]
             nonzero[flush] = int((weights != 0).sum())
-    assert nonzero["false"] == 784 * 128 > nonzero["true"], nonzero
+    assert nonzero["false"] > nonzero["true"], nonzero  # the same (the first job's flag) before
     result = run_cli(*[a for a in args if a], "train.threads=1,2", "hydra.sweep.dir=threads", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     threads = {Path(r["tags"]["fmnist.job_dir"]).name.split("_")[0]: r["tags"]["fmnist.threads"]
@@ -460,7 +460,8 @@ def test_a_stop_while_no_job_trains_ends_the_sweep_like_one_during_training(tmp_
     RUNNING for good, SIGINT printed a KeyboardInterrupt traceback (and exited 1 between basic jobs), and fused
     workers stopped while importing died with tracebacks, were reported 'died (killed, or out of memory)' and cost
     15 s each. Now the same end as a stop during training: one line, the parent KILLED saying why, 128+N."""
-    args = ["-m", *launcher, *tiny_overrides(slow_root), "train.epochs=2", "optimizer=sgd,adam", "data.batch_size=16,100"]
+    args = ["-m", *launcher, *tiny_overrides(slow_root), "train.epochs=2", "optimizer=sgd,adam",
+            "data.batch_size=16,100"]
     proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
     seen = []
