@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from fmnist_exp import job, tracking
+from fmnist_exp import job, tracking, train
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +173,11 @@ class SweepSignals:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, sweep_dir: Path):
-        self.sweep_dir, self.deferring, self.signum, self._previous = sweep_dir, False, None, {}
+        self.sweep_dir, self.deferring, self.signum = sweep_dir, False, None
+        self._handlers = train.Handlers(self.SIGNALS, self._handle)
 
     def install(self) -> SweepSignals:
-        try:
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave the default handlers
-            self._previous.clear()
+        self._handlers.install()
         return self
 
     def defer(self) -> None:
@@ -188,9 +185,7 @@ class SweepSignals:
 
     def uninstall(self) -> int | None:
         """Put the previous handlers back; the signal that came while deferring, if any."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._handlers.restore()
         return self.signum
 
     def _handle(self, signum, frame) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 # shipped inside the package (a wheel carries it); the repo's top-level conf/ links here for users to browse
@@ -187,6 +188,11 @@ def register() -> None:
         ("plateau_schema", PlateauScheduleConfig),
     ]:
         cs.store(name=name, node=node)
+    # hydra/launcher=joblib runs our subclass of hydra-joblib-launcher's launcher (hydra_plugins/fmnist_fused_launcher/
+    # joblib.py). Hydra's plugin scan (the one it does at start; done now) may store joblib's own entry after ours.
+    Plugins.instance()
+    from hydra_plugins.fmnist_fused_launcher.config import store_joblib
+    store_joblib()
 
 
 INITS = ("default", "he", "xavier", "zeros", "normal")

@@ -49,6 +49,28 @@ class CheckpointMismatch(ValueError):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
+class Handlers:
+    """One handler for some signals while installed, the previous ones put back after: what StopOnSignal, the
+    sweep's callbacks.SweepSignals and the fused launcher's signal forwarding share. Off the main thread (where
+    Python allows no handlers; some launchers run jobs there) it installs none and leaves the process's own."""
+
+    def __init__(self, signals, handler):
+        self.signals, self.handler, self._previous = tuple(signals), handler, {}
+
+    def install(self) -> Handlers:
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self.handler)
+        except ValueError:  # not the main thread
+            self._previous.clear()
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 # Set in a fused worker process whose launcher draws the sweep's one progress bar (_workers.py): each job-epoch
 # trained (or skipped by a job that left early) is reported there, and no batch bar is drawn here.
 EPOCHS_DONE = None  # (count) -> None
@@ -65,30 +87,23 @@ class StopOnSignal:
         self.signum: int | None = None
         self.count = 0
         self.recording = False  # set once training is over: the job is writing its results or its stop
-        self._previous = {}
+        self._handlers = Handlers(STOP_SIGNALS, self._handle)
 
     def _handle(self, signum, frame):
         self.count += 1
         if self.count == 1:
             self.signum = signum
             return
-        for sig, handler in self._previous.items():  # a third signal is not ignored
-            signal.signal(sig, handler)
+        self._handlers.restore()  # a third signal is not ignored
         if not self.recording:
             raise Interrupted(signum)
 
     def __enter__(self):
-        try:
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (some launchers): leave the default handlers
-            self._previous.clear()
+        self._handlers.install()
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._handlers.restore()
 
 
 @dataclass

@@ -496,3 +496,48 @@ def test_a_stop_at_the_sweeps_end_waits_for_its_table_and_runs(tmp_path, tiny_ro
     assert {r["status"] for r in runs} == {"FINISHED"} and len(runs) == 3  # the parent ended as the table says
     assert next(tmp_path.glob("multirun/*/*/sweep_table.md")).is_file()
 
+
+
+def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothing_running(tmp_path, slow_root):
+    """A loky worker SIGKILLed with its tracking process (the OOM killer, kill -9 of its process tree) breaks
+    joblib's pool: joblib kills the other worker's tree too and raises. The sweep says so in one line (before: a
+    40-line traceback, no table, both runs RUNNING for good), ends every unfinished job KILLED saying why, prints
+    its table, exits 1; skip_finished then completes it."""
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(slow_root),
+            "data.batch_size=16", "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"]
+    proc = start_cli(*args, cwd=tmp_path)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Epoch 1/4" in line:
+            break
+    workers = [p for p in _children(proc.pid) if _children(p)]  # loky workers with a job's tracking process
+    assert workers, "".join(seen)[-2000:]
+    for pid in [workers[0], *_children(workers[0])]:
+        os.kill(pid, signal.SIGKILL)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "TerminatedWorkerError" not in out, out[-3000:]
+    assert "A joblib worker process died ({SIGKILL(-9)}: killed, or out of memory) and joblib stopped the sweep: " \
+           "4 of 4 jobs did not finish; rerun the sweep with sweep.skip_finished=true" in out, out[-3000:]
+    assert "4 of 4 jobs failed" in out and "| KILLED " in out, out[-3000:]  # the table, with the two killed runs
+    runs = assert_nothing_running(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 2 and {r["status"] for r in children} == {"KILLED"}, children  # 2 had started
+    assert all(r["tags"]["error"].startswith("its joblib worker process died") for r in children)
+    assert [r["status"] for r in runs if r not in children] == ["FAILED"]
+    again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    finished = [r for r in store_runs(tmp_path) if r["status"] == "FINISHED" and "mlflow.parentRunId" in r["tags"]]
+    assert len({r["name"] for r in finished}) == 4, finished
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(p.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found

@@ -159,8 +159,7 @@ def run_one(launcher, config: DictConfig) -> JobReturn:
 def enter_job(config: DictConfig) -> Path:
     """What run_job does before calling a task: the output dir, HydraConfig, .hydra/ configs. Returns the dir."""
     HydraConfig.instance().set_config(config)
-    output_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / str(OmegaConf.select(config,
-                                                                                             "hydra.sweep.subdir"))
+    output_dir = job_dir(config)
     with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
         config.hydra.runtime.output_dir = os.path.abspath(output_dir)
     HydraConfig.instance().set_config(config)
@@ -171,6 +170,11 @@ def enter_job(config: DictConfig) -> Path:
         _save_config(copy.deepcopy(HydraConfig.instance().cfg), "hydra.yaml", hydra_output)
         _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
     return output_dir
+
+
+def job_dir(config: DictConfig) -> Path:
+    """A sweep job's output dir, from its composed config."""
+    return Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / str(OmegaConf.select(config, "hydra.sweep.subdir"))
 
 
 def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobReturn]:

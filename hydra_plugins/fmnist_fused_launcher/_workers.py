@@ -30,7 +30,7 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, configure_log
 from omegaconf import DictConfig
 
-from fmnist_exp.train import STOP_SIGNALS
+from fmnist_exp.train import STOP_SIGNALS, Handlers
 
 from . import _core
 
@@ -214,7 +214,7 @@ class _Forward:
     def __init__(self):
         self.signum: int | None = None
         self.count = 0
-        self._previous: dict = {}
+        self._handlers = Handlers(self.SIGNALS, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
@@ -229,14 +229,11 @@ class _Forward:
             signal.raise_signal(signum)
 
     def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._handlers.install()
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._handlers.restore()
 
 
 class _Feed:

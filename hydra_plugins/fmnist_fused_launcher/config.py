@@ -1,5 +1,5 @@
-"""Our launchers' knobs, registered where Hydra looks for launchers: `fused`, and `fmnist_slurm` (what
-hydra/launcher=slurm uses)."""
+"""Our launchers' knobs, registered where Hydra looks for launchers: `fused`, `fmnist_slurm` (what
+hydra/launcher=slurm uses) and `joblib` (hydra-joblib-launcher's, with our launcher class)."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,3 +34,24 @@ try:  # hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml) builds on hydra-su
                                  provider="fmnist_fused_launcher")
 except ImportError:
     pass
+
+
+def store_joblib() -> None:
+    """hydra/launcher=joblib: hydra-joblib-launcher's knobs, run by our subclass of its launcher (joblib.py), stored
+    under its name over its own entry. Hydra's plugin scan runs every plugin module again, in sys.path order, so its
+    entry may land after ours: fmnist_exp.config.register stores ours again once the scan is done. (A
+    conf/hydra/launcher/joblib.yaml would instead be merged onto its schema, with a deprecation warning each run.)"""
+    try:
+        from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+    except ImportError:
+        return
+
+    @dataclass
+    class FmnistJoblibConf(JobLibLauncherConf):
+        _target_: str = "hydra_plugins.fmnist_fused_launcher.joblib.FmnistJoblibLauncher"
+
+    ConfigStore.instance().store(group="hydra/launcher", name="joblib", node=FmnistJoblibConf,
+                                 provider="fmnist_fused_launcher")
+
+
+store_joblib()
