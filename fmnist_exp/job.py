@@ -7,8 +7,10 @@ flag, the data set loaded once) is in `Process`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -95,11 +97,14 @@ def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
 
 
 class Process:
-    """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, and
-    each data set loaded once per device. Jobs of one process may ask for different settings (a sweep over
-    train.threads under the basic launcher; groups of different settings in one worker): each job gets its own."""
+    """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, each
+    data set loaded once per device, and (in a launcher's worker) the stop signals between jobs. Jobs of one process
+    may ask for different settings (a sweep over train.threads under the basic launcher; groups of different
+    settings in one worker): each job gets its own."""
 
     def __init__(self):
+        self.stopped: int | None = None  # a stop signal this worker process got between jobs (watch_signals)
+        self._watching: train.Handlers | None = None
         self._datasets: dict[tuple, data.FashionMNIST] = {}
         self._default_threads: int | None = None  # torch's own choice, before any job set it
         self._flush: bool | None = None  # the denormal flag this process's threads have
@@ -121,6 +126,22 @@ class Process:
             torch.set_flush_denormal(flush)  # False (and no change) on CPUs without the flag; CUDA ignores it
             self._flush = flush
         self._pool_started = self._pool_started or threads > 1
+
+    def watch_signals(self) -> None:
+        """In a launcher's worker process (joblib's loky workers; the fused launcher's set this up themselves): a
+        process group of its own, so a terminal's Ctrl-C reaches only the launcher, which forwards it once
+        (hydra_plugins/fmnist_fused_launcher/joblib.py), and a stop signal between jobs is recorded (`stopped`)
+        rather than killing the worker: its next jobs end KILLED before they start."""
+        launcher = multiprocessing.parent_process()
+        if self._watching is not None or launcher is None:
+            return
+        with contextlib.suppress(OSError):  # (ProcessLookupError: the launcher is gone; PermissionError)
+            if os.getpgid(0) == os.getpgid(launcher.pid):
+                os.setpgid(0, 0)
+        self._watching = train.Handlers(train.STOP_SIGNALS, self._stop).install()
+
+    def _stop(self, signum, frame) -> None:
+        self.stopped = self.stopped or signum
 
     def dataset(self, cfg: DictConfig, device: torch.device) -> data.FashionMNIST:
         d = cfg.data
@@ -450,8 +471,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
       decides: it requeues the job and exits this process (the requeued job continues each run from its last
       checkpoint: Job.prepare), or raises saying why not; then each run says so in its error.
     - In a cluster job (submitit) any signal ends only this job: the sweep that submitted it goes on to its table.
-      In a worker process of the fused launcher (`ends_sweep=False`) the launcher ends the sweep once every worker
-      has recorded its jobs.
+      In a launcher's worker process (the fused launcher's: `ends_sweep=False`; joblib's) the launcher ends the
+      sweep once every worker has recorded its jobs.
     - Otherwise the user stopped the sweep: its parent run ends too and the process exits 128+N (stop_sweep).
     """
     job_dirs = [ctx.job_dir for _, ctx in members]
@@ -477,8 +498,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
                         tracking.client(tracking.resolve_uri(uri)).set_tag(o.run_id, "error", o.error)
             log.error("Not requeued by SLURM (%s): resume from the runs' checkpoints with train.resume=RUN_ID",
                       reason)
-    if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep:
-        return
+    if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep or multiprocessing.parent_process() is not None:
+        return  # a cluster job, or a launcher's worker process: the launcher's process ends the sweep
     stop_sweep(parent, signum, sweep=ctx.multirun)
 
 
@@ -565,7 +586,7 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
     for i, job in enumerate(jobs):
         try:
             if stop.signum is not None:
-                raise train.Interrupted(stop.signum)
+                raise train.Interrupted(stop.signum, started=False)
             skipped = job.prepare()
             if skipped is not None:
                 end(i, lambda: skipped)

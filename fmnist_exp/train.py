@@ -36,9 +36,9 @@ class Interrupted(Exception):
     """SIGINT, SIGTERM or SIGUSR2 arrived: the current epoch was abandoned; the last completed one is
     checkpointed."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, started: bool = True):
         why = " (SLURM's warning before a time limit or preemption)" if signum == signal.SIGUSR2 else ""
-        super().__init__(f"interrupted by {signal.Signals(signum).name}{why}")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{why}{'' if started else ' before it started'}")
         self.signum = signum
 
 

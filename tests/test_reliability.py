@@ -518,7 +518,7 @@ def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothi
     out = "".join(seen) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 1, out[-3000:]
     assert "Traceback" not in out and "TerminatedWorkerError" not in out, out[-3000:]
-    assert "A joblib worker process died ({SIGKILL(-9)}: killed, or out of memory) and joblib stopped the sweep: " \
+    assert "A joblib worker process died (exit code {SIGKILL(-9)}; killed, or out of memory) and joblib stopped the sweep: " \
            "4 of 4 jobs did not finish; rerun the sweep with sweep.skip_finished=true" in out, out[-3000:]
     assert "4 of 4 jobs failed" in out and "| KILLED " in out, out[-3000:]  # the table, with the two killed runs
     runs = assert_nothing_running(tmp_path)
@@ -530,6 +530,41 @@ def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothi
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     finished = [r for r in store_runs(tmp_path) if r["status"] == "FINISHED" and "mlflow.parentRunId" in r["tags"]]
     assert len({r["name"] for r in finished}) == 4, finished
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_stop_under_joblib_ends_every_job_killed_and_starts_no_more(tmp_path, slow_root, sig, to_group):
+    """`kill PID` (or `timeout`) reaches only the sweep's process: it ended the sweep while its joblib workers trained
+    on unwatched, their runs RUNNING for good. A terminal's Ctrl-C reached every worker, and the first to finish its
+    job exited the sweep under the other. Now the launcher forwards the signal once to its workers (in process
+    groups of their own), the running jobs end KILLED with their checkpoints, the others before they start, and the
+    sweep stops in one line; skip_finished completes it."""
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(slow_root),
+            "data.batch_size=16", "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"]
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Epoch 1/4" in line:
+            (os.killpg if to_group else os.kill)(proc.pid, sig)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out and "died" not in out, out[-3000:]
+    assert out.count(f"interrupted by {name} before it started") == 2, out[-3000:]  # the second seed's jobs
+    assert f"Sweep stopped by {name}" in out
+    runs = assert_nothing_running(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 2 and {r["tags"]["error"] for r in children} == {f"interrupted by {name}"}, children
+    assert all(r["status"] == "KILLED" for r in runs)
+    again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
+    c = client(tmp_path)
+    resumed = [r for r in children if len(history(c, r["run_uuid"])) == 4]
+    assert len(resumed) == 2, "the stopped runs continue (from their last checkpoint), not start over"
 
 
 def _children(pid: int) -> list[int]:

@@ -52,7 +52,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     pending = list(enumerate(groups, start=1))
     running: dict = {}
     free_slots = list(range(workers))
-    signals = _Forward()
+    signals = Forward()
     outcomes_seen = []
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
     # the sweep's bar where a run would draw one
@@ -162,7 +162,7 @@ def train_in_worker(members: list, logging_cfg: tuple) -> list:
     from fmnist_exp import job, train
     configure_log(*logging_cfg)
     if _STOPPED is not None:  # stopped while this worker started: its jobs never begin (no runs), the sweep stops
-        outcomes = [job.Outcome("KILLED", error=f"{train.Interrupted(_STOPPED)} before it started", signum=_STOPPED)
+        outcomes = [job.Outcome("KILLED", error=str(train.Interrupted(_STOPPED, started=False)), signum=_STOPPED)
                     for _ in members]
         job.settle(outcomes, members, ends_sweep=False)
         return outcomes
@@ -190,10 +190,10 @@ def _init_worker(feed_queue=None) -> None:
     _FEED = feed_queue
     os.setpgid(0, 0)
     pending = signal.sigpending()  # blocked since the launcher spawned us (_submit)
-    _STOPPED = next((sig for sig in _Forward.SIGNALS if sig in pending), None)
-    for sig in _Forward.SIGNALS:
+    _STOPPED = next((sig for sig in Forward.SIGNALS if sig in pending), None)
+    for sig in Forward.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # discards the pending ones
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _Forward.SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, Forward.SIGNALS)
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -204,7 +204,7 @@ def _init_worker(feed_queue=None) -> None:
         os._exit(1)
 
 
-class _Forward:
+class Forward:
     """While active, the signals that stop a job (train.STOP_SIGNALS: SIGINT, SIGTERM, SLURM's SIGUSR2) are
     recorded and sent on to every worker process (each stops its jobs at the next step, KILLED with their
     checkpoints); a third signal gets the default behaviour."""

@@ -1,25 +1,33 @@
-"""`hydra/launcher=joblib`: hydra-joblib-launcher's launcher (the same loky pool and knobs), with what a dead worker
-leaves behind recorded.
+"""`hydra/launcher=joblib`: hydra-joblib-launcher's launcher (the same loky pool and knobs), stopped and broken the
+way every launcher here is.
 
-A loky worker that dies (the OOM killer, kill -9) breaks joblib's pool: joblib kills the other workers with their
-process trees (each job's tracking process too) and raises. Hydra then printed a 40-line traceback, the sweep never
-reached its table, and every job that was training kept a RUNNING run for good. Here the launcher says so in one
-line, records each job that did not finish KILLED in its job dir (why, and how to finish the sweep) and returns, so
-the sweep ends as after any lost job (callbacks.SweepCallback: the lost jobs' runs KILLED with that reason, the table
-of what finished, exit 1), and `sweep.skip_finished=true` then runs only what is left.
+- **Signals.** A stop signal to the sweep's process (Ctrl-C, `kill PID`, `timeout`) is forwarded once to the
+  workers, which run in process groups of their own (job.Process.watch_signals): running jobs end KILLED with their
+  checkpoints, jobs not yet started end KILLED before they start, and the sweep then stops as under any launcher
+  (job.stop_sweep). Before, SIGTERM to the sweep's process ended it while its workers trained on unwatched, and
+  their runs stayed RUNNING for good; a terminal's Ctrl-C reached every worker, and the first to finish its job
+  exited the sweep under the others.
+- **A dead worker.** A loky worker that dies (the OOM killer, kill -9) breaks joblib's pool: joblib kills the other
+  workers with their process trees (each job's tracking process too) and raises. Hydra then printed a 40-line
+  traceback, the sweep never reached its table, and every job that was training kept a RUNNING run for good. Here
+  the launcher says so in one line, records each job that did not finish KILLED in its job dir (why, and how to
+  finish the sweep) and returns, so the sweep ends as after any lost job (callbacks.SweepCallback: the lost jobs'
+  runs KILLED with that reason, the table of what finished, exit 1); `sweep.skip_finished=true` runs what is left.
 """
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
-from joblib.externals.loky.process_executor import TerminatedWorkerError
+from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 from omegaconf import OmegaConf
 
 from . import _core
+from ._workers import Forward
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +37,36 @@ LOST = ("its joblib worker process died before recording the job (killed, or out
 
 class FmnistJoblibLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        try:
-            return super().launch(job_overrides, initial_job_idx)
-        except TerminatedWorkerError as e:
-            exit_codes = str(e).rsplit("The exit codes of the workers are ", 1)[-1].split("\n", 1)[0]
-            return self._record_lost(job_overrides, initial_job_idx, exit_codes)
+        from fmnist_exp import callbacks, job
+        with Forward() as signals:
+            try:
+                results = super().launch(job_overrides, initial_job_idx)
+            except BrokenProcessPool as e:  # TerminatedWorkerError: a worker died; else one failed while it started
+                why = (f"exit code {str(e).rsplit('The exit codes of the workers are ', 1)[-1].split(chr(10), 1)[0]}"
+                       if isinstance(e, TerminatedWorkerError) else str(e).split("\n", 1)[0])
+                results = self._record_lost(job_overrides, initial_job_idx, why, signals.signum)
+        signum = signals.signum or next((o.signum for _, o in job.read_outcomes(self._sweep_dir())
+                                         if o.signum is not None), None)
+        if signum is not None:  # every started job has recorded itself KILLED
+            job.stop_sweep(callbacks.read_parent(self._sweep_dir()), signum)
+        return results
 
-    def _record_lost(self, job_overrides, initial_job_idx: int, why: str) -> list[JobReturn]:
+    def _sweep_dir(self) -> Path:
+        return Path(str(self.config.hydra.sweep.dir))
+
+    def _record_lost(self, job_overrides, initial_job_idx: int, why: str, signum: int | None) -> list[JobReturn]:
         """Each job's JobReturn as its job dir's outcome has it; jobs without one (training in a dead worker, or
-        not started) are recorded KILLED with LOST."""
-        from fmnist_exp import job
+        not started) are recorded KILLED: LOST, or stopped by `signum` (a worker that got it while it started)."""
+        from fmnist_exp import job, train
         results, lost = [], []
+        error = LOST if signum is None else str(train.Interrupted(signum, started=False))
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             config = _core.job_config(self.hydra_context, self.config, overrides, idx, job_id=idx)
             path = _core.job_dir(config)
             outcome = job.read_outcome(path)
             if outcome is None:
                 path.mkdir(parents=True, exist_ok=True)
-                outcome = job.Outcome("KILLED", error=LOST)
+                outcome = job.Outcome("KILLED", error=error, signum=signum)
                 outcome.write(path)
                 lost.append(path.name)
             ret = JobReturn(overrides=list(overrides), cfg=_core.task_config(config), hydra_cfg=config,
@@ -54,7 +74,8 @@ class FmnistJoblibLauncher(JoblibLauncher):
                             status=JobStatus.COMPLETED)
             ret.return_value = outcome.value  # None for the lost jobs: the sweep's end counts them and exits 1
             results.append(ret)
-        log.error("A joblib worker process died (%s: killed, or out of memory) and joblib stopped the sweep: %d of "
-                  "%d jobs did not finish; rerun the sweep with sweep.skip_finished=true", why, len(lost),
-                  len(results))
+        if signum is None:
+            log.error("A joblib worker process died (%s; killed, or out of memory) and joblib stopped the sweep: %d "
+                      "of %d jobs did not finish; rerun the sweep with sweep.skip_finished=true", why, len(lost),
+                      len(results))
         return results
