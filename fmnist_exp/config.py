@@ -188,11 +188,12 @@ def register() -> None:
         ("plateau_schema", PlateauScheduleConfig),
     ]:
         cs.store(name=name, node=node)
-    # hydra/launcher=joblib runs our subclass of hydra-joblib-launcher's launcher (hydra_plugins/fmnist_fused_launcher/
-    # joblib.py). Hydra's plugin scan (the one it does at start; done now) may store joblib's own entry after ours.
+    # hydra/launcher=joblib and submitit_local run our subclasses of those plugins' launchers (hydra_plugins/
+    # fmnist_fused_launcher/). Hydra's plugin scan (the one it does at start; done now) may store their own entries
+    # after ours.
     Plugins.instance()
-    from hydra_plugins.fmnist_fused_launcher.config import store_joblib
-    store_joblib()
+    from hydra_plugins.fmnist_fused_launcher.config import store_overrides
+    store_overrides()
 
 
 INITS = ("default", "he", "xavier", "zeros", "normal")

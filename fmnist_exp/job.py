@@ -39,6 +39,7 @@ class JobContext:
     multirun: bool = False
     parallel_jobs: int | None = None  # jobs sharing this machine's cores (joblib's n_jobs)
     group: str | None = None  # the fused group this job trained in (hydra/launcher=fused)
+    sweep_dir: Path | None = None  # a sweep job's sweep dir
 
     @classmethod
     def from_hydra(cls, hydra_cfg) -> "JobContext":
@@ -50,6 +51,7 @@ class JobContext:
         return cls(job_dir=Path(hydra_cfg.runtime.output_dir), run_name=run_name(hydra_cfg.overrides.task),
                    overrides=list(hydra_cfg.overrides.task), multirun=multirun,
                    parent=callbacks.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
+                   sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                    parallel_jobs=n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else None)
 
     def tracking_uri(self, cfg: DictConfig) -> str | None:
@@ -77,6 +79,24 @@ class Outcome:
 
     def write(self, job_dir: Path) -> None:
         (job_dir / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
+
+
+STOPPED_FILE = "sweep_stopped"  # in a sweep dir: the signal that stopped the sweep (see mark_stopped)
+
+
+def mark_stopped(sweep_dir: Path, signum: int) -> None:
+    """A launcher whose jobs run in other processes (joblib, submitit's local executor) was stopped: it forwards the
+    signal to the jobs running, and jobs that start after it (already handed to a worker, or a process still
+    starting) find this mark and end KILLED before they start (run_group)."""
+    with contextlib.suppress(OSError):
+        (sweep_dir / STOPPED_FILE).write_text(str(signum))
+
+
+def sweep_stopped(ctx: JobContext) -> int | None:
+    try:
+        return int((ctx.sweep_dir / STOPPED_FILE).read_text()) if ctx.sweep_dir else None
+    except (OSError, ValueError):
+        return None
 
 
 def read_outcome(job_dir: Path) -> Outcome | None:
@@ -260,7 +280,8 @@ class Job:
                 log.info("Requeued by SLURM: this job had already ended %s", requeued.status)
                 return requeued
             resume_id = resume_id or requeued.run_id
-            tags["fmnist.requeues"] = os.environ["SLURM_RESTART_COUNT"]
+            if os.environ.get("SLURM_RESTART_COUNT"):  # (submitit's local executor keeps no count)
+                tags["fmnist.requeues"] = os.environ["SLURM_RESTART_COUNT"]
         if ctx.multirun and cfg.sweep.skip_finished and not resume_id and self.tracker.enabled:
             action, earlier = self._reuse_earlier_run(config_hash)
             if action == "skip":
@@ -454,8 +475,8 @@ def requeued() -> bool:
 def requeued_outcome(job_dir: Path) -> Outcome | None:
     """How this job's previous attempt ended, when SLURM requeued it (after SIGUSR2, see settle): None for a
     first attempt."""
-    if not requeued():
-        return None
+    if not (requeued() or os.environ.get("SUBMITIT_EXECUTOR") == "local"):  # the local executor restarts a task
+        return None  # in place, with no count: its job dir's outcome says whether SIGUSR2 ended an attempt
     earlier = read_outcome(job_dir)
     if earlier is None or earlier.signum != signal.SIGUSR2:
         return None
@@ -585,8 +606,9 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
 
     for i, job in enumerate(jobs):
         try:
-            if stop.signum is not None:
-                raise train.Interrupted(stop.signum, started=False)
+            stopped = stop.signum or sweep_stopped(job.ctx)
+            if stopped is not None:
+                raise train.Interrupted(stopped, started=False)
             skipped = job.prepare()
             if skipped is not None:
                 end(i, lambda: skipped)

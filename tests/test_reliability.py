@@ -567,6 +567,20 @@ def test_a_stop_under_joblib_ends_every_job_killed_and_starts_no_more(tmp_path, 
     assert len(resumed) == 2, "the stopped runs continue (from their last checkpoint), not start over"
 
 
+def test_a_stop_under_joblib_before_its_workers_run_starts_no_job(tmp_path, slow_root):
+    """SIGTERM just after joblib starts its pool reached no worker (none existed yet): every job then trained to
+    its end, and only then did the sweep stop. Now jobs that start after the signal end KILLED before they start
+    (the stop mark in the sweep dir)."""
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(slow_root),
+            "data.batch_size=16", "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"]
+    proc = start_cli(*args, cwd=tmp_path)
+    rc, out = interrupt_after(proc, "Launching jobs", signal.SIGTERM)
+    assert rc == 143 and "Sweep stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+    assert "Epoch 1/4" not in out, out[-3000:]
+    runs = assert_nothing_running(tmp_path)
+    assert "FINISHED" not in {r["status"] for r in runs}, runs
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for p in Path("/proc").iterdir():

@@ -1,19 +1,119 @@
-"""Jobs in other processes (submitit, as on a SLURM cluster) still land under one parent in one store."""
+"""Jobs in other processes (submitit's local executor, as on a SLURM cluster) still land under one parent in one
+store, stop as under any launcher, and a task killed outright leaves no run RUNNING."""
 from __future__ import annotations
 
-from conftest import run_cli, store_runs, tiny_overrides
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
+
+LOCAL = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
 
 
 def test_submitit_local_sweep_has_one_parent(tmp_path, tiny_root):
-    result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *tiny_overrides(tiny_root),
-                     "train.epochs=2", "optimizer=sgd,adam", cwd=tmp_path)
+    result = run_cli(*LOCAL, *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd,adam",
+                     "data.batch_size=20,50", cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
+    assert "Launching 4 jobs as 2 fused group(s)" in out  # a task per group, as on a SLURM cluster
     runs = store_runs(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 4
     assert {c["tags"]["mlflow.parentRunId"] for c in children} == {parents[0]["run_uuid"]}
     assert {r["status"] for r in runs} == {"FINISHED"}
     assert sum(line.startswith("| ★") for line in result.stdout.splitlines()) == 1  # the table, in the submitting process
     assert "/.submitit/" not in "".join(c["tags"]["fmnist.job_dir"] for c in children)
+    # the two tasks run at once and share the cores (each took them all: 4 jobs on 2 cores trained ~50x slower)
+    assert {c["tags"]["fmnist.threads"] for c in children} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
+
+
+@pytest.fixture
+def slow_root(tmp_path):
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)
+    return root
+
+
+def _sweep(cwd, root, *extra):
+    return [*LOCAL, *tiny_overrides(root), "data.batch_size=16,100", "train.epochs=5", "optimizer=sgd,adam", *extra]
+
+
+def _start(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
+
+
+def _wait_for_epoch(cwd, proc, timeout=180):
+    """submitit's tasks log to their own files: wait until both tasks have trained an epoch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = [p.read_text(errors="replace") for p in cwd.glob("multirun/*/*/.submitit/*/*_log.out")]
+        if sum("Epoch 1/5" in text for text in logs) >= 2:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no epoch within {timeout} s")
+
+
+def _processes_of(cwd) -> list[int]:
+    """Processes still running from this test's sweep (submitit's controllers and tasks write under it)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and str(cwd) in (p / "cmdline").read_bytes().decode(errors="replace") + \
+                    str((p / "cwd").resolve()):
+                found.append(int(p.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_stop_under_submitit_local_ends_every_job_killed(tmp_path, slow_root, sig, to_group):
+    """`kill PID` left every task training unwatched (runs RUNNING, then FINISHED under a KILLED parent); a
+    terminal's Ctrl-C reached submitit's controllers (a traceback each, their tasks SIGKILLed a second later). Now
+    the stop reaches each task once, every run ends KILLED, nothing keeps running, skip_finished completes it."""
+    args = _sweep(tmp_path, slow_root)
+    proc = _start(args, tmp_path)
+    _wait_for_epoch(tmp_path, proc)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out and f"Sweep stopped by {signal.Signals(sig).name}" in out, out[-3000:]
+    time.sleep(1)
+    assert not _processes_of(tmp_path), "a task or controller outlived the sweep"
+    runs = store_runs(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 4 and {r["status"] for r in runs} == {"KILLED"}, runs
+    again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
+
+
+def test_a_submitit_local_task_killed_outright_is_recorded_and_the_sweep_ends_with_its_table(tmp_path, slow_root):
+    """kill -9 of a task with its tracking process: submitit raised 'has not produced any output' (a Hydra
+    traceback, no table) and the task's runs stayed RUNNING for good."""
+    proc = _start(_sweep(tmp_path, slow_root), tmp_path)
+    _wait_for_epoch(tmp_path, proc)
+    tasks = [pid for pid in _processes_of(tmp_path)
+             if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert tasks
+    victim = tasks[0]
+    children = Path(f"/proc/{victim}/task/{victim}/children").read_text().split()
+    for pid in [victim, *map(int, children)]:
+        os.kill(pid, signal.SIGKILL)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "its process ended without a result" in out, out[-3000:]
+    assert "2 of 4 jobs failed" in out and "| FINISHED" in out.replace("  ", " "), out[-3000:]
+    runs = store_runs(tmp_path)
+    assert "RUNNING" not in {r["status"] for r in runs}, runs
+    killed = [r for r in runs if r["status"] == "KILLED"]
+    assert len(killed) == 2 and all(r["tags"]["error"].startswith("its process ended without a result")
+                                    for r in killed), killed

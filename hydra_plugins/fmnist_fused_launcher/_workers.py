@@ -211,22 +211,29 @@ class Forward:
 
     SIGNALS = STOP_SIGNALS
 
-    def __init__(self):
+    def __init__(self, sweep_dir: Path | None = None):
         self.signum: int | None = None
         self.count = 0
+        self.sweep_dir = sweep_dir  # where to mark the sweep stopped, for jobs that start after the signal
         self._handlers = Handlers(self.SIGNALS, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
         self.signum = self.signum or signum
+        if self.sweep_dir is not None and self.count == 1:
+            from fmnist_exp import job
+            job.mark_stopped(self.sweep_dir, signum)
+        self.forward(signum)
+        if self.count >= 3:
+            self.__exit__()
+            signal.raise_signal(signum)
+
+    def forward(self, signum: int) -> None:
         for child in multiprocessing.active_children():
             try:
                 os.kill(child.pid, signum)
             except ProcessLookupError:
                 pass
-        if self.count >= 3:
-            self.__exit__()
-            signal.raise_signal(signum)
 
     def __enter__(self):
         self._handlers.install()

@@ -1,5 +1,5 @@
 """Our launchers' knobs, registered where Hydra looks for launchers: `fused`, `fmnist_slurm` (what
-hydra/launcher=slurm uses) and `joblib` (hydra-joblib-launcher's, with our launcher class)."""
+hydra/launcher=slurm uses), `joblib` and `submitit_local` (those plugins' knobs, our launcher classes)."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,22 +36,37 @@ except ImportError:
     pass
 
 
-def store_joblib() -> None:
-    """hydra/launcher=joblib: hydra-joblib-launcher's knobs, run by our subclass of its launcher (joblib.py), stored
-    under its name over its own entry. Hydra's plugin scan runs every plugin module again, in sys.path order, so its
-    entry may land after ours: fmnist_exp.config.register stores ours again once the scan is done. (A
-    conf/hydra/launcher/joblib.yaml would instead be merged onto its schema, with a deprecation warning each run.)"""
+def store_overrides() -> None:
+    """hydra/launcher=joblib and hydra/launcher=submitit_local: those plugins' knobs, run by our launchers (joblib.py;
+    slurm.FmnistLocalLauncher, which adds fuse/max_group), stored under their names over their own entries. Hydra's
+    plugin scan runs every plugin module again, in sys.path order, so theirs may land after ours:
+    fmnist_exp.config.register stores ours again once the scan is done. (A conf/hydra/launcher/joblib.yaml would
+    instead be merged onto their schema, with a deprecation warning each run.)"""
+    cs = ConfigStore.instance()
     try:
         from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+
+        @dataclass
+        class FmnistJoblibConf(JobLibLauncherConf):
+            _target_: str = "hydra_plugins.fmnist_fused_launcher.joblib.FmnistJoblibLauncher"
+
+        cs.store(group="hydra/launcher", name="joblib", node=FmnistJoblibConf, provider="fmnist_fused_launcher")
     except ImportError:
-        return
+        pass
+    try:
+        from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
 
-    @dataclass
-    class FmnistJoblibConf(JobLibLauncherConf):
-        _target_: str = "hydra_plugins.fmnist_fused_launcher.joblib.FmnistJoblibLauncher"
+        @dataclass
+        class FmnistLocalConf(LocalQueueConf):
+            _target_: str = "hydra_plugins.fmnist_fused_launcher.slurm.FmnistLocalLauncher"
+            # jobs that can share a training step go as one task, trained as one stacked model (as `fused`)
+            fuse: bool = True
+            max_group: Optional[int] = 64
 
-    ConfigStore.instance().store(group="hydra/launcher", name="joblib", node=FmnistJoblibConf,
-                                 provider="fmnist_fused_launcher")
+        cs.store(group="hydra/launcher", name="submitit_local", node=FmnistLocalConf,
+                 provider="fmnist_fused_launcher")
+    except ImportError:
+        pass
 
 
-store_joblib()
+store_overrides()

@@ -38,7 +38,7 @@ LOST = ("its joblib worker process died before recording the job (killed, or out
 class FmnistJoblibLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from fmnist_exp import callbacks, job
-        with Forward() as signals:
+        with Forward(self._sweep_dir()) as signals:
             try:
                 results = super().launch(job_overrides, initial_job_idx)
             except BrokenProcessPool as e:  # TerminatedWorkerError: a worker died; else one failed while it started

@@ -15,7 +15,9 @@ per poll and never learns that a job was cancelled, so the sweep waits forever. 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -62,8 +64,11 @@ class FmnistSlurmLauncher(SlurmLauncher):
                 log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         groups = groups or [[i] for i in range(len(job_overrides))]
         tasks = self._submit([[(list(job_overrides[i]), initial_job_idx + i) for i in g] for g in groups])
-        return watch(tasks, groups, lambda i: job_dir(self.hydra_context, self.config, list(job_overrides[i]),
-                                                      initial_job_idx + i), self.params)
+        return self._watch(tasks, groups, lambda i: job_dir(self.hydra_context, self.config,
+                                                            list(job_overrides[i]), initial_job_idx + i))
+
+    def _watch(self, tasks, groups: list[list[int]], dir_of: Callable[[int], Path]) -> list[JobReturn]:
+        return watch(tasks, groups, dir_of, self.params)
 
     def _submit(self, tasks: list[list[tuple[list[str], int]]]):
         """submitit's executor and job array, as BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2.0) makes
@@ -80,10 +85,15 @@ class FmnistSlurmLauncher(SlurmLauncher):
                                       if x not in specific_init_keys | {"submitit_folder"}})
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         state = Singleton.get_state()
-        return executor.map_array(self, tasks, ["hydra.sweep.dir"] * len(tasks), [state] * len(tasks))
+        n = len(tasks)
+        return executor.map_array(self, tasks, ["hydra.sweep.dir"] * n, [state] * n, [self._sharing(n)] * n)
+
+    def _sharing(self, n_tasks: int) -> int | None:
+        """How many of the array's tasks share one machine's cores: none here (SLURM gives each its CPUs)."""
+        return None
 
     def __call__(self, jobs: list[tuple[list[str], int]], job_dir_key: str,
-                 singleton_state: dict) -> list[JobReturn]:
+                 singleton_state: dict, sharing: int | None = None) -> list[JobReturn]:
         """One array task, on a node: its jobs trained together as one fused group, or its one job as Hydra runs it.
         A requeued task (after SIGUSR2, `checkpoint`) is this call again: each job continues its own run."""
         import submitit
@@ -91,6 +101,11 @@ class FmnistSlurmLauncher(SlurmLauncher):
         from . import _core
         Singleton.set_state(singleton_state)
         setup_globals()
+        if sharing:  # tasks started at once on this machine: torch's threads share its cores (job.Process reads it)
+            import torch
+
+            from fmnist_exp import job
+            torch.set_num_threads(max(1, job.cores() // sharing))
         task_id = submitit.JobEnvironment().job_id
         configs = [_core.job_config(self.hydra_context, self.config, overrides, idx, job_id=task_id)
                    for overrides, idx in jobs]
@@ -197,3 +212,89 @@ def _no_return() -> JobReturn:
     r._return_value = None
     return r
 
+
+
+class FmnistLocalLauncher(FmnistSlurmLauncher):
+    """`hydra/launcher=submitit_local`: the SLURM path (a task per fused group, the same lifecycle) on this machine,
+    through submitit's local executor, which starts every task at once, each a process under a controller process
+    of submitit's. What submitit's own local launcher lacked, added here:
+
+    - torch threads: the cores shared among the tasks (each task took them all: 4 jobs on 2 cores trained 50-500x
+      slower than under joblib);
+    - a stop signal to the sweep's process (Ctrl-C, `kill PID`) reaches each task once, as SIGTERM through its
+      controller (which forwards SIGTERM): the running jobs end KILLED with their checkpoints, the others before they
+      start (job.mark_stopped), and the sweep stops in one line. Before, `kill PID` left every task training
+      unwatched; a terminal's Ctrl-C reached submitit's controllers, which printed tracebacks and SIGKILLed their
+      tasks a second later (controllers and tasks now start with SIGINT blocked);
+    - a task that ends without a result (kill -9, out of memory) is recorded KILLED and the sweep goes on to its table
+      (submitit raised 'has not produced any output': a Hydra traceback, no table, the run RUNNING for good).
+    """
+
+    _EXECUTOR = "local"
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from fmnist_exp import callbacks, job
+
+        from ._workers import Forward
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        self._tasks = []
+        with Forward(sweep_dir) as self._signals:  # from submission on: no task is left running unwatched
+            self._signals.forward = self._to_controllers
+            results = super().launch(job_overrides, initial_job_idx)
+        signum = self._signals.signum or next((o.signum for _, o in job.read_outcomes(sweep_dir) if o.signum), None)
+        if signum is not None:  # every job has recorded itself KILLED (or ended before the signal)
+            job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
+        return results
+
+    def _to_controllers(self, signum: int) -> None:
+        """SIGTERM to each running task's controller, which sends it on to the task (a signal before the tasks
+        exist is left to the stop mark: job.mark_stopped)."""
+        for task in self._tasks:
+            process = getattr(task, "_process", None)  # submitit's LocalJob: its controller's Popen
+            if process is not None and process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+
+    def _sharing(self, n_tasks: int) -> int | None:
+        return n_tasks
+
+    def _submit(self, tasks):
+        # SIGINT blocked while submitit starts its controllers: they and their tasks keep it blocked (a terminal's
+        # Ctrl-C reaches only this process, which forwards it once); one that comes meanwhile is handled after
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._tasks = super()._submit(tasks)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if self._signals.signum is not None:  # SIGTERM while submitting: the tasks exist now
+            self._to_controllers(self._signals.signum)
+        return self._tasks
+
+    def _watch(self, tasks, groups: list[list[int]], dir_of: Callable[[int], Path]) -> list[JobReturn]:
+        from fmnist_exp import job as fjob, train
+        results: dict[int, JobReturn] = {}
+        ended: set[int] = set()
+        while len(ended) < len(tasks):
+            for t, task in enumerate(tasks):
+                if t in ended:
+                    continue
+                if task.paths.result_pickle.exists():
+                    results.update(zip(groups[t], _result(task, len(groups[t]))))
+                    ended.add(t)
+                elif task.done():  # its controller exited without a result
+                    stopped = self._signals.signum
+                    error = (str(train.Interrupted(stopped, started=False)) if stopped else
+                             f"its process ended without a result (killed, or out of memory: see "
+                             f"{task.paths.stderr}); rerun the sweep with sweep.skip_finished=true")
+                    if not stopped:
+                        log.error("submitit task %s: %s", task.job_id, error)
+                    for i in groups[t]:
+                        folder = dir_of(i)
+                        if not (folder / fjob.OUTCOME_FILE).is_file():
+                            folder.mkdir(parents=True, exist_ok=True)
+                            fjob.Outcome("KILLED", error=error, signum=stopped).write(folder)
+                        results[i] = _no_return()
+                    ended.add(t)
+            if len(ended) < len(tasks):
+                time.sleep(0.2)
+        return [results[i] for i in range(sum(len(g) for g in groups))]
