@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 
 from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
 from fmnist_exp import train
-from fmnist_exp.models import MLP
 
 
 def client(cwd, uri=None):

@@ -1,8 +1,6 @@
 """Stacked training equals training each job alone: optimizer, forward, BatchNorm stats, state dicts, dropout."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
