@@ -119,8 +119,7 @@ class FmnistSlurmLauncher(SlurmLauncher):
 def job_dir(hydra_context, config, overrides: list[str], idx: int) -> Path:
     """Where Hydra will put job `idx` (its output dir), computed here as the job will."""
     from . import _core
-    sweep_config = _core.job_config(hydra_context, config, overrides, idx)
-    return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+    return _core.job_dir(_core.job_config(hydra_context, config, overrides, idx))
 
 
 def squeue(array_id: str) -> dict[str, tuple[str, str, str]]:
@@ -213,7 +212,6 @@ def _no_return() -> JobReturn:
     return r
 
 
-
 class FmnistLocalLauncher(FmnistSlurmLauncher):
     """`hydra/launcher=submitit_local`: the SLURM path (a task per fused group, the same lifecycle) on this machine,
     through submitit's local executor, which starts every task at once, each a process under a controller process
@@ -241,8 +239,10 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
         with Forward(sweep_dir) as self._signals:  # from submission on: no task is left running unwatched
             self._signals.forward = self._to_controllers
             results = super().launch(job_overrides, initial_job_idx)
-        signum = self._signals.signum or next((o.signum for _, o in job.read_outcomes(sweep_dir) if o.signum), None)
-        if signum is not None:  # every job has recorded itself KILLED (or ended before the signal)
+        signum = self._signals.signum or next((o.signum for _, o in job.read_outcomes(sweep_dir)
+                                               if o.signum in (signal.SIGINT, signal.SIGTERM)), None)
+        if signum is not None:  # every job has recorded itself KILLED (or ended before the signal); a time limit's
+            # SIGUSR2 (requeues used up) ends only its jobs: the sweep goes on to its table
             job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
         return results
 
