@@ -25,11 +25,9 @@ def task(cfg: DictConfig) -> float | None:
     (what an optimising sweeper would use); exits 1 for a failed single run, 128+N after signal N."""
     from fmnist_exp import job, train  # torch: imported after the tracking process has started (main)
     ctx = job.JobContext.from_hydra(HydraConfig.get())
-    job.PROCESS.watch_signals()  # in a launcher's worker process (joblib): a stop between jobs is kept
+    job.PROCESS.watch_signals()  # in a launcher's worker process (joblib): a stop between jobs does not kill it
     with train.StopOnSignal() as stop:
-        stop.signum = job.PROCESS.stopped  # the sweep was stopped before this job began: it ends KILLED at once
         outcome = job.run(cfg, ctx, stop)
-    job.PROCESS.stopped = job.PROCESS.stopped or stop.signum  # a worker's next jobs do not start either
     job.settle([outcome], [(cfg, ctx)])
     if outcome.status in ("FAILED", "KILLED") and not ctx.multirun:
         sys.exit(1)

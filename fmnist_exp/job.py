@@ -123,7 +123,6 @@ class Process:
     settings in one worker): each job gets its own."""
 
     def __init__(self):
-        self.stopped: int | None = None  # a stop signal this worker process got between jobs (watch_signals)
         self._watching: train.Handlers | None = None
         self._datasets: dict[tuple, data.FashionMNIST] = {}
         self._default_threads: int | None = None  # torch's own choice, before any job set it
@@ -150,18 +149,16 @@ class Process:
     def watch_signals(self) -> None:
         """In a launcher's worker process (joblib's loky workers; the fused launcher's set this up themselves): a
         process group of its own, so a terminal's Ctrl-C reaches only the launcher, which forwards it once
-        (hydra_plugins/fmnist_fused_launcher/joblib.py), and a stop signal between jobs is recorded (`stopped`)
-        rather than killing the worker: its next jobs end KILLED before they start."""
+        (hydra_plugins/fmnist_fused_launcher/joblib.py), and a stop signal between jobs does not kill the worker:
+        the launcher has marked the sweep stopped first (mark_stopped), so its next jobs end KILLED before they
+        start."""
         launcher = multiprocessing.parent_process()
         if self._watching is not None or launcher is None:
             return
         with contextlib.suppress(OSError):  # (ProcessLookupError: the launcher is gone; PermissionError)
             if os.getpgid(0) == os.getpgid(launcher.pid):
                 os.setpgid(0, 0)
-        self._watching = train.Handlers(train.STOP_SIGNALS, self._stop).install()
-
-    def _stop(self, signum, frame) -> None:
-        self.stopped = self.stopped or signum
+        self._watching = train.Handlers(train.STOP_SIGNALS, lambda signum, frame: None).install()
 
     def dataset(self, cfg: DictConfig, device: torch.device) -> data.FashionMNIST:
         d = cfg.data

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Iterable
 
 from hydra.core.utils import JobReturn, configure_log
 from omegaconf import DictConfig
@@ -44,7 +45,7 @@ LOST_WAIT_S = 15.0  # how long a dead worker's tracking process may take to end 
 def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers: int) -> list[JobReturn]:
     """Train `groups` (indices of `configs`, costliest first) on `workers` worker processes; one JobReturn per
     job in input order. After a signal: the running groups end KILLED, the rest never start, the sweep exits."""
-    from fmnist_exp import callbacks, job, tracking
+    from fmnist_exp import job, tracking
     tracking.TRACKING_PROCESS.discard_unused()  # each worker has its own tracking process
     hydra = launcher.config.hydra
     logging_cfg = (_core.job_console(hydra), hydra.verbose)  # jobs' lines as under any launcher
@@ -93,9 +94,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
     configure_log(hydra.hydra_logging, hydra.verbose)  # after the bar's logging redirect has put its handlers back
-    signum = signals.signum or next((o.signum for o in outcomes_seen if o.signum is not None), None)
-    if signum is not None:  # the user stopped the sweep: every started job has recorded itself KILLED
-        job.stop_sweep(callbacks.read_parent(Path(str(hydra.sweep.dir))), signum)
+    signals.end_sweep(Path(str(hydra.sweep.dir)), outcomes_seen)
     return results
 
 
@@ -234,6 +233,17 @@ class Forward:
                 os.kill(child.pid, signum)
             except ProcessLookupError:
                 pass
+
+    def end_sweep(self, sweep_dir: Path, outcomes: Iterable) -> None:
+        """After the launch: if the user stopped the sweep (a signal to this process, or to the jobs' processes
+        directly: SIGINT or SIGTERM in a job's outcome), every started job has recorded itself KILLED; close the
+        parent run and exit (job.stop_sweep). A time limit's SIGUSR2 in a job's outcome (requeues used up) ends only
+        its jobs: the sweep goes on to its table."""
+        from fmnist_exp import callbacks, job
+        signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)),
+                                     None)
+        if signum is not None:
+            job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
 
     def __enter__(self):
         self._handlers.install()

@@ -37,7 +37,7 @@ LOST = ("its joblib worker process died before recording the job (killed, or out
 
 class FmnistJoblibLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from fmnist_exp import callbacks, job
+        from fmnist_exp import job
         with Forward(self._sweep_dir()) as signals:
             try:
                 results = super().launch(job_overrides, initial_job_idx)
@@ -45,10 +45,7 @@ class FmnistJoblibLauncher(JoblibLauncher):
                 why = (f"exit code {str(e).rsplit('The exit codes of the workers are ', 1)[-1].split(chr(10), 1)[0]}"
                        if isinstance(e, TerminatedWorkerError) else str(e).split("\n", 1)[0])
                 results = self._record_lost(job_overrides, initial_job_idx, why, signals.signum)
-        signum = signals.signum or next((o.signum for _, o in job.read_outcomes(self._sweep_dir())
-                                         if o.signum is not None), None)
-        if signum is not None:  # every started job has recorded itself KILLED
-            job.stop_sweep(callbacks.read_parent(self._sweep_dir()), signum)
+        signals.end_sweep(self._sweep_dir(), (o for _, o in job.read_outcomes(self._sweep_dir())))
         return results
 
     def _sweep_dir(self) -> Path:

@@ -231,7 +231,7 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
     _EXECUTOR = "local"
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from fmnist_exp import callbacks, job
+        from fmnist_exp import job
 
         from ._workers import Forward
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -239,11 +239,7 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
         with Forward(sweep_dir) as self._signals:  # from submission on: no task is left running unwatched
             self._signals.forward = self._to_controllers
             results = super().launch(job_overrides, initial_job_idx)
-        signum = self._signals.signum or next((o.signum for _, o in job.read_outcomes(sweep_dir)
-                                               if o.signum in (signal.SIGINT, signal.SIGTERM)), None)
-        if signum is not None:  # every job has recorded itself KILLED (or ended before the signal); a time limit's
-            # SIGUSR2 (requeues used up) ends only its jobs: the sweep goes on to its table
-            job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
+        self._signals.end_sweep(sweep_dir, (o for _, o in job.read_outcomes(sweep_dir)))
         return results
 
     def _to_controllers(self, signum: int) -> None:
