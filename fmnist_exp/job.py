@@ -576,6 +576,9 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
 
     def fail(i: int, e: BaseException) -> None:
         if isinstance(e, train.Interrupted):
+            told = sweep_stopped(jobs[i].ctx)  # what the user stopped the sweep with: submitit's controller
+            if told is not None and told != e.signum:  # forwards a Ctrl-C to its task as SIGTERM
+                e = train.Interrupted(told, e.started)
             end(i, lambda: jobs[i].fail("KILLED", str(e), e.signum))
         elif isinstance(e, KNOWN_FAILURES):
             end(i, lambda: jobs[i].fail("FAILED", str(e), stop.signum))

@@ -39,7 +39,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int, started: bool = True):
         why = " (SLURM's warning before a time limit or preemption)" if signum == signal.SIGUSR2 else ""
         super().__init__(f"interrupted by {signal.Signals(signum).name}{why}{'' if started else ' before it started'}")
-        self.signum = signum
+        self.signum, self.started = signum, started
 
 
 class CheckpointMismatch(ValueError):

@@ -91,6 +91,8 @@ def test_a_stop_under_submitit_local_ends_every_job_killed(tmp_path, slow_root, 
     runs = store_runs(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
     assert len(children) == 4 and {r["status"] for r in runs} == {"KILLED"}, runs
+    # each says what the user sent (submitit's controller forwards a Ctrl-C to its task as SIGTERM)
+    assert all(f"interrupted by {signal.Signals(sig).name}" in r["tags"]["error"] for r in children), runs
     again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
