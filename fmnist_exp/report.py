@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,25 +80,40 @@ def ranked_by_line(table: pd.DataFrame) -> str:
 
 
 def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Mean ± std of the scores per value of `by`, over everything else that varies (seeds, ...)."""
+    """Mean ± std of the scores per value of `by` (a key, or keys joined by commas: lr,weight_decay), over
+    everything else that varies (seeds, ...); jobs that did not finish have no scores and are left out (counted in
+    attrs["left_out"])."""
+    table = table.copy()
+    # what the sweep's command line chose, as each job's overrides say: a config group's option too
+    # (regularization=batchnorm), which no single column of the table names
+    chosen = [dict(o.split("=", 1) for o in str(name).split() if "=" in o) for name in table["name"]]
+    for key in sorted({k for c in chosen for k in c}):
+        known = key in table.columns or key in table.attrs.get("columns", {})  # train.seed: the seed column
+        if not known and len({c.get(key) for c in chosen}) > 1:
+            table[key] = [c.get(key) for c in chosen]
     options = [c for c in table.columns if c not in ("best", "run_id", "status", "error", "name", *METRICS)]
-    by = table.attrs.get("columns", {}).get(by, by)  # train.seed -> seed
-    if by not in options:
-        raise SystemExit(f"error: --by {by}: not a key that varies in this sweep; choose one of {options}")
+    keys = [table.attrs.get("columns", {}).get(k, k) if k not in table.columns else k
+            for k in by.split(",") if k]  # train.seed -> seed
+    shown = ",".join(keys)
+    bad = [k for k in keys if k not in options]
+    if bad or not keys:
+        raise SystemExit(f"error: --by {','.join(bad) or by}: not a key that varies in this sweep; choose one of "
+                         f"{options} (or several, joined by commas)")
     rank, ascending = table.attrs.get("ranked_by", RANK["valid_loss"])
     done = table[table["status"] == "FINISHED"]
     if done.empty:
-        raise SystemExit(f"error: --by {by}: no job of this sweep FINISHED, so there are no scores to average; "
+        raise SystemExit(f"error: --by {shown}: no job of this sweep FINISHED, so there are no scores to average; "
                          "run it without --by to see why each job stopped")
     out = []
-    for value, g in done.groupby(by, sort=False):
-        row = {by: value, "runs": len(g), "_rank": g[rank].mean()}
-        for m in ("ckpt_valid_loss", "ckpt_valid_acc", "test_acc", "test_loss", "train_time"):
-            # a spread needs two runs: one run is its own mean, nothing more
-            row[m] = f"{g[m].mean():.4f} ± {g[m].std(ddof=1):.4f}" if len(g) > 1 else f"{g[m].mean():.4f}"
+    for value, g in done.groupby(keys, sort=False, dropna=False):
+        row = {**dict(zip(keys, value)), "runs": len(g), "_rank": g[rank].mean()}
+        for m in ("ckpt_valid_loss", "ckpt_valid_acc", "test_loss", "test_acc", "train_time"):  # the table's order
+            d = 1 if m == "train_time" else 4  # and digits; a spread needs two runs: one is its own mean
+            row[m] = f"{g[m].mean():.{d}f} ± {g[m].std(ddof=1):.{d}f}" if len(g) > 1 else f"{g[m].mean():.{d}f}"
         out.append(row)
     result = pd.DataFrame(out).sort_values("_rank", ascending=ascending).drop(columns="_rank").reset_index(drop=True)
     result.attrs["ranked_by"] = (f"mean {rank}", ascending)
+    result.attrs["left_out"] = len(table) - len(done)
     return result
 
 
@@ -128,24 +144,51 @@ def write_table(table: pd.DataFrame, folder: Path) -> list[Path]:
     return [md, csv]
 
 
+def recorded_parent(sweep: str | None) -> dict | None:
+    """What a sweep dir records of its parent run (mlflow_parent.json: uri, experiment_id, run_id), if it is one."""
+    path = Path(sweep) / "mlflow_parent.json" if sweep else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def check_store(uri: str) -> None:
+    """One line, before anything reads it, for a store the report cannot read, and never a new store made by
+    reading (a mistyped path would leave an empty one behind): a plain path (MLflow's retired file store), a
+    SQLite file that is not there. A server that does not answer fails on the first request (no retries)."""
+    if "://" not in uri:
+        hint = f"sqlite:///{Path(uri).resolve()}" if uri.endswith(".db") else "sqlite:///PATH/mlruns/mlflow.db"
+        raise SystemExit(f"error: --tracking-uri {uri} is a path, not a store URI: pass {hint} (a SQLite store) "
+                         "or http://HOST:PORT (an MLflow server)")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise SystemExit(f"error: no MLflow store at {uri.removeprefix('sqlite:///')}: run the report from the folder "
+                         "you ran the sweep in, give it the sweep's directory, or pass --tracking-uri")
+
+
 def find_parent(uri: str, experiment: str, sweep: str | None) -> tuple[str, str]:
-    """(experiment id, parent run id) for a sweep dir, a parent run id, or the newest sweep."""
-    if sweep and (Path(sweep) / "mlflow_parent.json").is_file():
-        p = json.loads((Path(sweep) / "mlflow_parent.json").read_text())
-        return p["experiment_id"], p["run_id"]
+    """(experiment id, parent run id) for a sweep dir, a parent run id (a job's run id: its sweep), or the newest
+    sweep."""
     c = tracking.client(uri)
+    recorded = recorded_parent(sweep)
     if sweep:
         try:
-            run = c.get_run(sweep)
+            run = c.get_run(recorded["run_id"] if recorded else sweep)
         except Exception:
-            raise SystemExit(f"error: {sweep} is neither a sweep directory (with mlflow_parent.json) nor a run id "
-                             f"in {uri}")
+            raise SystemExit(f"error: {sweep} records a sweep whose parent run {recorded['run_id']} is not in {uri}"
+                             if recorded else f"error: {sweep} is neither a sweep directory (with mlflow_parent.json) "
+                             f"nor a run id in {uri}")
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        if parent_id:  # one job of a sweep: the sweep it belongs to
+            print(f"{sweep} is one job ({run.info.run_name}) of a sweep: that sweep follows", file=sys.stderr)
+            run = c.get_run(parent_id)
+        if "fmnist.sweep_dir" not in run.data.tags:
+            raise SystemExit(f"error: {sweep} is a single run ({run.info.run_name}), not a sweep: see it in mlflow "
+                             "ui; the report takes a sweep (its multirun/<date>/<time> dir or its parent run id)")
         return run.info.experiment_id, run.info.run_id
     exp = c.get_experiment_by_name(experiment)
     parents = c.search_runs([exp.experiment_id], filter_string="tags.`fmnist.sweep_dir` != ''",
                             order_by=["attributes.start_time DESC"], max_results=1) if exp else []
     if not parents:
-        raise SystemExit(f"error: no sweep in experiment '{experiment}' of {uri}; run one with python -m fmnist_exp -m ...")
+        raise SystemExit(f"error: no sweep in experiment '{experiment}' of {uri}; run one with "
+                         "python -m fmnist_exp -m ...")
     return exp.experiment_id, parents[0].info.run_id
 
 
@@ -156,14 +199,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns/mlflow.db")
     ap.add_argument("--experiment", default="fmnist")
     args = ap.parse_args(argv)
+    from mlflow.exceptions import MlflowException
     tracking.silence_noisy_loggers()
-    uri = args.tracking_uri or tracking.resolve_uri(None)
-    exp_id, parent_id = find_parent(uri, args.experiment, args.sweep)
-    table = sweep_table(uri, exp_id, parent_id)
+    recorded = recorded_parent(args.sweep)
+    uri = (args.tracking_uri or (recorded or {}).get("uri")  # a sweep dir knows its store, wherever it is run from
+           or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}")
+    check_store(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down: one line, not 4 minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        exp_id, parent_id = find_parent(uri, args.experiment, args.sweep)
+        table = sweep_table(uri, exp_id, parent_id)
+        sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
+    except MlflowException as e:
+        reason = ("nothing answers there" if "NewConnectionError" in str(e) or "Connection refused" in str(e)
+                  else (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+        raise SystemExit(f"error: cannot read the MLflow store {uri} ({reason}); start the server (make ui) or "
+                         "pass --tracking-uri sqlite:///PATH/mlruns/mlflow.db")
     shown = grouped(table, args.by) if args.by else table
     print(format_table(shown))
     print(ranked_by_line(shown))
-    sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
+    if shown.attrs.get("left_out"):
+        print(f"{shown.attrs['left_out']} of {len(table)} jobs did not finish and are left out of the means (run the "
+              "report without --by to see why each stopped)")
     if sweep_dir and Path(sweep_dir).is_dir() and not args.by:
         write_table(table, Path(sweep_dir))
 

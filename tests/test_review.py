@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import cli_env, mlflow_server, run_cli, table_rows, tiny_overrides
+from conftest import cli_env, free_port, mlflow_server, run_cli, table_rows, tiny_overrides
 from fmnist_exp import report, tracking
 
 
@@ -114,6 +114,61 @@ def test_report_command(sweep):
     grouped = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "status"], cwd=cwd,
                              capture_output=True, text=True, env=cli_env())
     assert grouped.returncode == 1 and "not a key that varies" in grouped.stderr
+    by_lr = subprocess.run([sys.executable, "-m", "fmnist_exp.report", "--by", "lr"], cwd=cwd,
+                           capture_output=True, text=True, env=cli_env())  # lr -1 failed: said, not hidden
+    assert by_lr.returncode == 0 and len(table_rows(by_lr.stdout)) == 1 + 2, by_lr.stdout
+    assert "1 of 3 jobs did not finish and are left out of the means" in by_lr.stdout
+
+
+def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fmnist_exp.report", *args], cwd=cwd, capture_output=True,
+                          text=True, env=cli_env(), timeout=120)
+
+
+def test_the_report_finds_a_sweeps_store_and_says_in_one_line_what_it_cannot_read(sweep, tmp_path):
+    """From another folder, a sweep dir was read against ./mlruns (a new empty store made there, '(no jobs
+    recorded)', then a traceback); a server that is down took 4 minutes of retries and a traceback; a plain path
+    gave a traceback; a job's run id showed an empty table."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    by_dir = run_report(str(sweep["sweep_dir"]), cwd=elsewhere)  # the store the sweep dir records
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert table_rows(by_dir.stdout) == table_rows((sweep["sweep_dir"] / "sweep_table.md").read_text())
+    child = next(r for r in sweep["children"] if r.info.status == "FINISHED")
+    by_job = run_report(child.info.run_id, "--tracking-uri", sweep["uri"], cwd=elsewhere)  # a job's run: its sweep
+    assert by_job.returncode == 0 and table_rows(by_job.stdout) == table_rows(by_dir.stdout), by_job.stderr
+    assert "is one job" in by_job.stderr
+    db = sweep["uri"].removeprefix("sqlite:///")
+    cases = {(): "error: no MLflow store at",  # nothing here: said, and no store made
+             ("--tracking-uri", db): f"is a path, not a store URI: pass sqlite:///{db}",
+             ("--tracking-uri", f"http://127.0.0.1:{free_port()}"): "(nothing answers there); start the server"}
+    for args, message in cases.items():
+        result = run_report(*args, cwd=elsewhere)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert list(elsewhere.iterdir()) == []
+    single = run_cli(*tiny_overrides(sweep["root"]), "train.epochs=1", cwd=elsewhere)
+    assert single.returncode == 0, single.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fmnist").experiment_id])
+    result = run_report(run.info.run_id, cwd=elsewhere)
+    assert result.returncode == 1 and "is a single run" in result.stderr and "not a sweep" in result.stderr
+
+
+def test_report_by_an_option_the_sweep_chose(tmp_path, tiny_root):
+    """A config group's option (regularization=batchnorm) is no column of the table: --by refused it; and
+    replicates of a grid could not be averaged per grid point (one key only)."""
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "regularization=none,batchnorm",
+                     "train.seed=0,1", "optimizer=sgd,adam", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_option = run_report("--by", "regularization", cwd=tmp_path)
+    assert by_option.returncode == 0, by_option.stderr
+    header, *rows = table_rows(by_option.stdout)
+    assert header[:2] == ["regularization", "runs"] and sorted(r[0] for r in rows) == ["batchnorm", "none"]
+    assert all(r[1] == "4" for r in rows)
+    by_two = run_report("--by", "regularization,optimizer", cwd=tmp_path)
+    header, *rows = table_rows(by_two.stdout)
+    assert header[:3] == ["regularization", "optimizer", "runs"] and len(rows) == 4 and all(r[2] == "2" for r in rows)
 
 
 def test_report_groups_replicates(tmp_path, tiny_root):
