@@ -451,17 +451,30 @@ def selection_metric(monitor: str) -> str:
     return {"valid_loss": "ckpt_valid_loss", "valid_acc": "ckpt_valid_acc"}[monitor]
 
 
+# TensorBoard's HPARAMS columns for the core settings: column -> config key
+HPARAM_KEYS = {"lr": "optimizer.lr", "batch_size": "data.batch_size", "init": "model.init",
+               "batch_norm": "model.batch_norm", "dropout": "model.dropout", "weight_decay": "optimizer.weight_decay",
+               "seed": "train.seed"}
+
+
 def hparams(cfg: DictConfig, name: str) -> dict:
-    """What TensorBoard's HPARAMS tab compares: the core settings plus whatever this job overrode."""
+    """What TensorBoard's HPARAMS tab compares: the core settings plus whatever else this job overrode, each once
+    and as its config value (a number stays a number: the tab filters and sorts it as one)."""
     out = {"model": cfg.model._target_.rsplit(".", 1)[-1], "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
-           "lr": cfg.optimizer.lr, "batch_size": cfg.data.batch_size, "init": cfg.model.init,
-           "batch_norm": cfg.model.batch_norm, "dropout": str(list(cfg.model.dropout)),
-           "weight_decay": cfg.optimizer.weight_decay, "schedule": cfg.schedule._target_.rsplit(".", 1)[-1],
-           "seed": cfg.train.seed}
+           "schedule": cfg.schedule._target_.rsplit(".", 1)[-1]}
+    out.update({column: OmegaConf.select(cfg, key) for column, key in HPARAM_KEYS.items()})
+    covered = set(HPARAM_KEYS.values()) | set(out)  # optimizer=adam: the optimizer column says Adam already
     for override in name.split():
         key, _, value = override.lstrip("+~").partition("=")
-        out.setdefault(key, value)
-    return out
+        if key not in covered:  # a config group's option (regularization=batchnorm) has no value of its own
+            out[key] = OmegaConf.select(cfg, key, default=value)
+    return {k: _hparam(v) for k, v in out.items()}
+
+
+def _hparam(value):
+    """A value TensorBoard's hparams take: a bool, number or string (a list as it reads: [0.3, 0.3])."""
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def requeued() -> bool:

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import cli_env, free_port, mlflow_server, run_cli, table_rows, tiny_overrides
 from fmnist_exp import report, tracking
@@ -101,6 +102,11 @@ def test_tensorboard_hparams_and_sample_grid(sweep):
         assert grid.encoded_image_string == (job_dir / "plots" / "test_samples.png").read_bytes()
         hparams = events.PluginTagToContent("hparams")
         assert "_hparams_/session_start_info" in hparams
+        start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+        values = start.session_start_info.hparams  # each setting once, a number as a number (was also
+        assert "optimizer.lr" not in values  # the override as text: two HPARAMS columns, one sorting as strings)
+        assert values["lr"].WhichOneof("kind") == "number_value"
+        assert values["lr"].number_value == pytest.approx(float(r.data.params["optimizer.lr"]))
         assert {"hparam/test_acc", "hparam/ckpt_valid_loss", "hparam/ckpt_valid_acc"} <= set(events.Tags()["scalars"])
 
 
