@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # Glyphs drawn without hinting: text, most of what these figures cost to draw, draws 17-25 % faster and looks the same
 # at 100 dpi (hinting snaps outlines to the pixel grid)
@@ -31,8 +32,12 @@ def learning_curves(history: list[dict], best_epoch: int, title: str = ""):
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     ax_loss.plot(epochs, [h["valid_loss"] for h in history], "o-", label="valid loss")
     ax_acc.plot(epochs, [h["valid_acc"] for h in history], "o-", color="tab:green", label="valid accuracy")
+    losses = [v for h in history for v in (h["train_loss"], h["valid_loss"]) if np.isfinite(v) and v > 0]
+    if losses and max(losses) > 1000 * min(losses):  # a diverging run: its last loss would flatten the rest
+        ax_loss.set_yscale("log")
     for ax, name in ((ax_loss, "cross-entropy"), (ax_acc, "accuracy")):
         ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best checkpoint (epoch {best_epoch})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.25
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -152,42 +157,67 @@ def sample_grid(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> n
     return grid(y_true, y_pred)
 
 
+def job_labels(names: list[str]) -> tuple[list[str], str]:
+    """Jobs' names (their overrides) without the overrides every job shares, and those shared ones: a plot labels
+    each job by what sets it apart (`lr=0.004 seed=2`, not `... train.epochs=1 data.batch_size=100` on every bar)."""
+    tokens = [str(n).split() for n in names]
+    shared = [t for t in tokens[0] if all(t in ts for ts in tokens[1:])] if len(tokens) > 1 else []
+    labels = [" ".join(t for t in ts if t not in shared) or str(n) for ts, n in zip(tokens, names)]
+    return labels, " ".join(shared)
+
+
+def _sweep_title(fig, text: str, shared: str) -> None:
+    """A sweep figure's title over the whole figure (long labels never push it off the edge), what every job
+    shares below it."""
+    fig.suptitle(text + (f"\nevery job: {shared}" if shared else ""), fontsize=11)
+
+
 def sweep_curves(curves: dict[str, list[tuple[int, float]]], metric: str = "valid_acc", highlight: int = 10):
     """`metric` per epoch for every job of a sweep, given in rank order (best first): the top `highlight` in
-    colour with a legend, the rest as thin grey lines, so 256 jobs stay readable."""
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    items = list(curves.items())
-    for name, points in items[highlight:][::-1]:
+    colour with a legend beside the axes, the rest as thin grey lines (dots for one-epoch jobs), so 256 jobs stay
+    readable."""
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    labels, shared = job_labels(list(curves))
+    items = list(zip(labels, curves.values()))
+    for _, points in items[highlight:][::-1]:
         if points:
-            ax.plot(*zip(*points), color="0.75", linewidth=0.6, zorder=1)
+            ax.plot(*zip(*points), color="0.75", linewidth=0.6, marker=".", markersize=3, zorder=1)
     for name, points in items[:highlight]:
         if points:
             ax.plot(*zip(*points), marker=".", label=name, zorder=2)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = {e for _, points in items for e, _ in points}
+    if len(epochs) == 1:  # one epoch: a column of dots over its tick, not over a range of 0.945-1.05
+        ax.set_xlim(min(epochs) - 1, min(epochs) + 1)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if any(points for _, points in items[:highlight]):  # a sweep whose jobs all stopped before an epoch has none
-        ax.legend(fontsize=7, loc="lower right", title=f"top {min(highlight, len(items))} of {len(items)} (ranked "
-                  "on validation)" if len(items) > highlight else None, title_fontsize=7)
-    ax.set_title(f"{metric} per epoch, every job of the sweep")
+        # beside the axes: inside, it hid the curves under it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  title=f"top {min(highlight, len(items))} of {len(items)}\n(ranked on validation)"
+                  if len(items) > highlight else None, title_fontsize=7)
+    _sweep_title(fig, f"{metric} per epoch, every job of the sweep", shared)
     fig.tight_layout()
     return fig
 
 
 def sweep_bars(names: list[str], values: list[float], metric: str = "test_acc", limit: int = 30):
     """`metric` of each job, in the given rank order (best on top; at most `limit` jobs)."""
-    shown = list(zip(names, values))[:limit]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(shown) + 1.5))
+    labels, shared = job_labels(names)
+    shown = list(zip(labels, values))[:limit]
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(shown) + 1.8))
     y = np.arange(len(shown))[::-1]
     ax.barh(y, [v for _, v in shown], color="tab:blue")
     ax.set_yticks(y, [n for n, _ in shown])
     for yi, (_, v) in zip(y, shown):
         ax.text(v, yi, f" {v:.4f}", va="center", fontsize=8)
-    lo = min((v for _, v in shown), default=0)
-    ax.set_xlim(max(0.0, lo - 0.05), min(1.0, max((v for _, v in shown), default=1) + 0.03))
+    lo, hi = min((v for _, v in shown), default=0), max((v for _, v in shown), default=1)
+    left = max(0.0, lo - 0.05)
+    ax.set_xlim(left, hi + 0.15 * max(hi - left, 0.01))  # room for the value printed after the longest bar
     ax.set_xlabel(metric)
     more = f", top {len(shown)} of {len(names)}" if len(names) > limit else ""
-    ax.set_title(f"{metric} per job, ranked on validation data (best on top{more})")
+    _sweep_title(fig, f"{metric} per job, ranked on validation data (best on top{more})", shared)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     return fig
