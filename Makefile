@@ -42,7 +42,8 @@ test: setup browser cluster
 	$(PY) -m pytest
 
 ui:  ## MLflow UI on this store, bound to 127.0.0.1
+	@echo "Runs: http://127.0.0.1:5000/#/experiments/1/runs (the experiment 'fmnist'; its plain page opens MLflow's GenAI overview)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 tensorboard:
-	$(VENV)/bin/tensorboard --logdir multirun --host 127.0.0.1 --port 6006
+	$(VENV)/bin/tensorboard --logdir_spec sweeps:multirun,runs:outputs --host 127.0.0.1 --port 6006  # sweeps' jobs and single runs

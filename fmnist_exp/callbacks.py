@@ -157,6 +157,9 @@ class SweepCallback(Callback):
         except Exception as e:  # the jobs' results are safe in the store; a plotting failure must not hide them
             log.error("could not log the sweep's summary, plots or winning model: %s", e)
         failed = table[table["status"] != "FINISHED"]
+        if len(failed):  # the UI shows the parent FAILED: say why there, as a failed job's run does
+            c.set_tag(parent_id, "error", f"{len(failed)} of {len(table)} jobs did not finish (see sweep_table.md): "
+                      + "; ".join(f"{r.name}: {r.status}" for r in failed.itertuples())[:4000])
         tracking.end_run(uri, parent_id, "FAILED" if len(failed) else "FINISHED")
         where = "" if uri.startswith("http") else " (after make ui)"
         print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)

@@ -31,10 +31,12 @@ METRICS_EVERY_S = 2.0  # per-epoch metrics reach MLflow at most this often: each
 # A saved view of the MLflow UI's runs list that compares whole sweeps: each parent run's winner scores, job counts
 # and command (a new runs list shows no metric columns). Open it at <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps
 SWEEPS_VIEW = "sweeps"
+# Only sweeps' parent runs (single runs have no winner), and only columns a parent fills: at a laptop's width the
+# winner columns were off-screen behind a Dataset column and two per-job columns that are empty on a parent.
 SWEEPS_VIEW_STATE = json.dumps({
-    "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in (
-        "winner_test_acc", "winner_valid_loss", "winner_valid_acc", "jobs", "jobs_failed", "ckpt_valid_loss",
-        "test_acc")), "params.`sweep.command`"],
+    "selectedColumns": [*(f"metrics.`{m}`" for m in ("winner_test_acc", "winner_valid_loss", "winner_valid_acc",
+                                                     "jobs", "jobs_failed")), "params.`sweep.command`"],
+    "searchFilter": "tags.`fmnist.sweep_dir` != ''",
     "orderByKey": "attributes.start_time", "orderByAsc": False})
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",  # MLflow 3 UI: not a GenAI experiment
                    f"mlflow.sharedViewState.{SWEEPS_VIEW}": SWEEPS_VIEW_STATE}

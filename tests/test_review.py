@@ -223,6 +223,9 @@ def test_parent_run_describes_the_sweep(sweep):
     assert metrics["winner_valid_acc"] == best.data.metrics["ckpt_valid_acc"]
     assert metrics["winner_test_acc"] == best.data.metrics["test_acc"]
     assert parent.data.tags["fmnist.winner_run_id"] == best.info.run_id
+    error = parent.data.tags["error"]  # why, where the UI shows the parent FAILED
+    assert parent.info.status == "FAILED" and error.startswith("1 of 3 jobs did not finish (see sweep_table.md): ")
+    assert error.endswith(" optimizer.lr=-1: FAILED")
     (dataset,) = parent.inputs.dataset_inputs
     assert dataset.dataset.name == "fashion-mnist" and json.loads(dataset.dataset.profile)["train"] > 0
     view = sweep["client"].get_experiment(sweep["exp"].experiment_id).tags["mlflow.sharedViewState.sweeps"]
@@ -269,18 +272,21 @@ def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("chromium is not installed: make test installs it (apt-get install -y chromium)")
+    single = sweep["client"].create_run(sweep["exp"].experiment_id, run_name="a-single-run")  # no winner: not shown
+    sweep["client"].set_terminated(single.info.run_id)
     with mlflow_server(sweep["uri"]) as url:
         page = f"{url}/#/experiments/{sweep['exp'].experiment_id}/runs?viewStateShareKey=sweeps"  # printed by the sweep
         dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                              "--window-size=2400,1200",  # the runs table only renders the columns in view
+                              "--window-size=1600,1000",  # a laptop's: the runs table renders the columns in view
                               "--virtual-time-budget=20000", "--disable-background-networking",
                               "--disable-component-update", "--disable-default-apps", "--disable-sync",
                               "--no-first-run", "--disable-extensions", "--metrics-recording-only",
                               f"--user-data-dir={tmp_path / 'chrome'}", page],
                              capture_output=True, text=True, timeout=180).stdout
-    assert sweep["parent"].info.run_name in dom
+    sweep["client"].delete_run(single.info.run_id)
+    assert sweep["parent"].info.run_name in dom and "a-single-run" not in dom
     parent = sweep["client"].get_run(sweep["parent"].info.run_id)
-    for metric in ("winner_test_acc", "winner_valid_loss", "jobs_failed"):
+    for metric in ("winner_test_acc", "winner_valid_loss", "winner_valid_acc", "jobs_failed"):
         assert f'col-id="metrics.`{metric}`"' in dom and f">{metric}<" in dom  # the column and its header
     value = parent.data.metrics["winner_test_acc"]
     assert f">{int(value) if value.is_integer() else value}<" in dom  # the parent's row shows it, as JS prints it
