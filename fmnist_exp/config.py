@@ -161,6 +161,13 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+def override_pairs(name: str) -> dict[str, str]:
+    """A run's name (its overrides: `optimizer=adam +experiment=notebook`) as {key: value as typed}, without
+    Hydra's +/~ prefixes."""
+    pairs = (o.lstrip("+~").partition("=") for o in str(name).split())
+    return {key: value for key, eq, value in pairs if eq}
+
+
 @cache
 def where_how_keys() -> frozenset[str]:
     """Keys that say where or how to run, not what: left out of job dir names, run names, the config hash and

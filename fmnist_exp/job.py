@@ -464,8 +464,7 @@ def hparams(cfg: DictConfig, name: str) -> dict:
            "schedule": cfg.schedule._target_.rsplit(".", 1)[-1]}
     out.update({column: OmegaConf.select(cfg, key) for column, key in HPARAM_KEYS.items()})
     covered = set(HPARAM_KEYS.values()) | set(out)  # optimizer=adam: the optimizer column says Adam already
-    for override in name.split():
-        key, _, value = override.lstrip("+~").partition("=")
+    for key, value in config.override_pairs(name).items():
         if key not in covered:  # a config group's option (regularization=batchnorm) has no value of its own
             out[key] = OmegaConf.select(cfg, key, default=value)
     return {k: _hparam(v) for k, v in out.items()}

@@ -86,7 +86,7 @@ def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
     table = table.copy()
     # what the sweep's command line chose, as each job's overrides say: a config group's option too
     # (regularization=batchnorm), which no single column of the table names
-    chosen = [dict(o.split("=", 1) for o in str(name).split() if "=" in o) for name in table["name"]]
+    chosen = [config.override_pairs(name) for name in table["name"]]
     for key in sorted({k for c in chosen for k in c}):
         known = key in table.columns or key in table.attrs.get("columns", {})  # train.seed: the seed column
         if not known and len({c.get(key) for c in chosen}) > 1:
@@ -163,11 +163,10 @@ def check_store(uri: str) -> None:
                          "you ran the sweep in, give it the sweep's directory, or pass --tracking-uri")
 
 
-def find_parent(uri: str, experiment: str, sweep: str | None) -> tuple[str, str]:
-    """(experiment id, parent run id) for a sweep dir, a parent run id (a job's run id: its sweep), or the newest
-    sweep."""
+def find_parent(uri: str, experiment: str, sweep: str | None, recorded: dict | None = None) -> tuple[str, str]:
+    """(experiment id, parent run id) for a sweep dir (`recorded`: what it records, recorded_parent), a parent run
+    id (a job's run id: its sweep), or the newest sweep."""
     c = tracking.client(uri)
-    recorded = recorded_parent(sweep)
     if sweep:
         try:
             run = c.get_run(recorded["run_id"] if recorded else sweep)
@@ -203,12 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     tracking.silence_noisy_loggers()
     recorded = recorded_parent(args.sweep)
     uri = (args.tracking_uri or (recorded or {}).get("uri")  # a sweep dir knows its store, wherever it is run from
-           or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}")
+           or f"sqlite:///{Path.cwd() / tracking.DEFAULT_STORE}")
     check_store(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down: one line, not 4 minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
-        exp_id, parent_id = find_parent(uri, args.experiment, args.sweep)
+        exp_id, parent_id = find_parent(uri, args.experiment, args.sweep, recorded)
         table = sweep_table(uri, exp_id, parent_id)
         sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
     except MlflowException as e:

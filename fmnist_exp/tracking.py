@@ -42,17 +42,20 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",  # MLflo
                    f"mlflow.sharedViewState.{SWEEPS_VIEW}": SWEEPS_VIEW_STATE}
 
 
+DEFAULT_STORE = Path("mlruns") / "mlflow.db"  # under the working dir: where runs go without tracking.uri
+
+
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store)."""
     if uri:
         return uri
-    mlruns = Path.cwd() / "mlruns"
+    mlruns = Path.cwd() / DEFAULT_STORE.parent
     try:
         mlruns.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrackingError(f"cannot create the MLflow store directory {mlruns} ({e.strerror}); "
                             "make it writable or pass tracking.uri=... (or tracking.enabled=false)")
-    return f"sqlite:///{mlruns / 'mlflow.db'}"
+    return f"sqlite:///{mlruns / DEFAULT_STORE.name}"
 
 
 def store_error(uri: str, e: Exception) -> TrackingError:
