@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -116,9 +118,22 @@ def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
     return out
 
 
+LAUNCHER_GONE = ("its sweep's process died while it trained (kill -9, out of memory?), so its worker stopped it; "
+                 "rerun the sweep with sweep.skip_finished=true")
+PARENT_GONE = ("the sweep's process died before the sweep ended (kill -9, out of memory?); rerun the same command "
+               "with sweep.skip_finished=true to finish it")
+
+
+def launcher_gone() -> bool:
+    """In a launcher's worker process (the fused launcher's, joblib's): whether the launcher has died."""
+    launcher = multiprocessing.parent_process()
+    return launcher is not None and os.getppid() != launcher.pid
+
+
 class Process:
     """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, each
-    data set loaded once per device, and (in a launcher's worker) the stop signals between jobs. Jobs of one process
+    data set loaded once per device, and (in a launcher's worker) the stop signals between jobs and the watch on the
+    launcher. Jobs of one process
     may ask for different settings (a sweep over train.threads under the basic launcher; groups of different
     settings in one worker): each job gets its own."""
 
@@ -128,8 +143,10 @@ class Process:
         self._default_threads: int | None = None  # torch's own choice, before any job set it
         self._flush: bool | None = None  # the denormal flag this process's threads have
         self._pool_started = False  # torch's worker threads may exist: they keep the flag they started with
+        self._parent: dict | None = None  # the sweep's parent run, as this process's last job had it
 
     def configure(self, cfg: DictConfig, ctx: JobContext) -> None:
+        self._parent = ctx.parent
         if self._default_threads is None:
             self._default_threads = torch.get_num_threads()
         threads = pick_threads(cfg.train.threads, ctx.parallel_jobs, self._default_threads)
@@ -147,18 +164,46 @@ class Process:
         self._pool_started = self._pool_started or threads > 1
 
     def watch_signals(self) -> None:
-        """In a launcher's worker process (joblib's loky workers; the fused launcher's set this up themselves): a
-        process group of its own, so a terminal's Ctrl-C reaches only the launcher, which forwards it once
-        (hydra_plugins/fmnist_fused_launcher/joblib.py), and a stop signal between jobs does not kill the worker:
-        the launcher has marked the sweep stopped first (mark_stopped), so its next jobs end KILLED before they
-        start."""
+        """In a launcher's worker process (joblib's loky workers; the fused launcher's call this from their
+        initializer): a process group of its own, so a terminal's Ctrl-C reaches only the launcher, which forwards
+        it once (hydra_plugins/fmnist_fused_launcher/joblib.py), and a stop signal between jobs does not kill the
+        worker: the launcher has marked the sweep stopped first (mark_stopped), so its next jobs end KILLED before
+        they start. A worker whose launcher dies (kill -9) stops its jobs, ends the sweep's parent run, and exits
+        (watch_launcher); before, it waited for work forever, deaf to SIGTERM, its runs RUNNING."""
         launcher = multiprocessing.parent_process()
         if self._watching is not None or launcher is None:
             return
         with contextlib.suppress(OSError):  # (ProcessLookupError: the launcher is gone; PermissionError)
             if os.getpgid(0) == os.getpgid(launcher.pid):
                 os.setpgid(0, 0)
-        self._watching = train.Handlers(train.STOP_SIGNALS, lambda signum, frame: None).install()
+        self._watching = train.Handlers(train.STOP_SIGNALS, self._between_jobs).install()
+        self.watch_launcher(launcher.pid)
+
+    def watch_launcher(self, pid: int) -> None:
+        """A thread that sends this process SIGTERM once the launcher (`pid`) has died: a job training stops KILLED
+        with its checkpoint (then settle ends the process), and an idle worker ends at once (_between_jobs)."""
+        def watch() -> None:
+            while os.getppid() == pid:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+    def _between_jobs(self, signum, frame) -> None:
+        if launcher_gone():
+            self.abandon()
+
+    def abandon(self) -> None:
+        """The launcher is dead and no job of this worker trains: end the sweep's parent run KILLED (nobody else
+        will: its table is never printed), then exit; the jobs' tracking processes end with it."""
+        parent = self._parent
+        if parent:
+            with contextlib.suppress(Exception):
+                c = tracking.client(parent["uri"])
+                if c.get_run(parent["run_id"]).info.status == "RUNNING":
+                    c.set_tag(parent["run_id"], "error", PARENT_GONE)
+                    tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+        logging.shutdown()
+        os._exit(1)
 
     def dataset(self, cfg: DictConfig, device: torch.device) -> data.FashionMNIST:
         d = cfg.data
@@ -508,6 +553,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
     job_dirs = [ctx.job_dir for _, ctx in members]
     for outcome, job_dir in zip(outcomes, job_dirs):
         outcome.write(job_dir)
+    if launcher_gone():  # nobody waits for these outcomes: the jobs are recorded, the worker goes
+        PROCESS.abandon()
     cfg, ctx = members[0]  # the jobs of a process share their sweep
     parent, uri = ctx.parent, ctx.tracking_uri(cfg)
     signum = next((o.signum for o in outcomes if o.signum is not None), None)
@@ -587,7 +634,9 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
             jobs[i].close()
 
     def fail(i: int, e: BaseException) -> None:
-        if isinstance(e, train.Interrupted):
+        if isinstance(e, train.Interrupted) and launcher_gone():
+            end(i, lambda: jobs[i].fail("KILLED", LAUNCHER_GONE, e.signum))
+        elif isinstance(e, train.Interrupted):
             told = sweep_stopped(jobs[i].ctx)  # what the user stopped the sweep with: submitit's controller
             if told is not None and told != e.signum:  # forwards a Ctrl-C to its task as SIGTERM
                 e = train.Interrupted(told, e.started)

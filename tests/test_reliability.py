@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
-from fmnist_exp import train
+from fmnist_exp import job, train
 
 
 def client(cwd, uri=None):
@@ -589,3 +589,46 @@ def _children(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             pass
     return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib"]], ids=["fused", "joblib"])
+def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, slow_root, launcher):
+    """kill -9 of the sweep's process (the OOM killer, a hard limit) cannot be handled there. Its workers waited for
+    work for good (~1 GB each, deaf to SIGTERM, since they ignore stop signals between jobs), their runs said
+    'interrupted by SIGTERM', and the parent run stayed RUNNING. Now each worker stops its job KILLED saying why,
+    ends the parent KILLED, and exits; skip_finished then completes the sweep."""
+    args = ["-m", *launcher, "hydra.launcher.n_jobs=2", *tiny_overrides(slow_root), "data.batch_size=16",
+            "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"] + ([] if launcher else ["hydra.launcher.max_group=2"])
+    proc = start_cli(*args, cwd=tmp_path)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Epoch 1/4" in line:
+            break
+    tree, todo = [], [proc.pid]
+    while todo:
+        tree += (found := _children(todo.pop()))
+        todo += found
+    assert len(tree) >= 4, "".join(seen)[-2000:]  # two workers, each with a job's tracking process
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(map(_alive, tree)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(_alive, tree)), [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in tree if _alive(p)]
+    runs = assert_nothing_running(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert children and {r["status"] for r in children} == {"KILLED"}, children
+    assert {r["tags"]["error"] for r in children} == {job.LAUNCHER_GONE}, children
+    (parent,) = [r for r in runs if r not in children]
+    assert parent["status"] == "KILLED" and parent["tags"]["error"] == job.PARENT_GONE, parent
+    again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4

@@ -6,7 +6,8 @@ The launcher's process does what Hydra does around a job (output dir, .hydra/ co
 hands each group's jobs to a free worker, costliest group first (fusion.balance); a worker trains them exactly as a
 group trained in this process (_core.train_group: the same job lifecycle) and returns their outcomes. Workers run
 in a process group of their own: a signal reaches the launcher, which forwards it to every worker once (each stops
-its jobs KILLED with their checkpoints) and starts no more groups; a worker whose launcher dies gets SIGTERM.
+its jobs KILLED with their checkpoints) and starts no more groups; a worker whose launcher dies stops its jobs
+and exits.
 
 Each worker slot is a pool of one process: a pool whose process dies (the OOM killer, kill -9) is broken, and one
 pool of n would terminate its other workers with it. So only the dead worker's jobs are lost (KILLED, each run with
@@ -183,8 +184,10 @@ _STOPPED = None  # in a worker: the stop signal that came while it started, if a
 
 def _init_worker(feed_queue=None) -> None:
     """A worker's process-wide set-up: its own process group (a terminal's Ctrl-C reaches the launcher, which
-    forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), SIGTERM
-    when the launcher dies (Linux), so no job trains on unwatched, and the launcher's feed, if any."""
+    forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), a watch on the
+    launcher (one that dies stops the worker's jobs, and the worker ends: job.Process.watch_signals), and the
+    launcher's feed, if any."""
+    from fmnist_exp import job
     global _FEED, _STOPPED
     _FEED = feed_queue
     os.setpgid(0, 0)
@@ -192,15 +195,8 @@ def _init_worker(feed_queue=None) -> None:
     _STOPPED = next((sig for sig in Forward.SIGNALS if sig in pending), None)
     for sig in Forward.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # discards the pending ones
+    job.PROCESS.watch_signals()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, Forward.SIGNALS)
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    launcher = multiprocessing.parent_process()
-    if launcher is not None and os.getppid() != launcher.pid:  # the launcher died before prctl
-        os._exit(1)
 
 
 class Forward:
