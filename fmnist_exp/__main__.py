@@ -10,11 +10,18 @@ import os
 import sys
 import threading
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+# torch's CPU threads (libgomp) wait for work by spinning up to 300,000 times, read when torch loads: two runs on the
+# same cores (two commands, or a run beside a busy process) then spin against each other, and a step took 100-200x
+# its time alone (0.9 ms -> 205 ms, two 2-thread runs on 2 cores); at 10,000 spins that is 15 ms, and a run alone
+# loses nothing (benchmarks/RESULTS.md). The user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from fmnist_exp import config, tracking
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fmnist_exp import config, tracking  # noqa: E402
 
 config.register()
 

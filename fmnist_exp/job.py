@@ -431,8 +431,15 @@ class Job:
 
     def end_run(self, final: dict) -> Outcome:
         """Wait for the job's writes, then end its run FINISHED."""
-        self.tracker.finish("FINISHED")
-        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=self.tracker.run_id)
+        tracker = self.tracker
+        tracker.finish("FINISHED")
+        if not self.ctx.multirun:  # a sweep says where its results are at its end (the table, the parent run)
+            if tracker.enabled:
+                log.info("Results: %s (best_model.pt, plots/, TensorBoard events); MLflow run %s in experiment '%s' "
+                         "of %s (make ui shows it)", self.ctx.job_dir, tracker.run_id, tracker.experiment, tracker.uri)
+            else:
+                log.info("Results: %s (best_model.pt, config.yaml, the log; untracked: no plots)", self.ctx.job_dir)
+        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=tracker.run_id)
 
     def _log_plots(self, final: dict) -> None:
         """Once at the end: learning curves, test confusion matrix, the 4x8 sample grid; hparams for TensorBoard."""

@@ -11,10 +11,11 @@ import torch
 import yaml
 from hydra.utils import instantiate
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import cli_env, run_cli, store_runs, tiny_overrides
-from fmnist_exp import data, train
+from fmnist_exp import data, models, train
 
 EPOCH_METRICS = {"train_loss", "valid_loss", "valid_acc", "lr", "epoch_time"}
 FINAL_METRICS = {"test_loss", "test_acc", "best_epoch"}
@@ -41,6 +42,12 @@ def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
     assert (Path(r.data.tags["fmnist.job_dir"]) / "fmnist_exp.log").is_file()  # hydra.job.name, not __main__
     assert len(r.outputs.model_outputs) == 1  # the MLflow model of a single run
     assert "pickle" not in (result.stdout + result.stderr).lower()  # the model is logged as pt2, no warning
+    # the last line says where the results are; README's way to load the best model from there
+    last = (result.stdout + result.stderr).strip().splitlines()[-1]
+    assert f"Results: {r.data.tags['fmnist.job_dir']} (best_model.pt" in last and r.info.run_id in last, last
+    job_dir = r.data.tags["fmnist.job_dir"]
+    model = models.load_best(OmegaConf.load(f"{job_dir}/config.yaml").model, job_dir)
+    assert model.fc1.in_features == 784 and not model.training
 
 
 def test_console_script_composes_the_same_config(tmp_path):
