@@ -106,7 +106,8 @@ class SweepCallback(Callback):
         tracking.add_sweeps_view(uri, exp_id)
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
-        atexit.register(end_if_running, uri, run_id)  # a launcher that raises never calls on_multirun_end
+        atexit.register(end_if_running, uri, run_id, exp_id, sweep_dir)  # a sweeper or launcher that raises
+        # never calls on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep table and winner (tracked sweeps), then exit 1 if any job did not finish, tracked or not."""
@@ -220,15 +221,22 @@ def end_orphans(parent: dict, outcomes: dict[str, job.Outcome]) -> set[str]:
     return {Path(r.data.tags["fmnist.job_dir"]).name for r in runs if "fmnist.job_dir" in r.data.tags}
 
 
-def end_if_running(uri: str, run_id: str) -> None:
-    """At exit: a parent run still RUNNING means the sweep ended without its table (its launcher raised, e.g.
-    its cluster jobs were cancelled): end it KILLED with that reason, never RUNNING."""
+def end_if_running(uri: str, run_id: str, experiment_id: str, sweep_dir: Path) -> None:
+    """At exit: a parent run still RUNNING means the sweep ended without its table. If no job got as far as a run or
+    an outcome (a typo in a swept value, which Hydra finds when it composes the jobs: `optimizer=sgd,adamm`), the
+    sweep recorded nothing: its parent is deleted, as a typo in a single run leaves no run. Otherwise (its launcher
+    raised, e.g. its cluster jobs were cancelled) it ends KILLED with that reason, never RUNNING."""
     try:
         c = tracking.client(uri)
-        if c.get_run(run_id).info.status == "RUNNING":
-            c.set_tag(run_id, "error", "the sweep ended before all its jobs reported (a launcher error, or its jobs "
-                                       "were cancelled); rerun it with sweep.skip_finished=true")
-            tracking.end_run(uri, run_id, "KILLED")
+        if c.get_run(run_id).info.status != "RUNNING":
+            return
+        if not job.read_outcomes(sweep_dir) and not tracking.child_runs(uri, experiment_id, run_id):
+            c.delete_run(run_id)  # (MLflow's soft delete: out of the UI, the report and the sweeps view)
+            (sweep_dir / PARENT_FILE).unlink(missing_ok=True)
+            return
+        c.set_tag(run_id, "error", "the sweep ended before all its jobs reported (a launcher error, or its jobs "
+                                   "were cancelled); rerun it with sweep.skip_finished=true")
+        tracking.end_run(uri, run_id, "KILLED")
     except Exception as e:  # exiting anyway: say why the run may still show RUNNING
         log.error("could not end the sweep's parent run %s: %s", run_id, e)
 

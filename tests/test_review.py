@@ -329,14 +329,37 @@ def test_sweep_params_follow_hydras_precedence(monkeypatch):
 
 
 def test_a_parent_left_running_is_ended_at_exit(tmp_path):
-    """What the exit hook of a sweep does when its launcher raised before the sweep's end (cancelled cluster jobs)."""
-    from fmnist_exp import callbacks
+    """What the exit hook of a sweep does when its launcher raised before the sweep's end (cancelled cluster jobs):
+    KILLED saying why, once a job has recorded something; deleted when none had (nothing ran)."""
+    from fmnist_exp import callbacks, job
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0_optimizer=sgd").mkdir(parents=True)
+    exp, parent = tracking.create_run(uri, "fmnist", "sweep")
+    callbacks.end_if_running(uri, parent, exp, sweep_dir)
+    assert MlflowClient(tracking_uri=uri).get_run(parent).info.lifecycle_stage == "deleted"
+    job.Outcome("KILLED", error="cancelled").write(sweep_dir / "0_optimizer=sgd")
     _, parent = tracking.create_run(uri, "fmnist", "sweep")
-    callbacks.end_if_running(uri, parent)
+    callbacks.end_if_running(uri, parent, exp, sweep_dir)
     run = MlflowClient(tracking_uri=uri).get_run(parent)
     assert run.info.status == "KILLED" and "sweep.skip_finished=true" in run.data.tags["error"]
+    assert run.info.lifecycle_stage == "active"
     _, done = tracking.create_run(uri, "fmnist", "finished sweep")
     tracking.end_run(uri, done, "FINISHED")
-    callbacks.end_if_running(uri, done)
+    callbacks.end_if_running(uri, done, exp, sweep_dir)
     assert MlflowClient(tracking_uri=uri).get_run(done).info.status == "FINISHED"  # a sweep that ended is untouched
+
+
+def test_a_typo_in_a_swept_value_records_no_sweep(tmp_path, tiny_root):
+    """`-m optimizer=sgd,adamm`: Hydra refuses the sweep when it composes the jobs, after the parent run was made;
+    that parent stayed KILLED saying to rerun with skip_finished (which cannot help), and the report's newest sweep
+    was this empty one. Now Hydra's error, and no sweep in the store: the report shows the last real sweep."""
+    good = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam", cwd=tmp_path)
+    assert good.returncode == 0, good.stderr[-2000:]
+    bad = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adamm", cwd=tmp_path)
+    assert bad.returncode == 1 and "Could not find 'optimizer/adamm'" in bad.stderr, bad.stderr[-2000:]
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    active = c.search_runs(["1"])
+    assert len(active) == 3 and all(r.info.status == "FINISHED" for r in active), active  # the good sweep only
+    report = run_report(cwd=tmp_path)
+    assert report.returncode == 0 and report.stdout.count("FINISHED") == 2, report.stdout
