@@ -117,7 +117,7 @@ class SweepCallback(Callback):
             self._end(Path(config.hydra.sweep.dir))
         finally:
             self._release()
-            signum = self.signals.uninstall() if self.signals is not None else None
+            signum = (self.signals.uninstall() if self.signals is not None else None) or job.STOPPED_AFTER_JOBS
             if signum is not None:
                 log.error("Stopped by %s at the sweep's end, once its table and runs were recorded",
                           signal.Signals(signum).name)

@@ -587,6 +587,10 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
     stop_sweep(parent, signum, sweep=ctx.multirun)
 
 
+STOPPED_AFTER_JOBS: int | None = None  # a stop signal the launcher got once every job had ended: the sweep's end
+# records its table first (callbacks.SweepCallback.on_multirun_end), then exits 128+N
+
+
 def stop_sweep(parent: dict | None, signum: int, sweep: bool = True):
     """The user stopped the process with signal `signum`: close the sweep's parent run too (if any: KILLED, saying
     why), say how to finish the sweep, and exit as an interrupted process does (128 + N). Every launcher ends a

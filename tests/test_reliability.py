@@ -497,6 +497,29 @@ def test_a_stop_at_the_sweeps_end_waits_for_its_table_and_runs(tmp_path, tiny_ro
 
 
 
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib"]], ids=["fused", "joblib"])
+def test_a_stop_once_every_job_has_trained_still_records_the_table(tmp_path, tiny_root, launcher):
+    """Ctrl-C just after the last job's test line, before the table: every job FINISHED, yet the sweep was stopped,
+    its parent KILLED with no table or winner, and the message said its unfinished jobs were KILLED. Now the table
+    and the winner are recorded, then the sweep exits 130."""
+    proc = start_cli("-m", *launcher, "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root), "train.epochs=1",
+                     "optimizer=sgd,adam", cwd=tmp_path)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if sum("Test (best checkpoint" in s for s in seen) == 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "Stopped by SIGINT at the sweep's end, once its table and runs were recorded" in out, out[-3000:]
+    assert "Sweep stopped by" not in out and "Traceback" not in out, out[-3000:]
+    assert sum(line.startswith("| ") and "FINISHED" in line for line in out.splitlines()) == 2, out[-3000:]
+    runs = assert_nothing_running(tmp_path)
+    assert {r["status"] for r in runs} == {"FINISHED"} and len(runs) == 3, runs
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    assert "fmnist.winner" in parent["tags"], parent
+
 def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothing_running(tmp_path, slow_root):
     """A loky worker SIGKILLed with its tracking process (the OOM killer, kill -9 of its process tree) breaks
     joblib's pool: joblib kills the other worker's tree too and raises. The sweep says so in one line (before: a

@@ -95,7 +95,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
     configure_log(hydra.hydra_logging, hydra.verbose)  # after the bar's logging redirect has put its handlers back
-    signals.end_sweep(Path(str(hydra.sweep.dir)), outcomes_seen)
+    signals.end_sweep(Path(str(hydra.sweep.dir)), outcomes_seen, len(configs))
     return results
 
 
@@ -230,16 +230,23 @@ class Forward:
             except ProcessLookupError:
                 pass
 
-    def end_sweep(self, sweep_dir: Path, outcomes: Iterable) -> None:
-        """After the launch: if the user stopped the sweep (a signal to this process, or to the jobs' processes
-        directly: SIGINT or SIGTERM in a job's outcome), every started job has recorded itself KILLED; close the
-        parent run and exit (job.stop_sweep). A time limit's SIGUSR2 in a job's outcome (requeues used up) ends only
-        its jobs: the sweep goes on to its table."""
+    def end_sweep(self, sweep_dir: Path, outcomes: Iterable, jobs: int) -> None:
+        """After the launch of `jobs` jobs: if the user stopped the sweep (a signal to this process, or to the jobs'
+        processes directly: SIGINT or SIGTERM in a job's outcome), every started job has recorded itself KILLED;
+        close the parent run and exit (job.stop_sweep). A signal that came once every job had trained to its end
+        (while they tested or were recorded, or after) stopped none: the sweep's end records its table and winner,
+        then exits 128+N (job.STOPPED_AFTER_JOBS). A time limit's SIGUSR2 in a job's outcome (requeues used up) ends only its jobs:
+        the sweep goes on to its table."""
         from fmnist_exp import callbacks, job
+        outcomes = list(outcomes)
         signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)),
                                      None)
-        if signum is not None:
-            job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
+        if signum is None:
+            return
+        if len(outcomes) == jobs and not any(o.status == "KILLED" for o in outcomes):  # it stopped no job
+            job.STOPPED_AFTER_JOBS = signum
+            return
+        job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
 
     def __enter__(self):
         self._handlers.install()

@@ -45,7 +45,7 @@ class FmnistJoblibLauncher(JoblibLauncher):
                 why = (f"exit code {str(e).rsplit('The exit codes of the workers are ', 1)[-1].split(chr(10), 1)[0]}"
                        if isinstance(e, TerminatedWorkerError) else str(e).split("\n", 1)[0])
                 results = self._record_lost(job_overrides, initial_job_idx, why, signals.signum)
-        signals.end_sweep(self._sweep_dir(), (o for _, o in job.read_outcomes(self._sweep_dir())))
+        signals.end_sweep(self._sweep_dir(), (o for _, o in job.read_outcomes(self._sweep_dir())), len(job_overrides))
         return results
 
     def _sweep_dir(self) -> Path:

@@ -239,7 +239,7 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
         with Forward(sweep_dir) as self._signals:  # from submission on: no task is left running unwatched
             self._signals.forward = self._to_controllers
             results = super().launch(job_overrides, initial_job_idx)
-        self._signals.end_sweep(sweep_dir, (o for _, o in job.read_outcomes(sweep_dir)))
+        self._signals.end_sweep(sweep_dir, (o for _, o in job.read_outcomes(sweep_dir)), len(job_overrides))
         return results
 
     def _to_controllers(self, signum: int) -> None:
