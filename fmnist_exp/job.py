@@ -435,8 +435,11 @@ class Job:
         tracker.finish("FINISHED")
         if not self.ctx.multirun:  # a sweep says where its results are at its end (the table, the parent run)
             if tracker.enabled:
+                uri = tracker.uri
+                ui = (uri if uri.startswith("http") else "make ui" if uri == f"sqlite:///{Path.cwd() / tracking.DEFAULT_STORE}"
+                      else f"mlflow ui --backend-store-uri {uri}")
                 log.info("Results: %s (best_model.pt, plots/, TensorBoard events); MLflow run %s in experiment '%s' "
-                         "of %s (make ui shows it)", self.ctx.job_dir, tracker.run_id, tracker.experiment, tracker.uri)
+                         "of %s (%s)", self.ctx.job_dir, tracker.run_id, tracker.experiment, uri, ui)
             else:
                 log.info("Results: %s (best_model.pt, config.yaml, the log; untracked: no plots)", self.ctx.job_dir)
         return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=tracker.run_id)

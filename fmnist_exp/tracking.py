@@ -46,7 +46,11 @@ DEFAULT_STORE = Path("mlruns") / "mlflow.db"  # under the working dir: where run
 
 
 def resolve_uri(uri: str | None) -> str:
-    """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store)."""
+    """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store). A
+    relative SQLite path (sqlite:///runs/x.db, as `mlflow ui` takes it) is made absolute: MLflow cannot make an
+    artifact location from it, and a sweep's jobs may run elsewhere."""
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path.cwd() / uri.removeprefix('sqlite:///')}"
     if uri:
         return uri
     mlruns = Path.cwd() / DEFAULT_STORE.parent

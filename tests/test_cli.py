@@ -210,3 +210,15 @@ def test_cnn_recipe_reaches_092(tmp_path, real_data):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     line = next(l for l in result.stdout.splitlines() if "Test (best checkpoint" in l)
     assert float(line.rsplit("accuracy", 1)[1]) >= 0.92, line
+
+
+def test_a_relative_sqlite_store_works(tmp_path, tiny_root):
+    """tracking.uri=sqlite:///runs/x.db (relative, as `mlflow ui --backend-store-uri` takes it) failed with
+    'relative path can't be expressed as a file URI' and a hint to make the store writable, leaving an empty db."""
+    (tmp_path / "runs").mkdir()
+    result = run_cli(*tiny_overrides(tiny_root), "train.epochs=1", "tracking.uri=sqlite:///runs/x.db", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    (run,) = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'x.db'}").search_runs(["1"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"file://{tmp_path / 'runs'}")
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'runs' / 'x.db'}" in result.stderr + result.stdout
+    assert not (tmp_path / "mlruns").exists()
