@@ -5,7 +5,8 @@ message, and `validate` turns a bad value into one line that names the key and s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Optional
@@ -211,11 +212,47 @@ def _check(ok: bool, key: str, value: Any, need: str, example: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: it must be {need}; pass e.g. {key}={example}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every value a run depends on, before any run exists: range checks the types can't express, then the
+def unknown_keys(cfg: DictConfig) -> list[tuple[str, list[str]]]:
+    """Keys the schemas do not have, each with the known keys beside it: Hydra's `+key=value` adds any key
+    (`+optimizr=sgd`, `+train.epoch=3`, which Hydra's own typo hint suggests), and nothing then reads it."""
+    found = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if not is_dataclass(schema):
+            return
+        names = [f.name for f in fields(schema)]
+        for key in node.keys():
+            if key not in names:
+                found.append((f"{prefix}{key}", names))
+            elif OmegaConf.is_dict(node._get_node(key)):
+                walk(node[key], f"{prefix}{key}.")
+
+    walk(cfg, "")
+    return found
+
+
+MODEL_PRESETS = ("batchnorm", "dropout")  # regularization options that set what every ablation preset sets
+
+
+def validate(cfg: DictConfig, overrides: list[str] | tuple = ()) -> None:
+    """Every value a run depends on, before any run exists: keys the app does not have, presets that would
+    silently cancel each other (from the job's `overrides`), range checks the types can't express, then the
     optimizer and LR schedule built and stepped through train.epochs on a stand-in parameter, so whatever the
     library refuses (momentum < 0, betas outside [0, 1), factor >= 1, step_size 0, ...) fails here as one
     ConfigError line naming the key."""
+    for key, known in unknown_keys(cfg):
+        near = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+        hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{near[0]}? " if near else ""
+        raise ConfigError(f"{key} is not a setting of this app (added with +, nothing would read it): {hint}"
+                          "fmnist-exp --help lists the config")
+    chosen = dict(o.lstrip("+").partition("=")[::2] for o in overrides if "=" in o and not o.startswith("~"))
+    ablation, regularization = chosen.get("ablation", "null"), chosen.get("regularization")
+    if ablation != "null" and regularization in MODEL_PRESETS:
+        raise ConfigError(f"ablation={ablation} and regularization={regularization} both set the model's init, "
+                          f"BatchNorm and dropout, and the ablation preset would win (regularization={regularization}"
+                          " ignored): choose one (ablation=he_bn is He init + BatchNorm; regularization=batchnorm "
+                          "keeps model.init)")
     d, t, m, o = cfg.data, cfg.train, cfg.model, cfg.optimizer
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer", 100)
     _check(0 < d.valid_size < 60000, "data.valid_size", d.valid_size, "between 1 and 59999", 10000)

@@ -309,7 +309,7 @@ class Job:
                                         enabled=cfg.tracking.enabled, process=self.tracking_process)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.params = tracking.flatten(resolved)
-        config.validate(cfg)
+        config.validate(cfg, ctx.overrides)
         config_hash = tracking.config_hash(self.params, config.where_how_keys())
         tags = {"fmnist.job_dir": str(ctx.job_dir.resolve()), "fmnist.overrides": ctx.run_name,
                 "fmnist.config_hash": config_hash}

@@ -240,6 +240,13 @@ BAD_INPUTS = [
     (["optimizer=rmsprop"], None, "Could not find 'optimizer/rmsprop'"),
     (["data.batch_size=abc"], None, "Value 'abc' of type 'str' could not be converted to Integer"),
     (["data.batchsize=16"], None, "Could not override 'data.batchsize'"),
+    # what Hydra's typo hint ("To append to your config use +optimizr=sgd") led to: a run that ignored it
+    (["+optimizr=sgd"], None, "optimizr is not a setting of this app (added with +, nothing would read it): did "
+                              "you mean optimizer?"),
+    (["+train.epoch=3"], None, "train.epoch is not a setting of this app"),
+    # two presets that set the same keys: the ablation won, silently (a sweep over both trained duplicates)
+    (["ablation=plain", "regularization=batchnorm"], None, "ablation=plain and regularization=batchnorm both set "
+                                                           "the model's init, BatchNorm and dropout"),
     ([], _truncate, "train-images-idx3-ubyte.gz: cannot be read or decompressed"),
     ([], _wrong_magic, "t10k-labels-idx1-ubyte.gz: wrong IDX magic number 0x00000803"),
     (["data.download=true"], _remove_all, "Fashion-MNIST not found (tried"),
