@@ -320,8 +320,9 @@ def end_of_epoch(m: Member, metrics: dict, weights: dict, optimizer_state: dict,
     if m.on_epoch is not None:
         m.on_epoch(metrics, state)
     if s.patience is not None and state.stale_epochs >= s.patience:
-        log.info("%sEarly stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                 m.label, s.monitor, s.patience, state.best, state.best_epoch)
+        by = f" by more than min_delta={s.min_delta:g}" if s.min_delta else ""
+        log.info("%sEarly stopping: %s has not improved%s for %d epoch%s (best %.4f at epoch %d)",
+                 m.label, s.monitor, by, s.patience, "" if s.patience == 1 else "s", state.best, state.best_epoch)
         finish(m, data)
     elif epoch == s.epochs:
         finish(m, data)

@@ -313,6 +313,7 @@ def test_a_job_that_leaves_its_group_early_ends_its_run_then(tmp_path):
                      "train.early_stopping.patience=1", "train.early_stopping.min_delta=0,100", cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 1 and "2 of 4 jobs failed" in out and "Launching 4 jobs as 1 fused group" in out
+    assert "Early stopping: valid_loss has not improved by more than min_delta=100 for 1 epoch (best" in out, out
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = {}
     for r in store_runs(tmp_path):
