@@ -99,9 +99,14 @@ class SweepCallback(Callback):
         tracking.silence_noisy_loggers()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        uri = tracking.resolve_uri(config.tracking.uri)
-        exp_id, run_id = tracking.create_run(uri, config.tracking.experiment, name=str(sweep_dir),
-                                             tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
+        try:
+            uri = tracking.resolve_uri(config.tracking.uri)
+            exp_id, run_id = tracking.create_run(uri, config.tracking.experiment, name=str(sweep_dir),
+                                                 tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
+        except tracking.TrackingError as e:  # Hydra would only warn about a callback's error and run every job
+            log.error("%s", e)  # into the same error
+            self._release()
+            sys.exit(1)
         tracking.log_params(uri, run_id, sweep_params(config))
         tracking.add_sweeps_view(uri, exp_id)
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))

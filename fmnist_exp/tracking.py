@@ -51,6 +51,8 @@ def resolve_uri(uri: str | None) -> str:
     artifact location from it, and a sweep's jobs may run elsewhere."""
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path.cwd() / uri.removeprefix('sqlite:///')}"
+    if uri and uri.startswith(("http://", "https://")):
+        check_server(uri)
     if uri:
         return uri
     mlruns = Path.cwd() / DEFAULT_STORE.parent
@@ -60,6 +62,29 @@ def resolve_uri(uri: str | None) -> str:
         raise TrackingError(f"cannot create the MLflow store directory {mlruns} ({e.strerror}); "
                             "make it writable or pass tracking.uri=... (or tracking.enabled=false)")
     return f"sqlite:///{mlruns / DEFAULT_STORE.name}"
+
+
+_ANSWERED: set[str] = set()
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An MLflow server that does not answer fails here in one line: MLflow's own client retries each request for
+    minutes (a mistyped port hung a run ~8 min, silent, before its error)."""
+    import urllib.error
+    import urllib.request
+    if uri in _ANSWERED:
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass  # something answers (a server without /health, or behind a proxy): MLflow will say what it is
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"nothing answers at tracking.uri={uri} ({reason}): start the MLflow server "
+                            "(mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --port PORT), fix the URI, "
+                            "or pass tracking.enabled=false") from None
+    _ANSWERED.add(uri)
 
 
 def store_error(uri: str, e: Exception) -> TrackingError:

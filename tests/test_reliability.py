@@ -252,6 +252,8 @@ BAD_INPUTS = [
     (["data.download=true"], _remove_all, "Fashion-MNIST not found (tried"),
     ([], _mlruns_is_a_file, "cannot create the MLflow store directory"),
     (["train.resume=0123456789abcdef"], None, "train.resume=0123456789abcdef: no such MLflow run"),
+    # a server that is down: MLflow's client retried for ~8 minutes, silently, deaf to SIGTERM
+    (["tracking.uri=http://127.0.0.1:9"], None, "nothing answers at tracking.uri=http://127.0.0.1:9"),
     (["train.device=cuda"] if not torch.cuda.is_available() else ["train.device=tpu"], None, "train.device="),
 ]
 
@@ -662,3 +664,15 @@ def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, 
     again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
+
+
+def test_a_sweep_to_a_server_that_is_down_is_one_line_and_starts_no_job(tmp_path, tiny_root):
+    """Hydra only warns when a callback raises: the sweep went on without its parent run, and every job hit the
+    same error (after minutes of MLflow's retries). Now one line, exit 1, within seconds, no job started."""
+    started = time.monotonic()
+    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam",
+                     "tracking.uri=http://127.0.0.1:9", cwd=tmp_path, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and time.monotonic() - started < 60, out[-2000:]
+    assert [line for line in out.splitlines() if "nothing answers at tracking.uri=http://127.0.0.1:9" in line], out
+    assert "Launching" not in out and "Traceback" not in out and "UserWarning" not in out, out[-2000:]
