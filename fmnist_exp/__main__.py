@@ -7,8 +7,20 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
+
+
+def _stopped_while_starting(signum, frame) -> None:
+    """Ctrl-C while Python imports torch, Hydra and MLflow (the first ~2 s): one line, not a traceback from
+    wherever the import was. main() hands SIGINT back to Python before anything is recorded."""
+    print("Stopped by SIGINT before any job started: nothing was recorded", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "fmnist-exp":  # the command, not an import of it
+    signal.signal(signal.SIGINT, _stopped_while_starting)
 
 # torch's CPU threads (libgomp) wait for work by spinning up to 300,000 times, read when torch loads: two runs on the
 # same cores (two commands, or a run beside a busy process) then spin against each other, and a step took 100-200x
@@ -62,6 +74,7 @@ def tracks_in_this_process(args: list[str]) -> bool:
 def main() -> None:
     """`python -m fmnist_exp` and the console script `fmnist-exp`."""
     code: int | str | None = 0
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, caught below, until a job's own
     if tracks_in_this_process(sys.argv[1:]):
         tracking.TRACKING_PROCESS.start()  # its imports (MLflow, TensorBoard) overlap ours (torch, the data)
     try:

@@ -202,7 +202,7 @@ class SweepSignals:
             self.signum = self.signum or signum
             return
         self.uninstall()  # a second signal: Python's default
-        job.stop_sweep(read_parent(self.sweep_dir), signum)
+        job.stop_sweep(read_parent(self.sweep_dir), signum, started=bool(job.read_outcomes(self.sweep_dir)))
 
 
 ORPHANED = ("its process ended without recording the job (killed together with its tracking process: a lost node, "
@@ -236,6 +236,7 @@ def end_if_running(uri: str, run_id: str, experiment_id: str, sweep_dir: Path) -
         if c.get_run(run_id).info.status != "RUNNING":
             return
         if not job.read_outcomes(sweep_dir) and not tracking.child_runs(uri, experiment_id, run_id):
+            tracking.end_run(uri, run_id, "KILLED")
             c.delete_run(run_id)  # (MLflow's soft delete: out of the UI, the report and the sweeps view)
             (sweep_dir / PARENT_FILE).unlink(missing_ok=True)
             return

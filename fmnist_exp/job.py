@@ -594,11 +594,16 @@ STOPPED_AFTER_JOBS: int | None = None  # a stop signal the launcher got once eve
 # records its table first (callbacks.SweepCallback.on_multirun_end), then exits 128+N
 
 
-def stop_sweep(parent: dict | None, signum: int, sweep: bool = True):
+def stop_sweep(parent: dict | None, signum: int, sweep: bool = True, started: bool = True):
     """The user stopped the process with signal `signum`: close the sweep's parent run too (if any: KILLED, saying
     why), say how to finish the sweep, and exit as an interrupted process does (128 + N). Every launcher ends a
-    stopped sweep this way; a single run (`sweep=False`) only exits: its job has said how to resume it."""
+    stopped sweep this way; a single run (`sweep=False`) only exits: its job has said how to resume it. A sweep
+    stopped before any job `started` recorded nothing: its parent is left to the exit hook, which deletes it
+    (callbacks.end_if_running)."""
     name = signal.Signals(signum).name
+    if sweep and not started:
+        log.error("Sweep stopped by %s before any job started: nothing was recorded", name)
+        sys.exit(128 + signum)
     if parent:
         try:
             tracking.client(parent["uri"]).set_tag(parent["run_id"], "error", f"stopped by {name}: rerun the same "
