@@ -162,6 +162,15 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+def run_name(overrides) -> str:
+    """A job's name (its MLflow run's, the `fmnist.overrides` tag): the overrides that define the experiment
+    ('defaults' if none); where/how keys (paths, tracking, resume) are left out, as they are from job dir names
+    (conf/config.yaml)."""
+    excluded = where_how_keys()
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    return " ".join(kept) or "defaults"
+
+
 def override_pairs(name: str) -> dict[str, str]:
     """A run's name (its overrides: `optimizer=adam +experiment=notebook`) as {key: value as typed}, without
     Hydra's +/~ prefixes."""

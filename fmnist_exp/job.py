@@ -61,12 +61,7 @@ class JobContext:
         return self.parent["uri"] if self.parent else cfg.tracking.uri
 
 
-def run_name(overrides) -> str:
-    """The overrides that define the experiment ('defaults' if none): where/how keys (paths, tracking, resume) are
-    left out, as they are from job dir names (conf/config.yaml)."""
-    excluded = config.where_how_keys()
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded]
-    return " ".join(kept) or "defaults"
+run_name = config.run_name
 
 
 @dataclass

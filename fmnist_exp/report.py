@@ -117,6 +117,35 @@ def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
     return result
 
 
+def sweep_jobs(sweep_dir: Path) -> list[str] | None:
+    """The name of every job the sweep's command made, in order: its multirun.yaml's overrides (the command line's,
+    after a preset's sweep params such as +experiment=notebook's) expanded as Hydra's basic sweeper expands them
+    for every launcher. None when the sweep dir does not say."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+    try:
+        cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
+        params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+        given = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(given), None)
+    except Exception:  # no multirun.yaml (a sweep dir moved or cleaned), or one written by another Hydra
+        return None
+    return [config.run_name(job) for batch in batches for job in batch]
+
+
+def not_started_line(table: pd.DataFrame, sweep_dir: Path) -> str | None:
+    """One line naming the jobs of the sweep that have no run (stopped before they started, or lost with their
+    process before it made one), which no table row shows."""
+    jobs = sweep_jobs(sweep_dir)
+    missing = [name for name in jobs or [] if name not in set(table["name"])]
+    if not missing:
+        return None
+    shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (f"{len(missing)} of {len(jobs)} jobs have no run (stopped before they started, or lost): {shown}; "
+            "rerun the sweep's command with sweep.skip_finished=true to run them")
+
+
 def format_table(table: pd.DataFrame) -> str:
     """The table as a terminal grid (markdown pipes): reasons only when something failed, no run ids."""
     if table.empty:
@@ -221,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     if shown.attrs.get("left_out"):
         print(f"{shown.attrs['left_out']} of {len(table)} jobs did not finish and are left out of the means (run the "
               "report without --by to see why each stopped)")
+    missing = not_started_line(table, Path(sweep_dir)) if sweep_dir else None
+    if missing:
+        print(missing)
     if sweep_dir and Path(sweep_dir).is_dir() and not args.by:
         write_table(table, Path(sweep_dir))
 

@@ -363,3 +363,26 @@ def test_a_typo_in_a_swept_value_records_no_sweep(tmp_path, tiny_root):
     assert len(active) == 3 and all(r.info.status == "FINISHED" for r in active), active  # the good sweep only
     report = run_report(cwd=tmp_path)
     assert report.returncode == 0 and report.stdout.count("FINISHED") == 2, report.stdout
+
+
+def test_the_report_names_the_jobs_a_stopped_sweep_never_started(tmp_path):
+    """Ctrl-C to a sweep whose later groups had not started: those jobs have no run, so the report showed only the
+    started ones (and dropped the batch_size column, which no longer varied), and nothing said 2 of 4 were missing."""
+    import signal
+    from conftest import make_tiny_set
+    make_tiny_set(tmp_path / "slowdata", n_train=16000, n_test=500)
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", "-m", "hydra.launcher.n_jobs=1",
+                             *tiny_overrides(tmp_path / "slowdata"), "train.epochs=3", "optimizer=sgd,adam",
+                             "data.batch_size=16,100"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env())
+    for line in proc.stdout:
+        if "Epoch 1/3" in line:  # the first group (batch 16, the costlier) trains; batch 100's waits
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    out = run_report(cwd=tmp_path).stdout
+    line = next(l for l in out.splitlines() if "have no run" in l)
+    assert line.startswith("2 of 4 jobs have no run (stopped before they started, or lost): "), line
+    assert "optimizer=sgd data.batch_size=100" in line and "optimizer=adam data.batch_size=100" in line, line
+    assert "sweep.skip_finished=true" in line
