@@ -50,6 +50,11 @@ def claim_dir(config: DictConfig, mode: str):
         path = wanted if n == 1 else wanted.with_name(f"{wanted.name}_{n}")
         try:
             path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # Hydra would fail on the same mkdir with a traceback
+            log.error("cannot create the %s dir %s (%s): pass hydra.%s.dir=<a folder you can write to>", mode, path,
+                      e.strerror or e, mode)
+            sys.exit(1)
+        try:
             lock = FileLock(path / LOCK_FILE, timeout=0)
             lock.acquire()
         except Timeout:

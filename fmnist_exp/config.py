@@ -265,7 +265,7 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple = ()) -> None:
     d, t, m, o = cfg.data, cfg.train, cfg.model, cfg.optimizer
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer", 100)
     _check(0 < d.valid_size < 60000, "data.valid_size", d.valid_size, "between 1 and 59999", 10000)
-    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "a positive integer", 10000)
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "a positive integer", 1000)
     _check(t.epochs > 0, "train.epochs", t.epochs, "a positive integer", 17)
     _check(t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"), "train.device", t.device,
            "auto, cpu or cuda", "cpu")
@@ -279,6 +279,8 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple = ()) -> None:
     _check(n is None or n > 0, "tracking.processes", n, "a positive integer or null", 2)
     _check(o.lr > 0, "optimizer.lr", o.lr, "a positive number", 0.001)
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "zero or positive", 0.001)
+    if "betas" in o:  # (the library's own error for one beta was 'list index out of range')
+        _check(len(o.betas) == 2, "optimizer.betas", list(o.betas), "two numbers (beta1, beta2)", "[0.9,0.999]")
     _check(m.init in INITS, "model.init", m.init, "one of " + "|".join(INITS), "he")
     _check(m.init_std >= 0, "model.init_std", m.init_std, "zero or positive", 0.01)
     _check(len(m.hidden) > 0 and all(h > 0 for h in m.hidden), "model.hidden", list(m.hidden),

@@ -230,6 +230,9 @@ BAD_INPUTS = [
     (["optimizer=sgd", "optimizer.momentum=-1"], None, "optimizer.momentum=-1.0 is invalid for SGD"),
     (["optimizer=sgd", "optimizer.nesterov=true"], None, "optimizer.momentum=0.0, optimizer.nesterov=True is invalid"),
     (["optimizer.betas=[0.9,1.0]"], None, "optimizer.betas=[0.9,1.0] is invalid for Adam"),
+    (["hydra.run.dir=/proc/fmnist_out"], None, "cannot create the run dir /proc/fmnist_out (No such file or "
+                                               "directory): pass hydra.run.dir=<a folder you can write to>"),
+    (["optimizer.betas=[0.9]"], None, "optimizer.betas=[0.9] is invalid: it must be two numbers (beta1, beta2)"),
     (["schedule=step", "schedule.step_size=0"], None, "schedule.step_size=0 is invalid for StepLR"),
     (["schedule=step", "schedule.gamma=-1"], None, "schedule.gamma=-1.0 is invalid for StepLR"),
     (["schedule=cosine", "schedule.T_max=0"], None, "schedule.T_max=0 is invalid for CosineAnnealingLR"),
