@@ -397,6 +397,11 @@ class Job:
         runs = tracking.runs_with_config(uri, self.cfg.tracking.experiment, config_hash)  # newest first
         run = next((r for r in runs if r.info.status == "FINISHED"), None) or \
             next((r for r in runs if r.info.status == "KILLED"), None)
+        running = next((r for r in runs if r.info.status == "RUNNING"), None)
+        if running is not None and (run is None or run.info.status != "FINISHED"):
+            log.warning("%sthis config's run %s is RUNNING (another sweep trains it, or its process was killed "
+                        "before it could end it): this job trains it again", f"[{self.ctx.run_name}] ",
+                        running.info.run_id)
         if run is None:
             return None, None
         if parent:

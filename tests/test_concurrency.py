@@ -166,3 +166,34 @@ def test_where_files_cannot_be_locked_runs_sweeps_and_the_store_go_on_as_before(
     assert (cfg.hydra.sweep.dir, cfg.hydra.run.dir) == (str(tmp_path / "sweep"), str(tmp_path / "run"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking.experiment_id(uri, "exp") == tracking.client(uri).get_experiment_by_name("exp").experiment_id
+
+
+def test_a_skip_finished_rerun_beside_the_running_sweep_says_it_trains_again(tmp_path):
+    """`sweep.skip_finished=true` while the first sweep still trains: nothing FINISHED yet, so every job trained
+    again, twice the work with no word why. It still trains (the first may have been killed), and says so."""
+    import signal
+    make_tiny_set(tmp_path / "slowdata", n_train=16000, n_test=500)
+    args = ["-m", *tiny_overrides(tmp_path / "slowdata"), "data.batch_size=16", "train.epochs=30",
+            "optimizer=sgd,adam", "train.threads=1"]
+    start = lambda *more: subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args, *more], cwd=tmp_path,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+    first = start()
+    second = None
+    try:
+        for line in first.stdout:
+            if "Epoch 1/30" in line:
+                break
+        second = start("sweep.skip_finished=true")
+        seen = []
+        for line in second.stdout:
+            seen.append(line)
+            if "Epoch 1/30" in line:
+                break
+        out = "".join(seen)
+        assert out.count("is RUNNING (another sweep trains it, or its process was killed before it could end it): "
+                         "this job trains it again") == 2, out[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=300)
