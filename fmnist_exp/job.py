@@ -333,6 +333,8 @@ class Job:
         self.dataset = self.process.dataset(cfg, device)
         self.member = build(cfg, device, ctx.run_name, ctx.job_dir)
         self.member.on_epoch = self.on_epoch
+        if ctx.multirun:  # which job, among a sweep's lines (joblib's jobs and fused workers print at once)
+            self.member.label = f"[{ctx.run_name}] "
         if resume_id:
             earlier = tracking.get_run(self.tracker.uri, resume_id)
             resume_from = self._resume_checkpoint(earlier)

@@ -201,7 +201,7 @@ def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = N
     if not group:
         return
     for m in group:
-        m.label = f"[{m.name}] " if len(group) > 1 else ""
+        m.label = m.label or (f"[{m.name}] " if len(group) > 1 else "")
     first = group[0]
     model = StackedModel.from_models([m.model for m in group])
     optimizer = StackedOptimizer(list(model.parameters()), [m.hyper for m in group], model.param_owners())

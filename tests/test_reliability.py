@@ -533,6 +533,9 @@ def test_a_stop_once_every_job_has_trained_still_records_the_table(tmp_path, tin
     assert "Stopped by SIGINT at the sweep's end, once its table and runs were recorded" in out, out[-3000:]
     assert "Sweep stopped by" not in out and "Traceback" not in out, out[-3000:]
     assert sum(line.startswith("| ") and "FINISHED" in line for line in out.splitlines()) == 2, out[-3000:]
+    # which job each line is about, where two print at once (joblib's epoch lines had no prefix)
+    assert {line.split("] Epoch 1/1")[0].rsplit(" ", 1)[1] for line in out.splitlines() if "Epoch 1/1" in line} \
+        == {"optimizer=sgd", "optimizer=adam"}, out[-3000:]
     runs = assert_nothing_running(tmp_path)
     assert {r["status"] for r in runs} == {"FINISHED"} and len(runs) == 3, runs
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
