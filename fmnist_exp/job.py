@@ -128,9 +128,8 @@ def launcher_gone() -> bool:
 class Process:
     """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, each
     data set loaded once per device, and (in a launcher's worker) the stop signals between jobs and the watch on the
-    launcher. Jobs of one process
-    may ask for different settings (a sweep over train.threads under the basic launcher; groups of different
-    settings in one worker): each job gets its own."""
+    launcher. Jobs of one process may ask for different settings (a sweep over train.threads under the basic
+    launcher; groups of different settings in one worker): each job gets its own."""
 
     def __init__(self):
         self._watching: train.Handlers | None = None
@@ -437,8 +436,8 @@ class Job:
         tracker.finish("FINISHED")
         if not self.ctx.multirun:  # a sweep says where its results are at its end (the table, the parent run)
             if tracker.enabled:
-                uri = tracker.uri
-                ui = (uri if uri.startswith("http") else "make ui" if uri == f"sqlite:///{Path.cwd() / tracking.DEFAULT_STORE}"
+                uri, default = tracker.uri, f"sqlite:///{Path.cwd() / tracking.DEFAULT_STORE}"
+                ui = (uri if uri.startswith("http") else "make ui" if uri == default
                       else f"mlflow ui --backend-store-uri {uri}")
                 log.info("Results: %s (best_model.pt, plots/, TensorBoard events); MLflow run %s in experiment '%s' "
                          "of %s (%s)", self.ctx.job_dir, tracker.run_id, tracker.experiment, uri, ui)

@@ -235,8 +235,8 @@ class Forward:
         processes directly: SIGINT or SIGTERM in a job's outcome), every started job has recorded itself KILLED;
         close the parent run and exit (job.stop_sweep). A signal that came once every job had trained to its end
         (while they tested or were recorded, or after) stopped none: the sweep's end records its table and winner,
-        then exits 128+N (job.STOPPED_AFTER_JOBS). A time limit's SIGUSR2 in a job's outcome (requeues used up) ends only its jobs:
-        the sweep goes on to its table."""
+        then exits 128+N (job.STOPPED_AFTER_JOBS). A time limit's SIGUSR2 in a job's outcome (requeues used up)
+        ends only its jobs: the sweep goes on to its table."""
         from fmnist_exp import callbacks, job
         outcomes = list(outcomes)
         signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)),
