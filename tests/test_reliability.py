@@ -47,6 +47,16 @@ def start_cli(*args, cwd):
                             stderr=subprocess.STDOUT, text=True, env=cli_env())
 
 
+def wait_for(proc, marker: str) -> list[str]:
+    """The output lines up to the first with `marker` in it."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    return seen
+
+
 def interrupt_after(proc, marker: str, sig: int, times: int = 1) -> tuple[int, str]:
     """Wait for `marker` in the output, send `sig` (`times` times), and return (exit code, whole output)."""
     seen = []
@@ -549,11 +559,7 @@ def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothi
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny_overrides(slow_root),
             "data.batch_size=16", "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"]
     proc = start_cli(*args, cwd=tmp_path)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "Epoch 1/4" in line:
-            break
+    seen = wait_for(proc, "Epoch 1/4")
     workers = [p for p in _children(proc.pid) if _children(p)]  # loky workers with a job's tracking process
     assert workers, "".join(seen)[-2000:]
     for pid in [workers[0], *_children(workers[0])]:
@@ -649,13 +655,10 @@ def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, 
     'interrupted by SIGTERM', and the parent run stayed RUNNING. Now each worker stops its job KILLED saying why,
     ends the parent KILLED, and exits; skip_finished then completes the sweep."""
     args = ["-m", *launcher, "hydra.launcher.n_jobs=2", *tiny_overrides(slow_root), "data.batch_size=16",
-            "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"] + ([] if launcher else ["hydra.launcher.max_group=2"])
+            "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1",
+            *([] if launcher else ["hydra.launcher.max_group=2"])]  # fused: two groups, a worker each
     proc = start_cli(*args, cwd=tmp_path)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "Epoch 1/4" in line:
-            break
+    seen = wait_for(proc, "Epoch 1/4")
     tree, todo = [], [proc.pid]
     while todo:
         tree += (found := _children(todo.pop()))
