@@ -12,10 +12,13 @@ import sys
 import threading
 
 
+STOPPED_STARTING = "Stopped by SIGINT before any job started: nothing was recorded"
+
+
 def _stopped_while_starting(signum, frame) -> None:
     """Ctrl-C while Python imports torch, Hydra and MLflow (the first ~2 s): one line, not a traceback from
     wherever the import was. main() hands SIGINT back to Python before anything is recorded."""
-    print("Stopped by SIGINT before any job started: nothing was recorded", file=sys.stderr, flush=True)
+    print(STOPPED_STARTING, file=sys.stderr, flush=True)
     os._exit(130)
 
 
@@ -82,7 +85,7 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     except KeyboardInterrupt:  # Ctrl-C before a sweep or a job set its own handlers (imports, Hydra composing)
-        print("Stopped by SIGINT before any job started: nothing was recorded", file=sys.stderr)
+        print(STOPPED_STARTING, file=sys.stderr)
         code = 130
     if not fast_exit_is_safe():
         sys.exit(code)

@@ -171,10 +171,11 @@ def run_name(overrides) -> str:
     return " ".join(kept) or "defaults"
 
 
-def override_pairs(name: str) -> dict[str, str]:
-    """A run's name (its overrides: `optimizer=adam +experiment=notebook`) as {key: value as typed}, without
+def override_pairs(overrides) -> dict[str, str]:
+    """Overrides (a list, or a run's name: `optimizer=adam +experiment=notebook`) as {key: value as typed}, without
     Hydra's +/~ prefixes."""
-    pairs = (o.lstrip("+~").partition("=") for o in str(name).split())
+    pairs = (o.lstrip("+~").partition("=") for o in (str(overrides).split() if isinstance(overrides, str)
+                                                       else overrides))
     return {key: value for key, eq, value in pairs if eq}
 
 
@@ -255,7 +256,7 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple = ()) -> None:
         hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{near[0]}? " if near else ""
         raise ConfigError(f"{key} is not a setting of this app (added with +, nothing would read it): {hint}"
                           "fmnist-exp --help lists the config")
-    chosen = dict(o.lstrip("+").partition("=")[::2] for o in overrides if "=" in o and not o.startswith("~"))
+    chosen = override_pairs([o for o in overrides if not o.startswith("~")])  # (~key=value deletes it)
     ablation, regularization = chosen.get("ablation", "null"), chosen.get("regularization")
     if ablation != "null" and regularization in MODEL_PRESETS:
         raise ConfigError(f"ablation={ablation} and regularization={regularization} both set the model's init, "

@@ -436,8 +436,8 @@ class Job:
         tracker.finish("FINISHED")
         if not self.ctx.multirun:  # a sweep says where its results are at its end (the table, the parent run)
             if tracker.enabled:
-                uri, default = tracker.uri, f"sqlite:///{Path.cwd() / tracking.DEFAULT_STORE}"
-                ui = (uri if uri.startswith("http") else "make ui" if uri == default
+                uri = tracker.uri
+                ui = (uri if uri.startswith("http") else "make ui" if uri == tracking.default_uri()
                       else f"mlflow ui --backend-store-uri {uri}")
                 log.info("Results: %s (best_model.pt, plots/, TensorBoard events); MLflow run %s in experiment '%s' "
                          "of %s (%s)", self.ctx.job_dir, tracker.run_id, tracker.experiment, uri, ui)

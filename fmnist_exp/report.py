@@ -137,8 +137,8 @@ def sweep_jobs(sweep_dir: Path) -> list[str] | None:
 def not_started_line(table: pd.DataFrame, sweep_dir: Path) -> str | None:
     """One line naming the jobs of the sweep that have no run (stopped before they started, or lost with their
     process before it made one), which no table row shows."""
-    jobs = sweep_jobs(sweep_dir)
-    missing = [name for name in jobs or [] if name not in set(table["name"])]
+    jobs, recorded = sweep_jobs(sweep_dir), set(table["name"])
+    missing = [name for name in jobs or [] if name not in recorded]
     if not missing:
         return None
     shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     tracking.silence_noisy_loggers()
     recorded = recorded_parent(args.sweep)
     uri = (args.tracking_uri or (recorded or {}).get("uri")  # a sweep dir knows its store, wherever it is run from
-           or f"sqlite:///{Path.cwd() / tracking.DEFAULT_STORE}")
+           or tracking.default_uri())
     check_store(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down: one line, not 4 minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

@@ -45,6 +45,11 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",  # MLflo
 DEFAULT_STORE = Path("mlruns") / "mlflow.db"  # under the working dir: where runs go without tracking.uri
 
 
+def default_uri() -> str:
+    """The store runs use without tracking.uri: SQLite in ./mlruns/mlflow.db."""
+    return f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
+
+
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store). A
     relative SQLite path (sqlite:///runs/x.db, as `mlflow ui` takes it) is made absolute: MLflow cannot make an
@@ -61,7 +66,7 @@ def resolve_uri(uri: str | None) -> str:
     except OSError as e:
         raise TrackingError(f"cannot create the MLflow store directory {mlruns} ({e.strerror}); "
                             "make it writable or pass tracking.uri=... (or tracking.enabled=false)")
-    return f"sqlite:///{mlruns / DEFAULT_STORE.name}"
+    return default_uri()
 
 
 _ANSWERED: set[str] = set()
