@@ -4,11 +4,20 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser cluster sweep notebook test ui tensorboard
+.PHONY: setup data browser cluster sweep notebook test ui tensorboard disk
 
 setup: $(VENV)/.installed data
 
+# PyTorch's x86_64 wheel is its CUDA build: the venv takes ~6.3 GB. Say so before pip fills the disk halfway.
+NEED_MB ?= 6500
+disk:
+	@free=$$(df -Pm "$$(dirname "$(abspath $(VENV))")" | awk 'NR==2 {print $$4}'); \
+	if [ "$$free" -lt $(NEED_MB) ]; then \
+	  echo "make: the venv needs about $(NEED_MB) MB free (PyTorch's CUDA build) and $(abspath $(VENV))'s disk has $$free MB: free some space and rerun"; \
+	  exit 1; fi
+
 $(VENV)/.installed: pyproject.toml
+	@[ -d $(VENV) ] || $(MAKE) --no-print-directory disk  # a first install only
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1

@@ -222,3 +222,18 @@ def test_a_relative_sqlite_store_works(tmp_path, tiny_root):
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"file://{tmp_path / 'runs'}")
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'runs' / 'x.db'}" in result.stderr + result.stdout
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_setup_says_when_the_disk_cannot_hold_the_venv(tmp_path):
+    """`make setup` on a disk without room for PyTorch's ~6.3 GB says so in one line before pip starts, and
+    leaves no half-made venv; with room, the check passes."""
+    repo = Path(__file__).resolve().parent.parent
+    venv = tmp_path / ".venv"
+    full = subprocess.run(["make", "--no-print-directory", "-C", str(repo), f"VENV={venv}", "NEED_MB=100000000",
+                           f"{venv}/.installed"], capture_output=True, text=True)
+    assert full.returncode != 0
+    assert f"the venv needs about 100000000 MB free (PyTorch's CUDA build) and {venv}'s disk has" in full.stdout
+    assert "free some space and rerun" in full.stdout and not venv.exists()
+    room = subprocess.run(["make", "--no-print-directory", "-C", str(repo), f"VENV={venv}", "NEED_MB=1", "disk"],
+                          capture_output=True, text=True)
+    assert room.returncode == 0 and room.stdout == "", room.stdout + room.stderr
