@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,15 @@ def default_uri() -> str:
 
 
 def resolve_uri(uri: str | None) -> str:
-    """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store). A
+    """The tracking URI: the given one, or SQLite in ./mlruns/mlflow.db (MLflow 3.17 refuses the file store, and a
+    directory or file: URI is refused here in one line, before the data set loads). A
     relative SQLite path (sqlite:///runs/x.db, as `mlflow ui` takes it) is made absolute: MLflow cannot make an
     artifact location from it, and a sweep's jobs may run elsewhere."""
+    if uri and urllib.parse.urlparse(uri).scheme in ("", "file"):  # MLflow would say so after the data loaded, cut
+        where = Path(urllib.parse.urlparse(uri).path if uri.startswith("file:") else uri)  # at 300 characters
+        raise TrackingError(f"tracking.uri={uri} is a directory (MLflow's file store), which MLflow 3 no longer "
+                            f"writes: pass tracking.uri=sqlite:///{where / 'mlflow.db'} (SQLite in that directory) "
+                            "or the http:// address of an MLflow server")
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path.cwd() / uri.removeprefix('sqlite:///')}"
     if uri and uri.startswith(("http://", "https://")):

@@ -267,6 +267,12 @@ BAD_INPUTS = [
     (["train.resume=0123456789abcdef"], None, "train.resume=0123456789abcdef: no such MLflow run"),
     # a server that is down: MLflow's client retried for ~8 minutes, silently, deaf to SIGTERM
     (["tracking.uri=http://127.0.0.1:9"], None, "nothing answers at tracking.uri=http://127.0.0.1:9"),
+    # MLflow 3's file store: its own error came after the data set loaded, cut at 300 characters, and said to
+    # "make it writable"
+    (["tracking.uri=./runs"], None, "tracking.uri=./runs is a directory (MLflow's file store), which MLflow 3 no "
+                                    "longer writes: pass tracking.uri=sqlite:///runs/mlflow.db"),
+    (["tracking.uri=file:///tmp/runs"], None, "pass tracking.uri=sqlite:////tmp/runs/mlflow.db (SQLite in that "
+                                              "directory)"),
     (["train.device=cuda"] if not torch.cuda.is_available() else ["train.device=tpu"], None, "train.device="),
 ]
 
