@@ -30,6 +30,13 @@ def test_submitit_local_sweep_has_one_parent(tmp_path, tiny_root):
     assert {r["status"] for r in runs} == {"FINISHED"}
     assert sum(line.startswith("| ★") for line in result.stdout.splitlines()) == 1  # the table, in the submitting process
     assert "/.submitit/" not in "".join(c["tags"]["fmnist.job_dir"] for c in children)
+    # the tasks' epoch lines reach the sweep's own output, as under the fused launcher (submitit left them in its
+    # log files: nothing printed from submission to the table); submitit's own lines stay there
+    for c in children:
+        assert f"[{c['name']}] Epoch 2/2 | train loss" in result.stdout, result.stdout[-3000:]
+    assert "Starting with JobEnvironment" not in out
+    (sweep_dir,) = tmp_path.glob("multirun/*/*")
+    assert [p.name for p in (sweep_dir / ".submitit").iterdir() if not p.name[0].isdigit()] == []  # no `%j` dir
     # the two tasks run at once and share the cores (each took them all: 4 jobs on 2 cores trained ~50x slower)
     assert {c["tags"]["fmnist.threads"] for c in children} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
 

@@ -203,6 +203,23 @@ def _result(task, n: int) -> list[JobReturn]:
         return [_no_return() for _ in range(n)]
 
 
+def _relay(path: Path, offset: int) -> int:
+    """Print the app's lines that a local task wrote to its stdout file since `offset` (epoch lines, test scores,
+    errors; not submitit's own), as the fused launcher's workers print theirs: without it the sweep was silent
+    from submission to its table. Returns how far the file was read (up to its last whole line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:  # not written yet
+        return offset
+    whole = chunk[:chunk.rfind(b"\n") + 1]
+    lines = [line for line in whole.decode(errors="replace").splitlines() if "][fmnist_exp" in line]
+    if lines:
+        print("\n".join(lines), flush=True)
+    return offset + len(whole)
+
+
 def _no_return() -> JobReturn:
     """A job that produced no return value: COMPLETED for Hydra's sweeper (which would raise on FAILED and skip the
     sweep's table), None as value; its run or outcome.json says what happened."""
@@ -270,11 +287,14 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
         from fmnist_exp import job as fjob, train
         results: dict[int, JobReturn] = {}
         ended: set[int] = set()
+        read: dict[int, int] = {}  # task -> how far its stdout was relayed
         while len(ended) < len(tasks):
             for t, task in enumerate(tasks):
                 if t in ended:
                     continue
+                read[t] = _relay(task.paths.stdout, read.get(t, 0))
                 if task.paths.result_pickle.exists():
+                    read[t] = _relay(task.paths.stdout, read[t])  # its last lines
                     results.update(zip(groups[t], _result(task, len(groups[t]))))
                     ended.add(t)
                 elif task.done():  # its controller exited without a result
@@ -293,4 +313,6 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
                     ended.add(t)
             if len(ended) < len(tasks):
                 time.sleep(0.2)
+        with contextlib.suppress(OSError):  # submitit's local controllers make their folder's pattern too: an
+            Path(str(self.params["submitit_folder"])).rmdir()  # empty `%j` dir beside the tasks' own
         return [results[i] for i in range(sum(len(g) for g in groups))]
