@@ -84,12 +84,24 @@ def _complete_set(folder: Path) -> dict[str, Path] | None:
     return found
 
 
+def _say_what_was_passed_over(skipped: list[Path], used: Path) -> None:
+    """A folder before `used` that holds some of the four files but not all (a partial copy, a download cut short)
+    is a warning: the run would otherwise train on another copy without a word."""
+    for folder in skipped:
+        have = [stem for stem, _, _ in FILES.values() if (folder / stem).is_file() or (folder / f"{stem}.gz").is_file()]
+        if have:
+            missing = [stem for stem, _, _ in FILES.values() if stem not in have]
+            log.warning("%s holds %d of the 4 Fashion-MNIST files (missing %s): using the complete set in %s",
+                        folder, len(have), ", ".join(missing), used)
+
+
 def locate(root: Path, system_dir: Path, download: bool) -> dict[str, Path]:
     """Find the four files in the documented order, downloading as the last resort."""
     places = [root, root / "FashionMNIST" / "raw", system_dir]
     for place in places:
         files = _complete_set(place)
         if files:
+            _say_what_was_passed_over(places[:places.index(place)], place)
             return files
     failure = ""
     if download:

@@ -89,6 +89,22 @@ def test_root_comes_before_the_system_copy(tmp_path):
     assert load(tmp_path / "elsewhere", system_dir=tmp_path / "system").split_sizes()["train"] == 400
 
 
+def test_a_partial_copy_in_root_is_named_before_another_copy_is_used(tmp_path, caplog):
+    """data.root with a download cut short: the run trains on the system copy, and says so."""
+    make_tiny_set(tmp_path / "system", n_train=500, seed=2)
+    make_tiny_set(tmp_path / "root", n_train=300, seed=1)
+    (tmp_path / "root" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with caplog.at_level("WARNING", logger="fmnist_exp.data"):
+        assert load(tmp_path / "root", system_dir=tmp_path / "system").split_sizes()["train"] == 400
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning == (f"{tmp_path / 'root'} holds 3 of the 4 Fashion-MNIST files (missing t10k-labels-idx1-ubyte): "
+                       f"using the complete set in {tmp_path / 'system'}")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fmnist_exp.data"):  # an empty or absent root is the usual case: quiet
+        load(tmp_path / "elsewhere", system_dir=tmp_path / "system")
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+
+
 def test_cache_is_used_and_invalidated_when_a_file_changes(tmp_path, monkeypatch):
     make_tiny_set(tmp_path)
     first = load(tmp_path)
