@@ -132,7 +132,8 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
 
 def load_arrays(root: Path, system_dir: Path, download: bool, cache: bool) -> tuple[dict[str, np.ndarray], str, str]:
-    """The four decoded uint8 arrays, a digest of their content and their folder; cached while the files are unchanged."""
+    """The four decoded uint8 arrays, a digest of their content and their folder; cached while the files are
+    unchanged."""
     files = locate(root, system_dir, download)
     source = str(files["train_images"].parent.resolve())
     stamp = {part: [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for part, p in files.items()}

@@ -25,7 +25,8 @@ def _head(in_features: int, hidden: list[int], batch_norm: bool, dropout: list[f
 
 
 def initialize(model: nn.Module, init: str, std: float = 0.01) -> None:
-    """Re-initialise Linear/Conv weights: he (kaiming_normal_, fan_out, relu, as the notebook), xavier, zeros, normal."""
+    """Re-initialise Linear/Conv weights: he (kaiming_normal_, fan_out, relu, as the notebook), xavier, zeros,
+    normal."""
     if init == "default":
         return
     for m in model.modules():

@@ -30,7 +30,8 @@ class TrackingError(RuntimeError):
 
 METRICS_EVERY_S = 2.0  # per-epoch metrics reach MLflow at most this often: each write costs ~15 ms of CPU
 # A saved view of the MLflow UI's runs list that compares whole sweeps: each parent run's winner scores, job counts
-# and command (a new runs list shows no metric columns). Open it at <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps
+# and command (a new runs list shows no metric columns). Open it at
+# <ui>/#/experiments/<id>/runs?viewStateShareKey=sweeps
 SWEEPS_VIEW = "sweeps"
 # Only sweeps' parent runs (single runs have no winner), and only columns a parent fills: at a laptop's width the
 # winner columns were off-screen behind a Dataset column and two per-job columns that are empty on a parent.
