@@ -283,6 +283,8 @@ def log_summary(uri: str, parent_id: str, table, runs: list) -> None:
     from mlflow.entities import DatasetInput
     params = [r.data.params for r in runs if r.data.params]
     shared = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params[1:])} if params else {}
+    shared = {k: v for k, v in shared.items() if not k.startswith("sweep.")}  # the config's sweep.skip_finished
+    # would pass for a swept key among the parent's sweep.<key> params
     tracking.log_params(uri, parent_id, shared)
     metrics = {"jobs": len(table), "jobs_failed": int((table["status"] != "FINISHED").sum())}
     if len(table) and table.loc[0, "best"] == "★":

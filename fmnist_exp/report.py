@@ -4,9 +4,10 @@ The winner is chosen on validation data: jobs are ranked by their best checkpoin
 metric (train.monitor: ckpt_valid_loss, lowest first, or ckpt_valid_acc, highest first). Test scores are shown
 beside it and never used to rank.
 
-    python -m fmnist_exp.report [SWEEP] [--by KEY] [--tracking-uri URI]
+    python -m fmnist_exp.report [SWEEP] [--by KEY] [--tracking-uri URI] [--experiment NAME]
 
-SWEEP is a sweep directory (multirun/<date>/<time>), an MLflow parent run id, or omitted (the newest sweep).
+SWEEP is a sweep directory (multirun/<date>/<time>), an MLflow parent run id, a job's run id (its sweep), or
+omitted (the newest sweep of the experiment).
 """
 from __future__ import annotations
 
@@ -222,10 +223,11 @@ def find_parent(uri: str, experiment: str, sweep: str | None, recorded: dict | N
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fmnist_exp.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", nargs="?", help="sweep dir, parent run id, or nothing for the newest sweep")
+    ap.add_argument("sweep", nargs="?", help="sweep dir, parent run id, a job's run id (its sweep), or nothing for the newest sweep")
     ap.add_argument("--by", help="group by this column: mean ± std of the scores over the other keys")
     ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns/mlflow.db")
-    ap.add_argument("--experiment", default="fmnist")
+    ap.add_argument("--experiment", default="fmnist", help="where the newest sweep is looked for (tracking.experiment;"
+                    " default: fmnist)")
     args = ap.parse_args(argv)
     from mlflow.exceptions import MlflowException
     tracking.silence_noisy_loggers()

@@ -216,6 +216,8 @@ def test_parent_run_describes_the_sweep(sweep):
     assert params["sweep.command"].endswith("train.epochs=3 optimizer.lr=0.01,0.00001,-1")
     assert params["train.epochs"] == "3" and params["optimizer._target_"] == "torch.optim.Adam"  # shared
     assert "optimizer.lr" not in params  # varies: not a shared value
+    # every sweep.* param is a swept key (or the command): the jobs' shared sweep.skip_finished=False is not one
+    assert {k for k in params if k.startswith("sweep.")} == {"sweep.optimizer.lr", "sweep.command"}
     finished = [r for r in sweep["children"] if r.info.status == "FINISHED"]
     best = min(finished, key=lambda r: r.data.metrics["ckpt_valid_loss"])
     assert metrics["jobs"] == 3 and metrics["jobs_failed"] == 1

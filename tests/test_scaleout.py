@@ -126,3 +126,15 @@ def test_a_submitit_local_task_killed_outright_is_recorded_and_the_sweep_ends_wi
     killed = [r for r in runs if r["status"] == "KILLED"]
     assert len(killed) == 2 and all(r["tags"]["error"].startswith("its process ended without a result")
                                     for r in killed), killed
+
+
+@pytest.mark.parametrize("name,target", [("submitit_slurm", "slurm.FmnistSlurmLauncher"),
+                                         ("submitit_local", "slurm.FmnistLocalLauncher"),
+                                         ("joblib", "joblib.FmnistJoblibLauncher")])
+def test_the_plugins_own_launcher_names_run_our_launchers(tmp_path, name, target):
+    """hydra/launcher=submitit_slurm, as Hydra's docs name it, is our watched SLURM launcher with the plugin's
+    defaults (the plugin's own waited forever on a cancelled job where sacct does not run), as submitit_local and
+    joblib are ours."""
+    result = run_cli(f"hydra/launcher={name}", "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"_target_: hydra_plugins.fmnist_fused_launcher.{target}\n" in result.stdout

@@ -1,5 +1,6 @@
 """Our launchers' knobs, registered where Hydra looks for launchers: `fused`, `fmnist_slurm` (what
-hydra/launcher=slurm uses), `joblib` and `submitit_local` (those plugins' knobs, our launcher classes)."""
+hydra/launcher=slurm uses), `joblib`, `submitit_local` and `submitit_slurm` (those plugins' knobs, our launcher
+classes)."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,6 +66,9 @@ def store_overrides() -> None:
 
         cs.store(group="hydra/launcher", name="submitit_local", node=FmnistLocalConf,
                  provider="fmnist_fused_launcher")
+        # the plugin's SLURM name, as Hydra's docs spell it: our watched launcher (hydra/launcher=slurm) with the
+        # plugin's defaults, not a launcher that waits forever on a cancelled job where sacct does not run
+        cs.store(group="hydra/launcher", name="submitit_slurm", node=FmnistSlurmConf, provider="fmnist_fused_launcher")
     except ImportError:
         pass
 
