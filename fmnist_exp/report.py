@@ -223,7 +223,8 @@ def find_parent(uri: str, experiment: str, sweep: str | None, recorded: dict | N
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fmnist_exp.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", nargs="?", help="sweep dir, parent run id, a job's run id (its sweep), or nothing for the newest sweep")
+    ap.add_argument("sweep", nargs="?",
+                    help="sweep dir, parent run id, a job's run id (its sweep), or nothing for the newest sweep")
     ap.add_argument("--by", help="group by this column: mean ± std of the scores over the other keys")
     ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///./mlruns/mlflow.db")
     ap.add_argument("--experiment", default="fmnist", help="where the newest sweep is looked for (tracking.experiment;"
