@@ -138,3 +138,42 @@ def test_the_plugins_own_launcher_names_run_our_launchers(tmp_path, name, target
     result = run_cli(f"hydra/launcher={name}", "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"_target_: hydra_plugins.fmnist_fused_launcher.{target}\n" in result.stdout
+
+
+def test_a_failed_squeue_does_not_make_a_running_slurm_task_lost(tmp_path, monkeypatch):
+    """squeue failing now and then (slurmctld busy) read as an empty queue: two failures 15 s apart declared a
+    RUNNING task lost, recorded its jobs KILLED and went on to the table while it trained. A task is lost only when
+    it stays out of a queue that squeue did answer for LOST_AFTER_S."""
+    import types
+
+    from hydra_plugins.fmnist_fused_launcher import slurm
+    clock = [0.0]
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm.time, "sleep", lambda dt: clock.__setitem__(0, clock[0] + dt))
+    result = tmp_path / "task_result.pkl"
+    polls = []
+
+    def run(cmd, capture_output, text):  # squeue fails on polls 0, 4 and 8; the task runs until poll 12
+        n = len(polls)
+        polls.append(n)
+        if n in (0, 4, 8):
+            return types.SimpleNamespace(returncode=1, stdout="", stderr="slurm_load_jobs error: Socket timed out")
+        if n == 12:
+            result.write_bytes(b"")
+        return types.SimpleNamespace(returncode=0, stdout="7_0 RUNNING 2026-12-07T05:00:00 None\n", stderr="")
+
+    monkeypatch.setattr(slurm.subprocess, "run", run)
+    done = slurm._no_return()
+    monkeypatch.setattr(slurm, "_result", lambda task, n: [done] * n)
+    task = types.SimpleNamespace(job_id="7_0", paths=types.SimpleNamespace(result_pickle=result, stderr="err"))
+    assert slurm.watch([task], [[0]], lambda i: tmp_path / "job0", {}) == [done]
+    assert not (tmp_path / "job0").exists()  # nothing recorded KILLED
+    assert len(polls) == 13
+
+    # a task SLURM no longer knows ('Invalid job id': it left the queue without a result) is still found lost
+    polls.clear()
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: polls.append(1) or types.SimpleNamespace(
+        returncode=1, stdout="", stderr="slurm_load_jobs error: Invalid job id specified"))
+    result.unlink()
+    (ret,) = slurm.watch([task], [[0]], lambda i: tmp_path / "job0", {})
+    assert ret.return_value is None and "ended without a result" in (tmp_path / "job0" / "outcome.json").read_text()

@@ -122,9 +122,13 @@ def job_dir(hydra_context, config, overrides: list[str], idx: int) -> Path:
     return _core.job_dir(_core.job_config(hydra_context, config, overrides, idx))
 
 
-def squeue(array_id: str) -> dict[str, tuple[str, str, str]]:
-    """{job id: (state, reason, start time)} of the array's tasks still in the queue (`-r`: one line per task)."""
+def squeue(array_id: str) -> dict[str, tuple[str, str, str]] | None:
+    """{job id: (state, reason, start time)} of the array's tasks still in the queue (`-r`: one line per task), or
+    None when squeue itself failed (slurmctld busy or restarting): that poll knows nothing, and read as an empty
+    queue it made running tasks look lost. A job SLURM no longer knows ('Invalid job id') is an empty queue."""
     out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T %S %r"], capture_output=True, text=True)
+    if out.returncode != 0 and "invalid job id" not in out.stderr.lower():
+        return None
     queue = {}
     for line in out.stdout.splitlines():
         job_id, state, start, reason = (line.split(None, 3) + ["", "", ""])[:4]
@@ -152,14 +156,19 @@ def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params:
     started: dict[int, str] = {}  # task -> its start time; a new one means SLURM requeued it
     last_line = ""
     while len(ended) < len(tasks):
-        queue = squeue(array_id)
+        polled = squeue(array_id)
+        queue = polled or {}
         for t, task in enumerate(tasks):
             if t in ended:
                 continue
             state, _, start = queue.get(task.job_id, ("", "", ""))
+            if task.job_id in queue:
+                gone_since.pop(t, None)  # (it is lost only if it stays gone)
             if task.paths.result_pickle.exists():
                 results.update(zip(groups[t], _result(task, len(groups[t]))))
                 ended.add(t)
+            elif polled is None:
+                continue
             elif task.job_id not in queue:  # gone without a result
                 if time.monotonic() - gone_since.setdefault(t, time.monotonic()) >= LOST_AFTER_S:
                     error = (f"SLURM job {task.job_id} ended without a result (cancelled, or killed by SLURM: "
@@ -187,7 +196,7 @@ def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params:
         failed = sum(r.status == JobStatus.FAILED or r.return_value is None for r in results.values())
         line = (f"SLURM job {array_id}: tasks {states.count('PENDING')} pending, {states.count('RUNNING')} running; "
                 f"jobs {len(results) - failed} of {n_jobs} done, {failed} failed or lost")
-        if line != last_line:
+        if polled is not None and line != last_line:
             log.info("%s", line)
             last_line = line
         if len(ended) < len(tasks):
