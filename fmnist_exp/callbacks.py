@@ -104,17 +104,20 @@ class SweepCallback(Callback):
         tracking.silence_noisy_loggers()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        uri = run_id = None
         try:
             uri = tracking.resolve_uri(config.tracking.uri)
             exp_id, run_id = tracking.create_run(uri, config.tracking.experiment, name=str(sweep_dir),
                                                  tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
-        except tracking.TrackingError as e:  # Hydra would only warn about a callback's error and run every job
-            log.error("%s", e)  # into the same error
+            tracking.log_params(uri, run_id, sweep_params(config))
+            tracking.add_sweeps_view(uri, exp_id)
+            (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))
+        except Exception as e:  # Hydra would only warn about a callback's error and run every job into the same
+            log.error("%s", e if isinstance(e, tracking.TrackingError) else tracking.store_error(uri, e))  # error
+            if run_id is not None:
+                end_if_running(uri, run_id, exp_id, sweep_dir)  # no job has run: the parent is deleted
             self._release()
             sys.exit(1)
-        tracking.log_params(uri, run_id, sweep_params(config))
-        tracking.add_sweeps_view(uri, exp_id)
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))
         log.info("MLflow parent run %s in experiment '%s' (%s)", run_id, config.tracking.experiment, uri)
         atexit.register(end_if_running, uri, run_id, exp_id, sweep_dir)  # a sweeper or launcher that raises
         # never calls on_multirun_end
@@ -137,17 +140,26 @@ class SweepCallback(Callback):
         parent = read_parent(sweep_dir)
         outcomes = job.read_outcomes(sweep_dir)
         unfinished = [(name, o) for name, o in outcomes if o.status not in ("FINISHED", "SKIPPED")]
+        failures, recorded = None, True
         if parent:
-            with_runs = end_orphans(parent, dict(outcomes))
-            failures, total = self._report(parent, sweep_dir)
-            # jobs with a run are counted by it, in the table; the others (cancelled before they ran) by outcome
-            lost = [f"{name}: {o.error or o.status}" for name, o in unfinished
-                    if o.run_id is None and name not in with_runs]
-            failures, total = failures + lost, total + len(lost)
-        else:  # untracked: each job's outcome.json is all there is
+            try:
+                with_runs = end_orphans(parent, dict(outcomes))
+                failures, total = self._report(parent, sweep_dir)
+                # jobs with a run are counted by it, in the table; the others (cancelled before they ran) by outcome
+                lost = [f"{name}: {o.error or o.status}" for name, o in unfinished
+                        if o.run_id is None and name not in with_runs]
+                failures, total = failures + lost, total + len(lost)
+            except Exception as e:  # Hydra would turn it into a warning and the sweep would exit 0
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.error("The sweep's table and winner were not recorded: the MLflow store %s failed (%s). Each "
+                          "job's run and outcome.json are kept; python -m fmnist_exp.report %s prints the table once "
+                          "the store answers", parent["uri"], reason, sweep_dir)
+                failures, recorded = None, False
+        if failures is None:  # untracked, or the store failed: each job's outcome.json is all there is
             failures, total = [f"{name}: {o.error or o.status}" for name, o in unfinished], len(outcomes)
         if failures:
             print(f"{len(failures)} of {total} jobs failed: {'; '.join(failures)}", file=sys.stderr, flush=True)
+        if failures or not recorded:
             sys.exit(1)
 
     def _report(self, parent: dict, sweep_dir: Path) -> tuple[list[str], int]:

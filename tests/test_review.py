@@ -352,6 +352,51 @@ def test_a_parent_left_running_is_ended_at_exit(tmp_path):
     assert MlflowClient(tracking_uri=uri).get_run(done).info.status == "FINISHED"  # a sweep that ended is untouched
 
 
+def test_a_store_that_fails_at_the_sweeps_end_is_an_error_not_a_warning(tmp_path, caplog):
+    """Hydra turns a callback's exception into a warning: a store that failed while the table was made let a sweep
+    with a FAILED job exit 0. Now one line says what was not recorded, and the sweep exits 1."""
+    from hydra._internal.callbacks import Callbacks
+    from omegaconf import OmegaConf
+
+    from fmnist_exp import callbacks, job
+    sweep_dir = tmp_path / "sweep"
+    for name, status in [("0_optimizer=sgd", "FINISHED"), ("1_optimizer=adam", "FAILED")]:
+        (sweep_dir / name).mkdir(parents=True)
+        job.Outcome(status, error="diverged" if status == "FAILED" else None).write(sweep_dir / name)
+    gone = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}"  # its folder does not exist: every request fails
+    (sweep_dir / callbacks.PARENT_FILE).write_text(json.dumps({"uri": gone, "experiment_id": "1", "run_id": "r"}))
+    cfg = OmegaConf.create({"hydra": {"callbacks": {"sweep": {"_target_": "fmnist_exp.callbacks.SweepCallback"}},
+                                      "sweep": {"dir": str(sweep_dir)}}})
+    with pytest.raises(SystemExit) as e, caplog.at_level("ERROR"):
+        Callbacks(cfg).on_multirun_end(config=cfg)
+    assert e.value.code == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(f"The sweep's table and winner were not recorded: the MLflow store {gone} failed (")
+    assert f"python -m fmnist_exp.report {sweep_dir} prints the table" in line
+
+
+def test_a_store_that_fails_as_the_parent_run_is_made_leaves_no_parent(tmp_path, tiny_root, monkeypatch, caplog):
+    """The parent made, then a write to it refused: the parent stayed RUNNING for good, with no exit hook to end it,
+    and the jobs ran without it. Now one line, exit 1, and no parent run left."""
+    from hydra._internal.callbacks import Callbacks
+    from mlflow.exceptions import MlflowException
+
+    from conftest import compose_cfg
+    from fmnist_exp import callbacks
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg(*tiny_overrides(tiny_root), f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      hydra=True)
+    monkeypatch.setattr(callbacks.tracking, "log_params",
+                        lambda *a: (_ for _ in ()).throw(MlflowException("database is locked")))
+    with pytest.raises(SystemExit) as e, caplog.at_level("ERROR"):
+        Callbacks(cfg).on_multirun_start(config=cfg)
+    assert e.value.code == 1
+    assert any("cannot write to the MLflow store" in r.getMessage() and "database is locked" in r.getMessage()
+               for r in caplog.records)
+    assert [r.info.lifecycle_stage for r in MlflowClient(tracking_uri=uri).search_runs(
+        ["1"], run_view_type=3)] == ["deleted"]
+
+
 def test_a_typo_in_a_swept_value_records_no_sweep(tmp_path, tiny_root):
     """`-m optimizer=sgd,adamm`: Hydra refuses the sweep when it composes the jobs, after the parent run was made;
     that parent stayed KILLED saying to rerun with skip_finished (which cannot help), and the report's newest sweep
