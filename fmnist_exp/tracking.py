@@ -263,11 +263,18 @@ def runs_with_config(uri: str, experiment: str, config_hash: str) -> list:
 
 
 def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | None:
-    """Fetch one artifact of a run into dst, or None if the run has no such artifact."""
+    """Fetch one artifact of a run into dst, or None if the run has no such artifact. A store that fails to list
+    or send it raises: read as 'no checkpoint', a resumed job would start over from epoch 1 in the same run."""
+    c = client(uri)
+    folder = str(Path(path).parent) if "/" in path else None
     try:
-        return Path(client(uri).download_artifacts(run_id, path, str(dst)))
-    except Exception:  # MLflow raises several types for a missing artifact
-        return None
+        if path not in {a.path for a in c.list_artifacts(run_id, folder)}:
+            return None
+        return Path(c.download_artifacts(run_id, path, str(dst)))
+    except Exception as e:  # MLflow raises several types (MlflowException, OSError, requests' errors)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise TrackingError(f"cannot fetch {path} of MLflow run {run_id} from {uri} ({reason}); fix the store "
+                            "and rerun the same command") from None
 
 
 class TrackingProcess:

@@ -381,8 +381,16 @@ def save_checkpoint(m: Member, weights: dict, optimizer_state: dict) -> None:
 def restore_checkpoint(path: Path, m: Member) -> None:
     """Load a full checkpoint into a member built from the same config; its best weights go to m.checkpoint.
     Raises CheckpointMismatch (before anything of the run is touched) when the checkpoint does not fit."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a checkpoint: torch raises RuntimeError, UnpicklingError, EOFError...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointMismatch(f"{path}: not a readable checkpoint ({first}); delete it to resume from the MLflow "
+                                 "run's own copy, or start the run anew without train.resume") from None
+    try:
+        missing = {"model", "optimizer", "scheduler", "lr", "best_model", "loop", "rng"} - set(ckpt)
+        if missing:
+            raise ValueError(f"it has no {', '.join(sorted(missing))}")
         m.model.load_state_dict(ckpt["model"])
         kind = "momentum_buffer" if m.hyper["kind"] == "sgd" else "exp_avg"
         if any(kind not in s for s in ckpt["optimizer"]["state"].values()):
@@ -393,7 +401,7 @@ def restore_checkpoint(path: Path, m: Member) -> None:
                                  "resume with the same model and optimizer overrides as the original run")
     try:
         m.generator.set_state(ckpt["rng"]["generator"])
-    except (RuntimeError, KeyError):
+    except RuntimeError:
         raise CheckpointMismatch(f"{path}: its data-order state was saved on a GPU by an older version and cannot "
                                  "continue here; resume it on a machine with a GPU (train.device=cuda)")
     m.optimizer_state = ckpt["optimizer"]

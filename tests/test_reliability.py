@@ -405,6 +405,33 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue_before_touching_the_run(
     assert run["status"] == "KILLED"
 
 
+def test_resume_from_a_damaged_or_unfetchable_checkpoint_is_one_line(tmp_path, slow_root):
+    """A truncated last.pt was a traceback; a store that failed to send the run's checkpoint read as 'no checkpoint',
+    and the resumed run started over from epoch 1 in the same run, overwriting its metrics. Both: one line, exit 1,
+    and the run stays KILLED with its epoch as it was."""
+    args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=2"]
+    rc, _ = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    (killed,) = store_runs(tmp_path)
+    last = next(tmp_path.glob("outputs/*/*/last.pt"))
+    last.write_bytes(last.read_bytes()[:1000])
+    result = run_cli(*args, f"train.resume={killed['run_uuid']}", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert f"{last}: not a readable checkpoint (" in out and "delete it to resume from the MLflow run's own copy" in out
+
+    last.unlink()  # the store's copy, then, and the store fails to send it
+    stored = next(tmp_path.glob(f"mlruns/artifacts/*/{killed['run_uuid']}/artifacts/checkpoints/last.pt"))
+    stored.unlink()
+    stored.symlink_to(tmp_path / "nowhere.pt")
+    result = run_cli(*args, f"train.resume={killed['run_uuid']}", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert f"cannot fetch checkpoints/last.pt of MLflow run {killed['run_uuid']}" in out
+    assert "Resuming" not in out and "Epoch 1/2" not in out
+    (run,) = assert_nothing_running(tmp_path)
+    assert run["status"] == "KILLED" and [s for s, _ in history(client(tmp_path), run["run_uuid"])] == [1]
+
+
 def test_checkpoints_resume_on_any_device(tmp_path, tiny_root):
     """The data order comes from a CPU generator, so a checkpoint made on a GPU restores on a CPU-only machine
     (its dropout stream, drawn on the GPU, continues from a fresh seeded one)."""
