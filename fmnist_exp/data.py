@@ -127,7 +127,12 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     renamed over it. A crash never leaves half a file, and writers of the same file at once each rename a whole
     one."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-        write(f)
+        try:
+            write(f)
+        except BaseException:  # a full disk, a second Ctrl-C inside torch.save: no temporary file left beside it
+            f.close()
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
 
 

@@ -105,6 +105,19 @@ def test_a_partial_copy_in_root_is_named_before_another_copy_is_used(tmp_path, c
     assert [r for r in caplog.records if r.levelname == "WARNING"] == []
 
 
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "best_model.pt"
+    data.write_atomic(path, lambda f: f.write(b"old"))
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt  # a second Ctrl-C inside torch.save
+
+    with pytest.raises(KeyboardInterrupt):
+        data.write_atomic(path, interrupted)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["best_model.pt"]
+
+
 def test_cache_is_used_and_invalidated_when_a_file_changes(tmp_path, monkeypatch):
     make_tiny_set(tmp_path)
     first = load(tmp_path)
