@@ -20,15 +20,9 @@ log = logging.getLogger(__name__)
 
 WINNER_METRICS = {"ckpt_valid_loss": "winner_valid_loss", "ckpt_valid_acc": "winner_valid_acc",
                   "test_loss": "winner_test_loss", "test_acc": "winner_test_acc"}  # sweep table column -> parent metric
-PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes or hosts find their parent
 LOCK_FILE = ".fmnist_exp.lock"  # in a run or sweep dir: held while its run or sweep runs
-MARKS = {"sweep": (PARENT_FILE, "multirun.yaml"), "run": (".hydra", "config.yaml")}  # a sweep (a run) used this dir
-
-
-def read_parent(sweep_dir: Path) -> dict[str, str] | None:
-    """The parent run a sweep's jobs log under: {'uri', 'experiment_id', 'run_id'}, or None if not tracked."""
-    path = sweep_dir / PARENT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+# a sweep (a run) used this dir
+MARKS = {"sweep": (tracking.PARENT_FILE, "multirun.yaml"), "run": (".hydra", "config.yaml")}
 
 
 def claim_dir(config: DictConfig, mode: str):
@@ -111,7 +105,8 @@ class SweepCallback(Callback):
                                                  tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
             tracking.log_params(uri, run_id, sweep_params(config))
             tracking.add_sweeps_view(uri, exp_id)
-            (sweep_dir / PARENT_FILE).write_text(json.dumps({"uri": uri, "experiment_id": exp_id, "run_id": run_id}))
+            parent = {"uri": uri, "experiment_id": exp_id, "run_id": run_id}
+            (sweep_dir / tracking.PARENT_FILE).write_text(json.dumps(parent))
         except Exception as e:  # Hydra would only warn about a callback's error and run every job into the same
             log.error("%s", e if isinstance(e, tracking.TrackingError) else tracking.store_error(uri, e))  # error
             if run_id is not None:
@@ -137,7 +132,7 @@ class SweepCallback(Callback):
                 sys.exit(128 + signum)
 
     def _end(self, sweep_dir: Path) -> None:
-        parent = read_parent(sweep_dir)
+        parent = tracking.read_parent(sweep_dir)
         outcomes = job.read_outcomes(sweep_dir)
         unfinished = [(name, o) for name, o in outcomes if o.status not in ("FINISHED", "SKIPPED")]
         failures, recorded = None, True
@@ -219,7 +214,7 @@ class SweepSignals:
             self.signum = self.signum or signum
             return
         self.uninstall()  # a second signal: Python's default
-        job.stop_sweep(read_parent(self.sweep_dir), signum, started=bool(job.read_outcomes(self.sweep_dir)))
+        job.stop_sweep(tracking.read_parent(self.sweep_dir), signum, started=bool(job.read_outcomes(self.sweep_dir)))
 
 
 ORPHANED = ("its process ended without recording the job (killed together with its tracking process: a lost node, "
@@ -255,7 +250,7 @@ def end_if_running(uri: str, run_id: str, experiment_id: str, sweep_dir: Path) -
         if not job.read_outcomes(sweep_dir) and not tracking.child_runs(uri, experiment_id, run_id):
             tracking.end_run(uri, run_id, "KILLED")
             c.delete_run(run_id)  # (MLflow's soft delete: out of the UI, the report and the sweeps view)
-            (sweep_dir / PARENT_FILE).unlink(missing_ok=True)
+            (sweep_dir / tracking.PARENT_FILE).unlink(missing_ok=True)
             return
         c.set_tag(run_id, "error", "the sweep ended before all its jobs reported (a launcher error, or its jobs "
                                    "were cancelled); rerun it with sweep.skip_finished=true")

@@ -46,13 +46,11 @@ class JobContext:
     @classmethod
     def from_hydra(cls, hydra_cfg) -> "JobContext":
         from hydra.types import RunMode
-
-        from fmnist_exp import callbacks
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         n_jobs = hydra_cfg.launcher.get("n_jobs") if multirun else None
         return cls(job_dir=Path(hydra_cfg.runtime.output_dir), run_name=run_name(hydra_cfg.overrides.task),
                    overrides=list(hydra_cfg.overrides.task), multirun=multirun,
-                   parent=callbacks.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
+                   parent=tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
                    sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                    parallel_jobs=n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else None)
 

@@ -12,7 +12,6 @@ omitted (the newest sweep of the experiment).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -174,12 +173,6 @@ def write_table(table: pd.DataFrame, folder: Path) -> list[Path]:
     return [md, csv]
 
 
-def recorded_parent(sweep: str | None) -> dict | None:
-    """What a sweep dir records of its parent run (mlflow_parent.json: uri, experiment_id, run_id), if it is one."""
-    path = Path(sweep) / "mlflow_parent.json" if sweep else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
-
-
 def check_store(uri: str) -> None:
     """One line, before anything reads it, for a store the report cannot read, and never a new store made by
     reading (a mistyped path would leave an empty one behind): a plain path (MLflow's retired file store), a
@@ -194,13 +187,16 @@ def check_store(uri: str) -> None:
 
 
 def find_parent(uri: str, experiment: str, sweep: str | None, recorded: dict | None = None) -> tuple[str, str]:
-    """(experiment id, parent run id) for a sweep dir (`recorded`: what it records, recorded_parent), a parent run
-    id (a job's run id: its sweep), or the newest sweep."""
+    """(experiment id, parent run id) for a sweep dir (`recorded`: what it records, tracking.read_parent), a parent
+    run id (a job's run id: its sweep), or the newest sweep."""
+    from mlflow.exceptions import MlflowException
     c = tracking.client(uri)
     if sweep:
         try:
             run = c.get_run(recorded["run_id"] if recorded else sweep)
-        except Exception:
+        except MlflowException as e:  # no such run; a store that fails says so itself (main)
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
             raise SystemExit(f"error: {sweep} records a sweep whose parent run {recorded['run_id']} is not in {uri}"
                              if recorded else f"error: {sweep} is neither a sweep directory (with mlflow_parent.json) "
                              f"nor a run id in {uri}")
@@ -232,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from mlflow.exceptions import MlflowException
     tracking.silence_noisy_loggers()
-    recorded = recorded_parent(args.sweep)
+    recorded = tracking.read_parent(Path(args.sweep)) if args.sweep else None
     uri = (args.tracking_uri or (recorded or {}).get("uri")  # a sweep dir knows its store, wherever it is run from
            or tracking.default_uri())
     check_store(uri)

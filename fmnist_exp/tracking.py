@@ -28,6 +28,7 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used, or a run asked for is not in it."""
 
 
+PARENT_FILE = "mlflow_parent.json"  # in the sweep dir: how jobs in other processes or hosts find their parent
 METRICS_EVERY_S = 2.0  # per-epoch metrics reach MLflow at most this often: each write costs ~15 ms of CPU
 # A saved view of the MLflow UI's runs list that compares whole sweeps: each parent run's winner scores, job counts
 # and command (a new runs list shows no metric columns). Open it at
@@ -250,6 +251,12 @@ def get_run(uri: str, run_id: str):
     except MlflowException:
         raise TrackingError(f"train.resume={run_id}: no such MLflow run in {uri}; copy the Run ID of a KILLED or "
                             "FAILED run from mlflow ui (or the sweep table)")
+
+
+def read_parent(sweep_dir: Path) -> dict[str, str] | None:
+    """The parent run a sweep's jobs log under: {'uri', 'experiment_id', 'run_id'}, or None if not tracked."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def runs_with_config(uri: str, experiment: str, config_hash: str) -> list:

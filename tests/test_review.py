@@ -147,7 +147,9 @@ def test_the_report_finds_a_sweeps_store_and_says_in_one_line_what_it_cannot_rea
     db = sweep["uri"].removeprefix("sqlite:///")
     cases = {(): "error: no MLflow store at",  # nothing here: said, and no store made
              ("--tracking-uri", db): f"is a path, not a store URI: pass sqlite:///{db}",
-             ("--tracking-uri", f"http://127.0.0.1:{free_port()}"): "(nothing answers there); start the server"}
+             ("--tracking-uri", f"http://127.0.0.1:{free_port()}"): "(nothing answers there); start the server",
+             # a run id asked of a server that is down: it said the id was neither a sweep dir nor a run
+             (child.info.run_id, "--tracking-uri", f"http://127.0.0.1:{free_port()}"): "(nothing answers there)"}
     for args, message in cases.items():
         result = run_report(*args, cwd=elsewhere)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -358,13 +360,13 @@ def test_a_store_that_fails_at_the_sweeps_end_is_an_error_not_a_warning(tmp_path
     from hydra._internal.callbacks import Callbacks
     from omegaconf import OmegaConf
 
-    from fmnist_exp import callbacks, job
+    from fmnist_exp import job
     sweep_dir = tmp_path / "sweep"
     for name, status in [("0_optimizer=sgd", "FINISHED"), ("1_optimizer=adam", "FAILED")]:
         (sweep_dir / name).mkdir(parents=True)
         job.Outcome(status, error="diverged" if status == "FAILED" else None).write(sweep_dir / name)
     gone = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}"  # its folder does not exist: every request fails
-    (sweep_dir / callbacks.PARENT_FILE).write_text(json.dumps({"uri": gone, "experiment_id": "1", "run_id": "r"}))
+    (sweep_dir / tracking.PARENT_FILE).write_text(json.dumps({"uri": gone, "experiment_id": "1", "run_id": "r"}))
     cfg = OmegaConf.create({"hydra": {"callbacks": {"sweep": {"_target_": "fmnist_exp.callbacks.SweepCallback"}},
                                       "sweep": {"dir": str(sweep_dir)}}})
     with pytest.raises(SystemExit) as e, caplog.at_level("ERROR"):
