@@ -81,7 +81,8 @@ class StopOnSignal:
     itself KILLED (SIGUSR2 is SLURM's warning before a time limit or preemption: job.settle then hands it to
     submitit, which requeues the job). A second signal during training stops it at once (raised where it lands; the
     last epoch's checkpoint is intact), a second one after training (testing, logging, or recording a stop) is
-    ignored, and a third gets Python's default behaviour."""
+    ignored, and a third goes to the handler that was there before (Python's default in a single run: the process
+    stops at once)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -345,7 +346,8 @@ def finish(m: Member, data: FashionMNIST) -> None:
 
 @torch.no_grad()
 def evaluate_stack(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[list[float], list[float]]:
-    """Each job's mean cross-entropy and accuracy over (x, y), in eval mode; one host sync."""
+    """Each job's mean cross-entropy and accuracy over (x, y), in eval mode; read back once at the end (no host
+    sync per batch)."""
     model.eval()
     loss_sum = torch.zeros(model.num_jobs, device=x.device)
     correct = torch.zeros(model.num_jobs, device=x.device, dtype=torch.long)

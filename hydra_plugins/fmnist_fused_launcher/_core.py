@@ -1,5 +1,6 @@
 """The fused launcher's work: compose every job, group the ones that can share a training step, train each group
-as one stacked model in this process, and return one JobReturn per job in input order.
+as one stacked model (in this process, or in worker processes: _workers.py), and return one JobReturn per job in
+input order.
 
 A job keeps what a job launched by Hydra has: its output dir (.hydra/ configs saved), HydraConfig set while it
 is prepared, on_job_start/on_job_end callbacks, and its own MLflow run (fmnist_exp.job). Apps other than

@@ -54,7 +54,8 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     pending = list(enumerate(groups, start=1))
     running: dict = {}
     free_slots = list(range(workers))
-    signals = Forward()
+    signals = Forward(Path(str(hydra.sweep.dir)))  # a worker that gets the signal before its group's handlers are
+    # in place (unpickling, logging set up) would ignore it: its jobs then find the sweep's stop mark and end KILLED
     outcomes_seen = []
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
     # the sweep's bar where a run would draw one
@@ -230,23 +231,25 @@ class Forward:
             except ProcessLookupError:
                 pass
 
-    def end_sweep(self, sweep_dir: Path, outcomes: Iterable, jobs: int) -> None:
-        """After the launch of `jobs` jobs: if the user stopped the sweep (a signal to this process, or to the jobs'
-        processes directly: SIGINT or SIGTERM in a job's outcome), every started job has recorded itself KILLED;
+    def end_sweep(self, sweep_dir: Path, outcomes: Iterable, jobs: int, jobs_signals: bool = True) -> None:
+        """After the launch of `jobs` jobs: if the user stopped the sweep (a signal to this process, or, with
+        `jobs_signals`, to the jobs' processes directly: SIGINT or SIGTERM in a job's outcome, as a terminal's Ctrl-C
+        reaches a process group; not on a cluster, where SLURM's SIGTERM is scancel's), every started job has
+        recorded itself KILLED;
         close the parent run and exit (job.stop_sweep). A signal that came once every job had trained to its end
         (while they tested or were recorded, or after) stopped none: the sweep's end records its table and winner,
         then exits 128+N (job.STOPPED_AFTER_JOBS). A time limit's SIGUSR2 in a job's outcome (requeues used up)
         ends only its jobs: the sweep goes on to its table."""
-        from fmnist_exp import callbacks, job
+        from fmnist_exp import job, tracking
         outcomes = list(outcomes)
-        signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)),
-                                     None)
+        signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)
+                                      and jobs_signals), None)
         if signum is None:
             return
         if len(outcomes) == jobs and not any(o.status == "KILLED" for o in outcomes):  # it stopped no job
             job.STOPPED_AFTER_JOBS = signum
             return
-        job.stop_sweep(callbacks.read_parent(sweep_dir), signum)
+        job.stop_sweep(tracking.read_parent(sweep_dir), signum)
 
     def __enter__(self):
         self._handlers.install()

@@ -10,6 +10,8 @@ per poll and never learns that a job was cancelled, so the sweep waits forever. 
   with its checkpoint; submitit requeues the task and the requeued task continues each job's own run from it;
 - a job that left the queue without a result (scancel, killed by SLURM) is reported and recorded as KILLED in its
   job dir (`outcome.json`), and the sweep goes on to its table and exits 1;
+- Ctrl-C or SIGTERM to the sweep's process cancels the array once (each job KILLED with its checkpoint) and ends the
+  sweep as every launcher does: the parent KILLED, one line on how to finish it, exit 128+N;
 - jobs pending for a reason that waiting will not clear (the request exceeds every node: PartitionConfig,
   BadConstraints, ...) stop the sweep at once with one line saying which request to lower.
 """
@@ -55,6 +57,29 @@ class FmnistSlurmLauncher(SlurmLauncher):
         self.fuse, self.max_group = fuse, max_group
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Submit and watch; a stop signal (Ctrl-C, `kill PID`) from submission on stops every task once
+        (`_stop_tasks`) and the sweep ends as under every launcher (Forward.end_sweep: the parent KILLED, one line
+        on how to finish it, exit 128+N). Before, the watcher exited saying nothing was recorded while the tasks
+        trained on, unwatched."""
+        from fmnist_exp import job
+
+        from ._workers import Forward
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        self._tasks = []
+        with Forward(sweep_dir) as self._signals:  # jobs not started yet find its stop mark and end KILLED
+            self._signals.forward = self._stop_tasks
+            results = self._launch(job_overrides, initial_job_idx)
+        self._signals.end_sweep(sweep_dir, (o for _, o in job.read_outcomes(sweep_dir)), len(job_overrides),
+                                jobs_signals=self._EXECUTOR == "local")  # on a cluster, a job's SIGTERM is scancel's
+        return results
+
+    def _stop_tasks(self, signum: int) -> None:
+        """scancel the array: SLURM sends each task SIGTERM, and its jobs stop at the next step, KILLED with their
+        checkpoints (a signal before the array exists is left to the stop mark and to _submit)."""
+        if self._tasks:
+            subprocess.run(["scancel", self._tasks[0].job_id.split("_")[0]], capture_output=True)
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from . import _core
         groups = None
         if self.fuse:
@@ -86,7 +111,10 @@ class FmnistSlurmLauncher(SlurmLauncher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         state = Singleton.get_state()
         n = len(tasks)
-        return executor.map_array(self, tasks, ["hydra.sweep.dir"] * n, [state] * n, [self._sharing(n)] * n)
+        self._tasks = executor.map_array(self, tasks, ["hydra.sweep.dir"] * n, [state] * n, [self._sharing(n)] * n)
+        if self._signals.signum is not None:  # stopped while submitting: the tasks exist now
+            self._stop_tasks(self._signals.signum)
+        return self._tasks
 
     def _sharing(self, n_tasks: int) -> int | None:
         """How many of the array's tasks share one machine's cores: none here (SLURM gives each its CPUs)."""
@@ -256,19 +284,7 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
 
     _EXECUTOR = "local"
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from fmnist_exp import job
-
-        from ._workers import Forward
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        self._tasks = []
-        with Forward(sweep_dir) as self._signals:  # from submission on: no task is left running unwatched
-            self._signals.forward = self._to_controllers
-            results = super().launch(job_overrides, initial_job_idx)
-        self._signals.end_sweep(sweep_dir, (o for _, o in job.read_outcomes(sweep_dir)), len(job_overrides))
-        return results
-
-    def _to_controllers(self, signum: int) -> None:
+    def _stop_tasks(self, signum: int) -> None:
         """SIGTERM to each running task's controller, which sends it on to the task (a signal before the tasks
         exist is left to the stop mark: job.mark_stopped)."""
         for task in self._tasks:
@@ -285,12 +301,9 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
         # Ctrl-C reaches only this process, which forwards it once); one that comes meanwhile is handled after
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            self._tasks = super()._submit(tasks)
+            return super()._submit(tasks)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        if self._signals.signum is not None:  # SIGTERM while submitting: the tasks exist now
-            self._to_controllers(self._signals.signum)
-        return self._tasks
 
     def _watch(self, tasks, groups: list[list[int]], dir_of: Callable[[int], Path]) -> list[JobReturn]:
         from fmnist_exp import job as fjob, train
