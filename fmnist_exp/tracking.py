@@ -58,8 +58,9 @@ def resolve_uri(uri: str | None) -> str:
     directory or file: URI is refused here in one line, before the data set loads). A
     relative SQLite path (sqlite:///runs/x.db, as `mlflow ui` takes it) is made absolute: MLflow cannot make an
     artifact location from it, and a sweep's jobs may run elsewhere."""
-    if uri and urllib.parse.urlparse(uri).scheme in ("", "file"):  # MLflow would say so after the data loaded, cut
-        where = Path(urllib.parse.urlparse(uri).path if uri.startswith("file:") else uri)  # at 300 characters
+    # a directory: MLflow would say so only after the data set loaded, cut at 300 characters ("databricks" is a URI)
+    if uri and urllib.parse.urlparse(uri).scheme in ("", "file") and uri not in ("databricks", "databricks-uc"):
+        where = Path(urllib.parse.urlparse(uri).path if uri.startswith("file:") else uri)
         raise TrackingError(f"tracking.uri={uri} is a directory (MLflow's file store), which MLflow 3 no longer "
                             f"writes: pass tracking.uri=sqlite:///{where / 'mlflow.db'} (SQLite in that directory) "
                             "or the http:// address of an MLflow server")

@@ -403,6 +403,9 @@ def restore_checkpoint(path: Path, m: Member) -> None:
                                  "resume with the same model and optimizer overrides as the original run")
     try:
         m.generator.set_state(ckpt["rng"]["generator"])
+    except (KeyError, TypeError):
+        raise CheckpointMismatch(f"{path}: it has no data-order state (not a checkpoint of this version); start the "
+                                 "run anew without train.resume") from None
     except RuntimeError:
         raise CheckpointMismatch(f"{path}: its data-order state was saved on a GPU by an older version and cannot "
                                  "continue here; resume it on a machine with a GPU (train.device=cuda)")

@@ -320,6 +320,7 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
                     results.update(zip(groups[t], _result(task, len(groups[t]))))
                     ended.add(t)
                 elif task.done():  # its controller exited without a result
+                    read[t] = _relay(task.paths.stdout, read[t])  # its last lines (an error, a signal's)
                     stopped = self._signals.signum
                     error = (str(train.Interrupted(stopped, started=False)) if stopped else
                              f"its process ended without a result (killed, or out of memory: see "
