@@ -88,14 +88,27 @@ def test_a_request_no_node_can_meet_stops_the_sweep_with_one_line(slurm, tmp_pat
     assert slurm.jobs() == []  # cancelled, not left pending
 
 
-def test_scancel_ends_runs_killed_and_skip_finished_completes_the_sweep(slurm, tmp_path):
+def start_training_sweep(slurm, tmp_path):
+    """A 2-job SLURM sweep (one fused task) slow enough to stop: (its args, its process) once both jobs train."""
     root = tmp_path / "slowdata"
-    make_tiny_set(root, n_train=16000, n_test=500)  # seconds per epoch at batch 16: room to cancel
+    make_tiny_set(root, n_train=16000, n_test=500)  # seconds per epoch at batch 16: room to stop it
     args = ["-m", "hydra/launcher=slurm", *FITS_NODE, *tiny_overrides(root), "data.batch_size=16", "train.epochs=5",
             "optimizer=sgd,adam"]
     proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli_env(slurm.env))
     wait_for_log(tmp_path, r"Epoch 1/5", 2, proc)  # both jobs of the fused task are training
+    return args, proc
+
+
+def assert_the_rerun_finishes_it(slurm, tmp_path, args) -> None:
+    result = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600, env=slurm.env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(table) == 2 and all("FINISHED" in line for line in table)
+
+
+def test_scancel_ends_runs_killed_and_skip_finished_completes_the_sweep(slurm, tmp_path):
+    args, proc = start_training_sweep(slurm, tmp_path)
     slurm.cancel_all()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
@@ -104,23 +117,14 @@ def test_scancel_ends_runs_killed_and_skip_finished_completes_the_sweep(slurm, t
     assert all(c["tags"]["error"] == "interrupted by SIGTERM" for c in children)
     assert [p["status"] for p in parents] == ["FAILED"]  # the sweep ended with its table, not waiting forever
     assert "2 of 2 jobs failed" in out and "tasks 0 pending, 0 running; jobs 0 of 2 done, 2 failed or lost" in out
-    result = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600, env=slurm.env)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
-    assert len(table) == 2 and all("FINISHED" in line for line in table)
+    assert_the_rerun_finishes_it(slurm, tmp_path, args)
 
 
 def test_ctrl_c_to_a_slurm_sweep_stops_its_tasks_and_skip_finished_completes_it(slurm, tmp_path):
     """Ctrl-C to the watching process said 'stopped before any job started: nothing was recorded' and exited,
     while the array trained on, unwatched, and its runs then finished under a KILLED parent. Now it cancels the
     array once: each job ends KILLED with its checkpoint, the parent KILLED, exit 130, and the rerun finishes it."""
-    root = tmp_path / "slowdata"
-    make_tiny_set(root, n_train=16000, n_test=500)
-    args = ["-m", "hydra/launcher=slurm", *FITS_NODE, *tiny_overrides(root), "data.batch_size=16", "train.epochs=5",
-            "optimizer=sgd,adam"]
-    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cli_env(slurm.env))
-    wait_for_log(tmp_path, r"Epoch 1/5", 2, proc)
+    args, proc = start_training_sweep(slurm, tmp_path)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
@@ -130,23 +134,14 @@ def test_ctrl_c_to_a_slurm_sweep_stops_its_tasks_and_skip_finished_completes_it(
     children, parents = children_of_sweep(tmp_path)
     assert len(children) == 2 and {c["status"] for c in children} == {"KILLED"}, out[-3000:]
     assert [p["status"] for p in parents] == ["KILLED"] and "stopped by SIGINT" in parents[0]["tags"]["error"]
-    result = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600, env=slurm.env)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
-    assert len(table) == 2 and all("FINISHED" in line for line in table)
+    assert_the_rerun_finishes_it(slurm, tmp_path, args)
 
 
 def test_a_task_killed_whole_leaves_no_running_run_and_counts_each_job_once(slurm, tmp_path):
     """SIGKILL to every process of a task at once (a lost node, a job's cgroup killed whole): its jobs' tracking
     processes die with them, so nothing ends their runs. The sweep's end does: each run KILLED with the reason the
     launcher recorded, never RUNNING, and each job counted once (it was once by its run and once by its dir)."""
-    root = tmp_path / "slowdata"
-    make_tiny_set(root, n_train=16000, n_test=500)
-    args = ["-m", "hydra/launcher=slurm", *FITS_NODE, *tiny_overrides(root), "data.batch_size=16", "train.epochs=5",
-            "optimizer=sgd,adam"]
-    proc = subprocess.Popen([sys.executable, "-m", "fmnist_exp", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cli_env(slurm.env))
-    wait_for_log(tmp_path, r"Epoch 1/5", 2, proc)  # both jobs of the fused task are training
+    args, proc = start_training_sweep(slurm, tmp_path)
     task = slurm.jobs()[0].split()[0]
     pids = [int(line.split()[0]) for line in slurm.run("scontrol", "listpids", task).stdout.splitlines()[1:]]
     assert len(pids) >= 3, pids  # at least the batch shell, the task's python and its tracking process
