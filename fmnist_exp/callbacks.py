@@ -145,10 +145,9 @@ class SweepCallback(Callback):
                         if o.run_id is None and name not in with_runs]
                 failures, total = failures + lost, total + len(lost)
             except Exception as e:  # Hydra would turn it into a warning and the sweep would exit 0
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 log.error("The sweep's table and winner were not recorded: the MLflow store %s failed (%s). Each "
                           "job's run and outcome.json are kept; python -m fmnist_exp.report %s prints the table once "
-                          "the store answers", parent["uri"], reason, sweep_dir)
+                          "the store answers", parent["uri"], tracking.first_line(e), sweep_dir)
                 failures, recorded = None, False
         if failures is None:  # untracked, or the store failed: each job's outcome.json is all there is
             failures, total = [f"{name}: {o.error or o.status}" for name, o in unfinished], len(outcomes)

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
     except MlflowException as e:
         reason = ("nothing answers there" if "NewConnectionError" in str(e) or "Connection refused" in str(e)
-                  else (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+                  else tracking.first_line(e, 200))
         raise SystemExit(f"error: cannot read the MLflow store {uri} ({reason}); start the server (make ui) or "
                          "pass --tracking-uri sqlite:///PATH/mlruns/mlflow.db")
     shown = grouped(table, args.by) if args.by else table

@@ -102,9 +102,14 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
     _ANSWERED.add(uri)
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """What an exception says, as one line for a one-line error (its type when it says nothing)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def store_error(uri: str, e: Exception) -> TrackingError:
     """One line for a store that refuses us (unwritable SQLite file, unreachable server, ...)."""
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    reason = first_line(e)
     return TrackingError(f"cannot write to the MLflow store {uri} ({reason}); make it writable or reachable, "
                          "or pass tracking.uri=... (or tracking.enabled=false)")
 
@@ -280,8 +285,7 @@ def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path | Non
             return None
         return Path(c.download_artifacts(run_id, path, str(dst)))
     except Exception as e:  # MLflow raises several types (MlflowException, OSError, requests' errors)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise TrackingError(f"cannot fetch {path} of MLflow run {run_id} from {uri} ({reason}); fix the store "
+        raise TrackingError(f"cannot fetch {path} of MLflow run {run_id} from {uri} ({first_line(e)}); fix the store "
                             "and rerun the same command") from None
 
 
