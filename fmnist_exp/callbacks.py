@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from fmnist_exp import job, tracking, train
+from fmnist_exp import job, stopping, tracking
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.lock = None
-        self.signals: SweepSignals | None = None
+        self.signals: stopping.SweepSignals | None = None
 
     def __getstate__(self) -> dict:  # the dir's lock and the signal handlers stay with the sweep's process
         return {**self.__dict__, "lock": None, "signals": None}  # (joblib pickles us)
@@ -92,7 +92,8 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.lock = claim_dir(config, "sweep")
-        self.signals = SweepSignals(Path(config.hydra.sweep.dir)).install()
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.signals = stopping.SweepSignals(sweep_dir, lambda: bool(job.read_outcomes(sweep_dir))).install()
         if not config.tracking.enabled:
             return
         tracking.silence_noisy_loggers()
@@ -125,7 +126,9 @@ class SweepCallback(Callback):
             self._end(Path(config.hydra.sweep.dir))
         finally:
             self._release()
-            signum = (self.signals.uninstall() if self.signals is not None else None) or job.STOPPED_AFTER_JOBS
+            # a signal while the table was recorded, or one the launcher got once every job had trained (its mark)
+            signum = ((self.signals.uninstall() if self.signals is not None else None)
+                      or stopping.sweep_stopped(Path(config.hydra.sweep.dir)))
             if signum is not None:
                 log.error("Stopped by %s at the sweep's end, once its table and runs were recorded",
                           signal.Signals(signum).name)
@@ -181,39 +184,6 @@ class SweepCallback(Callback):
         where = "" if uri.startswith("http") else " (after make ui)"
         print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
         return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
-
-
-class SweepSignals:
-    """SIGINT / SIGTERM while no job of the sweep's process is training (Hydra composing, the launcher between jobs
-    or groups, workers starting): the same end as a stop during training (job.stop_sweep: the parent KILLED saying
-    why, one line on how to finish the sweep, exit 128+N) instead of a traceback, or a silent death that left the
-    parent RUNNING. A job's training and the fused launcher's workers install their own handlers over these and
-    put them back after. At the sweep's end (`defer`) a signal waits until the table and the runs are recorded."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, sweep_dir: Path):
-        self.sweep_dir, self.deferring, self.signum = sweep_dir, False, None
-        self._handlers = train.Handlers(self.SIGNALS, self._handle)
-
-    def install(self) -> SweepSignals:
-        self._handlers.install()
-        return self
-
-    def defer(self) -> None:
-        self.deferring = True
-
-    def uninstall(self) -> int | None:
-        """Put the previous handlers back; the signal that came while deferring, if any."""
-        self._handlers.restore()
-        return self.signum
-
-    def _handle(self, signum, frame) -> None:
-        if self.deferring:
-            self.signum = self.signum or signum
-            return
-        self.uninstall()  # a second signal: Python's default
-        job.stop_sweep(tracking.read_parent(self.sweep_dir), signum, started=bool(job.read_outcomes(self.sweep_dir)))
 
 
 ORPHANED = ("its process ended without recording the job (killed together with its tracking process: a lost node, "

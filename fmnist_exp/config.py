@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.plugins import Plugins
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 # shipped inside the package (a wheel carries it); the repo's top-level conf/ links here for users to browse
@@ -206,12 +205,6 @@ def register() -> None:
         ("plateau_schema", PlateauScheduleConfig),
     ]:
         cs.store(name=name, node=node)
-    # hydra/launcher=joblib and submitit_local run our subclasses of those plugins' launchers (hydra_plugins/
-    # fmnist_fused_launcher/). Hydra's plugin scan (the one it does at start; done now) may store their own entries
-    # after ours.
-    Plugins.instance()
-    from hydra_plugins.fmnist_fused_launcher.config import store_overrides
-    store_overrides()
 
 
 INITS = ("default", "he", "xavier", "zeros", "normal")

@@ -2,7 +2,7 @@
 shapes (fusion_key) can train as one stacked model (stacked.py, train.fit); plan_groups splits them into jobs with
 and without BatchNorm, then by seed, where a cost estimate (group_cost) says the parts cost less, and cuts groups to
 max_group and to what fits in memory (jobs_that_fit); balance halves groups for worker processes while that ends
-the sweep sooner. The fused launcher (hydra_plugins/fmnist_fused_launcher) asks this module for its plan; a job's
+the sweep sooner. The fused launcher (hydra_plugins/fmnist_launchers) asks this module for its plan; a job's
 own lifecycle is job.py's.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_exp.job import free_memory, pick_device
+from fmnist_exp.machine import free_memory, pick_device
 
 
 def fusion_key(cfg: DictConfig) -> str:

@@ -7,15 +7,12 @@ flag, the data set loaded once) is in `Process`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-import threading
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_exp import config, data, models, step, tracking, train
+from fmnist_exp import config, data, machine, models, step, stopping, tracking, train
 
 log = logging.getLogger("fmnist_exp")
 
@@ -76,24 +73,6 @@ class Outcome:
         (job_dir / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
 
 
-STOPPED_FILE = "sweep_stopped"  # in a sweep dir: the signal that stopped the sweep (see mark_stopped)
-
-
-def mark_stopped(sweep_dir: Path, signum: int) -> None:
-    """A launcher whose jobs run in other processes (joblib, submitit's local executor) was stopped: it forwards the
-    signal to the jobs running, and jobs that start after it (already handed to a worker, or a process still
-    starting) find this mark and end KILLED before they start (run_group)."""
-    with contextlib.suppress(OSError):
-        (sweep_dir / STOPPED_FILE).write_text(str(signum))
-
-
-def sweep_stopped(ctx: JobContext) -> int | None:
-    try:
-        return int((ctx.sweep_dir / STOPPED_FILE).read_text()) if ctx.sweep_dir else None
-    except (OSError, ValueError):
-        return None
-
-
 def read_outcome(job_dir: Path) -> Outcome | None:
     try:
         return Outcome(**json.loads((job_dir / OUTCOME_FILE).read_text()))
@@ -111,18 +90,6 @@ def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
     return out
 
 
-LAUNCHER_GONE = ("its sweep's process died while it trained (kill -9, out of memory?), so its worker stopped it; "
-                 "rerun the sweep with sweep.skip_finished=true")
-PARENT_GONE = ("the sweep's process died before the sweep ended (kill -9, out of memory?); rerun the same command "
-               "with sweep.skip_finished=true to finish it")
-
-
-def launcher_gone() -> bool:
-    """In a launcher's worker process (the fused launcher's, joblib's): whether the launcher has died."""
-    launcher = multiprocessing.parent_process()
-    return launcher is not None and os.getppid() != launcher.pid
-
-
 class Process:
     """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, each
     data set loaded once per device, and (in a launcher's worker) the stop signals between jobs and the watch on the
@@ -130,18 +97,18 @@ class Process:
     launcher; groups of different settings in one worker): each job gets its own."""
 
     def __init__(self):
-        self._watching: train.Handlers | None = None
+        self._parent: dict | None = None  # the sweep's parent run, as this process's last job had it
+        self.signals = stopping.WorkerSignals(lambda: self._parent)
         self._datasets: dict[tuple, data.FashionMNIST] = {}
         self._default_threads: int | None = None  # torch's own choice, before any job set it
         self._flush: bool | None = None  # the denormal flag this process's threads have
         self._pool_started = False  # torch's worker threads may exist: they keep the flag they started with
-        self._parent: dict | None = None  # the sweep's parent run, as this process's last job had it
 
     def configure(self, cfg: DictConfig, ctx: JobContext) -> None:
         self._parent = ctx.parent
         if self._default_threads is None:
             self._default_threads = torch.get_num_threads()
-        threads = pick_threads(cfg.train.threads, ctx.parallel_jobs, self._default_threads)
+        threads = machine.pick_threads(cfg.train.threads, ctx.parallel_jobs, self._default_threads)
         flush = bool(cfg.train.flush_denormal)
         if self._pool_started and self._flush is not None and flush != self._flush:
             raise config.ConfigError(
@@ -156,46 +123,8 @@ class Process:
         self._pool_started = self._pool_started or threads > 1
 
     def watch_signals(self) -> None:
-        """In a launcher's worker process (joblib's loky workers; the fused launcher's call this from their
-        initializer): a process group of its own, so a terminal's Ctrl-C reaches only the launcher, which forwards
-        it once (hydra_plugins/fmnist_fused_launcher/joblib.py), and a stop signal between jobs does not kill the
-        worker: the launcher has marked the sweep stopped first (mark_stopped), so its next jobs end KILLED before
-        they start. A worker whose launcher dies (kill -9) stops its jobs, ends the sweep's parent run, and exits
-        (watch_launcher); before, it waited for work forever, deaf to SIGTERM, its runs RUNNING."""
-        launcher = multiprocessing.parent_process()
-        if self._watching is not None or launcher is None:
-            return
-        with contextlib.suppress(OSError):  # (ProcessLookupError: the launcher is gone; PermissionError)
-            if os.getpgid(0) == os.getpgid(launcher.pid):
-                os.setpgid(0, 0)
-        self._watching = train.Handlers(train.STOP_SIGNALS, self._between_jobs).install()
-        self.watch_launcher(launcher.pid)
-
-    def watch_launcher(self, pid: int) -> None:
-        """A thread that sends this process SIGTERM once the launcher (`pid`) has died: a job training stops KILLED
-        with its checkpoint (then settle ends the process), and an idle worker ends at once (_between_jobs)."""
-        def watch() -> None:
-            while os.getppid() == pid:
-                time.sleep(1.0)
-            os.kill(os.getpid(), signal.SIGTERM)
-        threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
-
-    def _between_jobs(self, signum, frame) -> None:
-        if launcher_gone():
-            self.abandon()
-
-    def abandon(self) -> None:
-        """The launcher is dead and no job of this worker trains: end the sweep's parent run KILLED (nobody else
-        will: its table is never printed), then exit; the jobs' tracking processes end with it."""
-        parent = self._parent
-        if parent:
-            with contextlib.suppress(Exception):
-                c = tracking.client(parent["uri"])
-                if c.get_run(parent["run_id"]).info.status == "RUNNING":
-                    c.set_tag(parent["run_id"], "error", PARENT_GONE)
-                    tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
-        logging.shutdown()
-        os._exit(1)
+        """In a launcher's worker process: stops between jobs and the launcher's death handled (stopping.py)."""
+        self.signals.install()
 
     def dataset(self, cfg: DictConfig, device: torch.device) -> data.FashionMNIST:
         d = cfg.data
@@ -207,32 +136,6 @@ class Process:
 
 
 PROCESS = Process()
-
-
-def pick_device(name: str) -> torch.device:
-    """auto = CUDA when there is a GPU, else CPU; asking for CUDA without one is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise config.ConfigError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def free_memory() -> int:
-    """Bytes of memory free now (not counting the page cache)."""
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def pick_threads(requested: int | None, parallel_jobs: int | None, default: int) -> int:
-    """Torch threads: as requested, else the cores shared evenly among parallel jobs, else torch's `default`."""
-    if requested:
-        return requested
-    return max(1, cores() // parallel_jobs) if parallel_jobs else default
 
 
 OPTIMIZER_KINDS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"}
@@ -325,7 +228,7 @@ class Job:
             if action == "resume":
                 resume_id = earlier.info.run_id
         (ctx.job_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        device = pick_device(cfg.train.device)
+        device = machine.pick_device(cfg.train.device)
         self.process.configure(cfg, ctx)
         self.dataset = self.process.dataset(cfg, device)
         self.member = build(cfg, device, ctx.run_name, ctx.job_dir)
@@ -562,8 +465,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
     job_dirs = [ctx.job_dir for _, ctx in members]
     for outcome, job_dir in zip(outcomes, job_dirs):
         outcome.write(job_dir)
-    if launcher_gone():  # nobody waits for these outcomes: the jobs are recorded, the worker goes
-        PROCESS.abandon()
+    if stopping.launcher_gone():  # nobody waits for these outcomes: the jobs are recorded, the worker goes
+        PROCESS.signals.abandon()
     cfg, ctx = members[0]  # the jobs of a process share their sweep
     parent, uri = ctx.parent, ctx.tracking_uri(cfg)
     signum = next((o.signum for o in outcomes if o.signum is not None), None)
@@ -586,53 +489,25 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
                       reason)
     if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep or multiprocessing.parent_process() is not None:
         return  # a cluster job, or a launcher's worker process: the launcher's process ends the sweep
-    stop_sweep(parent, signum, sweep=ctx.multirun)
-
-
-STOPPED_AFTER_JOBS: int | None = None  # a stop signal the launcher got once every job had ended: the sweep's end
-# records its table first (callbacks.SweepCallback.on_multirun_end), then exits 128+N
-
-
-def stop_sweep(parent: dict | None, signum: int, sweep: bool = True, started: bool = True):
-    """The user stopped the process with signal `signum`: close the sweep's parent run too (if any: KILLED, saying
-    why), say how to finish the sweep, and exit as an interrupted process does (128 + N). Every launcher ends a
-    stopped sweep this way; a single run (`sweep=False`) only exits: its job has said how to resume it. A sweep
-    stopped before any job `started` recorded nothing: its parent is left to the exit hook, which deletes it
-    (callbacks.end_if_running)."""
-    name = signal.Signals(signum).name
-    if sweep and not started:
-        log.error("Sweep stopped by %s before any job started: nothing was recorded", name)
-        sys.exit(128 + signum)
-    if parent:
-        try:
-            tracking.client(parent["uri"]).set_tag(parent["run_id"], "error", f"stopped by {name}: rerun the same "
-                                                   f"command with sweep.skip_finished=true to finish it")
-            tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
-        except Exception as e:  # exiting anyway: the atexit check (callbacks.end_if_running) tries again
-            log.error("could not end the sweep's parent run: %s", e)
-    if sweep:
-        log.error("Sweep stopped by %s: its unfinished jobs are KILLED with their last epoch's checkpoint; to finish "
-                  "it, rerun the same command with sweep.skip_finished=true (finished jobs are skipped, stopped ones "
-                  "resume)", name)
-    sys.exit(128 + signum)
+    stopping.stop_sweep(parent, signum, sweep=ctx.multirun)
 
 
 KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
                   tracking.TrackingError, step.CaptureFailed)
 
 
-def run(cfg: DictConfig, ctx: JobContext, stop: train.StopOnSignal, process: Process = PROCESS) -> Outcome:
+def run(cfg: DictConfig, ctx: JobContext, stop: stopping.StopOnSignal, process: Process = PROCESS) -> Outcome:
     """One job, start to end: a group of one."""
     return run_group([(cfg, ctx)], stop, process)[0]
 
 
-def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSignal,
+def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopOnSignal,
               process: Process = PROCESS) -> list[Outcome]:
     """Jobs that share a training step (fusion.fusion_key), prepared one by one, trained together as one stacked model
     (train.fit), then each completed or failed on its own; one Outcome per job, in order. A job's failure is its
     own; a signal stops them all, each KILLED with its own last checkpoint."""
     first, first_ctx = members[0]
-    spare = cores() // (first_ctx.parallel_jobs or 1) - 1  # cores this process's share leaves beside its training
+    spare = machine.cores() // (first_ctx.parallel_jobs or 1) - 1  # cores this process's share leaves beside its training
     n = tracking.processes_for(len(members), spare, first.tracking.processes) if first.tracking.enabled else 1
     if n > 1:
         log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)
@@ -652,12 +527,13 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
             jobs[i].close()
 
     def fail(i: int, e: BaseException) -> None:
-        if isinstance(e, train.Interrupted) and launcher_gone():
-            end(i, lambda: jobs[i].fail("KILLED", LAUNCHER_GONE, e.signum))
-        elif isinstance(e, train.Interrupted):
-            told = sweep_stopped(jobs[i].ctx)  # what the user stopped the sweep with: submitit's controller
-            if told is not None and told != e.signum:  # forwards a Ctrl-C to its task as SIGTERM
-                e = train.Interrupted(told, e.started)
+        if isinstance(e, stopping.Interrupted) and stopping.launcher_gone():
+            end(i, lambda: jobs[i].fail("KILLED", stopping.LAUNCHER_GONE, e.signum))
+        elif isinstance(e, stopping.Interrupted):
+            # what the user stopped the sweep with: submitit's controller forwards a Ctrl-C to its task as SIGTERM
+            told = stopping.sweep_stopped(jobs[i].ctx.sweep_dir)
+            if told is not None and told != e.signum:
+                e = stopping.Interrupted(told, e.started)
             end(i, lambda: jobs[i].fail("KILLED", str(e), e.signum))
         elif isinstance(e, KNOWN_FAILURES):
             end(i, lambda: jobs[i].fail("FAILED", str(e), stop.signum))
@@ -685,9 +561,9 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
 
     for i, job in enumerate(jobs):
         try:
-            stopped = stop.signum or sweep_stopped(job.ctx)
+            stopped = stop.signum or stopping.sweep_stopped(job.ctx.sweep_dir)
             if stopped is not None:
-                raise train.Interrupted(stopped, started=False)
+                raise stopping.Interrupted(stopped, started=False)
             skipped = job.prepare()
             if skipped is not None:
                 end(i, lambda: skipped)

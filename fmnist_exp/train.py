@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from fmnist_exp.data import FashionMNIST, batch_sizes, pixels, write_atomic
 from fmnist_exp.data import orders as data_orders
 from fmnist_exp.stacked import StackedModel, StackedOptimizer, job_losses
 from fmnist_exp.step import Stepper, graph_kind
+from fmnist_exp.stopping import Interrupted, StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -32,79 +32,13 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class Interrupted(Exception):
-    """SIGINT, SIGTERM or SIGUSR2 arrived: the current epoch was abandoned; the last completed one is
-    checkpointed."""
-
-    def __init__(self, signum: int, started: bool = True):
-        why = " (SLURM's warning before a time limit or preemption)" if signum == signal.SIGUSR2 else ""
-        super().__init__(f"interrupted by {signal.Signals(signum).name}{why}{'' if started else ' before it started'}")
-        self.signum, self.started = signum, started
-
-
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the configured model or optimizer."""
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-
-
-class Handlers:
-    """One handler for some signals while installed, the previous ones put back after: what StopOnSignal, the
-    sweep's callbacks.SweepSignals and the fused launcher's signal forwarding share. Off the main thread (where
-    Python allows no handlers; some launchers run jobs there) it installs none and leaves the process's own."""
-
-    def __init__(self, signals, handler):
-        self.signals, self.handler, self._previous = tuple(signals), handler, {}
-
-    def install(self) -> Handlers:
-        try:
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self.handler)
-        except ValueError:  # not the main thread
-            self._previous.clear()
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # Set in a fused worker process whose launcher draws the sweep's one progress bar (_workers.py): each job-epoch
 # trained (or skipped by a job that left early) is reported there, and no batch bar is drawn here.
 EPOCHS_DONE = None  # (count) -> None
-
-
-class StopOnSignal:
-    """While active, SIGINT/SIGTERM/SIGUSR2 only set `signum`: the loop stops at the next step and the job records
-    itself KILLED (SIGUSR2 is SLURM's warning before a time limit or preemption: job.settle then hands it to
-    submitit, which requeues the job). A second signal during training stops it at once (raised where it lands; the
-    last epoch's checkpoint is intact), a second one after training (testing, logging, or recording a stop) is
-    ignored, and a third goes to the handler that was there before (Python's default in a single run: the process
-    stops at once)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.count = 0
-        self.recording = False  # set once training is over: the job is writing its results or its stop
-        self._handlers = Handlers(STOP_SIGNALS, self._handle)
-
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count == 1:
-            self.signum = signum
-            return
-        self._handlers.restore()  # a third signal is not ignored
-        if not self.recording:
-            raise Interrupted(signum)
-
-    def __enter__(self):
-        self._handlers.install()
-        return self
-
-    def __exit__(self, *exc):
-        self._handlers.restore()
 
 
 @dataclass

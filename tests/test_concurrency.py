@@ -24,7 +24,7 @@ JOBS, REPS = 8, 5
 
 def released_together(barrier, root: Path, uri: str, parents: list[dict], job_dir: Path, index: int, results):
     from conftest import compose_cfg
-    from fmnist_exp import job, train
+    from fmnist_exp import job, stopping
     # start this process's tracking process and let it finish its imports first, so that what the barrier
     # releases at one instant is the jobs' own writes
     warm = tracking.Tracker(uri, "warm", job_dir / "warm")
@@ -36,7 +36,7 @@ def released_together(barrier, root: Path, uri: str, parents: list[dict], job_di
                           f"tracking.experiment={parent['experiment']}")
         ctx = job.JobContext(job_dir=job_dir / f"rep{rep}", run_name=f"job{index}", parent=parent, multirun=True)
         barrier.wait(timeout=600)
-        outcome = job.run(cfg, ctx, train.StopOnSignal(), process)
+        outcome = job.run(cfg, ctx, stopping.StopOnSignal(), process)
         results.put((rep, index, outcome.status, outcome.error))
 
 

@@ -15,9 +15,9 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 from mlflow import MlflowClient
 
 from conftest import compose_cfg, run_cli, store_runs, tiny_overrides
-from fmnist_exp import fusion, job, train
-from hydra_plugins.fmnist_fused_launcher import _core
-from hydra_plugins.fmnist_fused_launcher.fused_launcher import FusedLauncher
+from fmnist_exp import fusion, job, stopping
+from hydra_plugins.fmnist_launchers import _core
+from hydra_plugins.fmnist_launchers.fused_launcher import FusedLauncher
 
 
 def test_the_launcher_is_found_the_way_hydra_finds_plugins():
@@ -121,7 +121,7 @@ def test_each_job_config_is_composed_once_for_the_sweeper_and_the_launcher():
 
     from conftest import CONF
     from fmnist_exp import config
-    from hydra_plugins.fmnist_fused_launcher import _core
+    from hydra_plugins.fmnist_launchers import _core
     config.register()
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
     master = loader.load_configuration("config", overrides=["optimizer=sgd,adam"], run_mode=RunMode.MULTIRUN)
@@ -149,10 +149,10 @@ def test_a_job_trained_in_a_group_matches_the_job_trained_alone(tmp_path, tiny_r
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(3)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(3)]
     process = job.Process()
-    outcomes = job.run_group(list(zip(cfgs, fused)), train.StopOnSignal(), process)
+    outcomes = job.run_group(list(zip(cfgs, fused)), stopping.StopOnSignal(), process)
     assert [o.status for o in outcomes] == ["FINISHED"] * 3
     for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):
-        assert job.run(cfg, ctx_a, train.StopOnSignal(), process).status == "FINISHED"
+        assert job.run(cfg, ctx_a, stopping.StopOnSignal(), process).status == "FINISHED"
         initial = job.build(cfg, torch.device("cpu")).model.state_dict()
         assert all(torch.equal(initial[k], v) for k, v in
                    job.build(cfg, torch.device("cpu")).model.state_dict().items())  # seeded: the same start
@@ -205,10 +205,10 @@ def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(4)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(4)]
     process = job.Process()
-    outcomes = job.run_group(list(zip(cfgs, fused)), train.StopOnSignal(), process)
+    outcomes = job.run_group(list(zip(cfgs, fused)), stopping.StopOnSignal(), process)
     assert [o.status for o in outcomes] == ["FINISHED"] * len(cfgs)
     for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):
-        assert job.run(cfg, ctx_a, train.StopOnSignal(), process).status == "FINISHED"
+        assert job.run(cfg, ctx_a, stopping.StopOnSignal(), process).status == "FINISHED"
         f, a = history(ctx_f.job_dir), history(ctx_a.job_dir)
         assert [{k: v for k, v in h.items() if k != "epoch_time"} for h in f] == \
                [{k: v for k, v in h.items() if k != "epoch_time"} for h in a]
@@ -458,7 +458,7 @@ def test_a_worker_killed_outright_loses_only_its_own_jobs(tmp_path):
     from pathlib import Path
 
     from conftest import make_tiny_set
-    from hydra_plugins.fmnist_fused_launcher._workers import LOST
+    from hydra_plugins.fmnist_launchers._workers import LOST
     from test_reliability import start_cli
     root = tmp_path / "slowdata"
     make_tiny_set(root, n_train=16000, n_test=500)

@@ -7,14 +7,14 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import compose_cfg, tiny_overrides
-from fmnist_exp import job, tracking, train
+from fmnist_exp import job, stopping, tracking
 
 
 def run_job(tmp_path, tiny_root, name: str, *overrides: str, process=None):
     cfg = compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2",
                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides)
     ctx = job.JobContext(job_dir=tmp_path / name, run_name=name, overrides=list(overrides))
-    return job.run(cfg, ctx, train.StopOnSignal(), process or job.Process())
+    return job.run(cfg, ctx, stopping.StopOnSignal(), process or job.Process())
 
 
 @pytest.mark.parametrize("monitor,metric", [("valid_loss", "ckpt_valid_loss"), ("valid_acc", "ckpt_valid_acc")])

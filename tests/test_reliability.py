@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
-from fmnist_exp import job, train
+from fmnist_exp import job, stopping, train
 
 
 def client(cwd, uri=None):
@@ -706,9 +706,9 @@ def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, 
     runs = assert_nothing_running(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
     assert children and {r["status"] for r in children} == {"KILLED"}, children
-    assert {r["tags"]["error"] for r in children} == {job.LAUNCHER_GONE}, children
+    assert {r["tags"]["error"] for r in children} == {stopping.LAUNCHER_GONE}, children
     (parent,) = [r for r in runs if r not in children]
-    assert parent["status"] == "KILLED" and parent["tags"]["error"] == job.PARENT_GONE, parent
+    assert parent["status"] == "KILLED" and parent["tags"]["error"] == stopping.PARENT_GONE, parent
     again = run_cli(*args, "sweep.skip_finished=true", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4

@@ -128,16 +128,16 @@ def test_a_submitit_local_task_killed_outright_is_recorded_and_the_sweep_ends_wi
                                     for r in killed), killed
 
 
-@pytest.mark.parametrize("name,target", [("submitit_slurm", "slurm.FmnistSlurmLauncher"),
-                                         ("submitit_local", "slurm.FmnistLocalLauncher"),
-                                         ("joblib", "joblib.FmnistJoblibLauncher")])
+@pytest.mark.parametrize("name,target", [("submitit_slurm", "slurm_launcher.FmnistSlurmLauncher"),
+                                         ("submitit_local", "submitit_local_launcher.FmnistLocalLauncher"),
+                                         ("joblib", "joblib_launcher.FmnistJoblibLauncher")])
 def test_the_plugins_own_launcher_names_run_our_launchers(tmp_path, name, target):
     """hydra/launcher=submitit_slurm, as Hydra's docs name it, is our watched SLURM launcher with the plugin's
     defaults (the plugin's own waited forever on a cancelled job where sacct does not run), as submitit_local and
     joblib are ours."""
     result = run_cli(f"hydra/launcher={name}", "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"_target_: hydra_plugins.fmnist_fused_launcher.{target}\n" in result.stdout
+    assert f"_target_: hydra_plugins.fmnist_launchers.{target}\n" in result.stdout
 
 
 def test_a_failed_squeue_does_not_make_a_running_slurm_task_lost(tmp_path, monkeypatch):
@@ -146,7 +146,7 @@ def test_a_failed_squeue_does_not_make_a_running_slurm_task_lost(tmp_path, monke
     it stays out of a queue that squeue did answer for LOST_AFTER_S."""
     import types
 
-    from hydra_plugins.fmnist_fused_launcher import slurm
+    from hydra_plugins.fmnist_launchers import slurm_launcher as slurm
     clock = [0.0]
     monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(slurm.time, "sleep", lambda dt: clock.__setitem__(0, clock[0] + dt))

@@ -17,9 +17,7 @@ per poll and never learns that a job was cancelled, so the sweep waits forever. 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +29,8 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
+
+from fmnist_exp import launching as app
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,12 @@ class FmnistSlurmLauncher(SlurmLauncher):
         (`_stop_tasks`) and the sweep ends as under every launcher (Forward.end_sweep: the parent KILLED, one line
         on how to finish it, exit 128+N). Before, the watcher exited saying nothing was recorded while the tasks
         trained on, unwatched."""
-        from fmnist_exp import job
-
-        from ._workers import Forward
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         self._tasks = []
-        with Forward(sweep_dir) as self._signals:  # jobs not started yet find its stop mark and end KILLED
+        with app.Forward(sweep_dir) as self._signals:  # jobs not started yet find its stop mark and end KILLED
             self._signals.forward = self._stop_tasks
             results = self._launch(job_overrides, initial_job_idx)
-        self._signals.end_sweep(sweep_dir, (o for _, o in job.read_outcomes(sweep_dir)), len(job_overrides),
+        self._signals.end_sweep(sweep_dir, (o for _, o in app.read_outcomes(sweep_dir)), len(job_overrides),
                                 jobs_signals=self._EXECUTOR == "local")  # on a cluster, a job's SIGTERM is scancel's
         return results
 
@@ -130,10 +127,7 @@ class FmnistSlurmLauncher(SlurmLauncher):
         Singleton.set_state(singleton_state)
         setup_globals()
         if sharing:  # tasks started at once on this machine: torch's threads share its cores (job.Process reads it)
-            import torch
-
-            from fmnist_exp import job
-            torch.set_num_threads(max(1, job.cores() // sharing))
+            app.share_cores(sharing)
         task_id = submitit.JobEnvironment().job_id
         configs = [_core.job_config(self.hydra_context, self.config, overrides, idx, job_id=task_id)
                    for overrides, idx in jobs]
@@ -175,7 +169,6 @@ def impossible_request(reason: str, params: dict[str, Any]) -> str:
 def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params: dict[str, Any]) -> list[JobReturn]:
     """Wait for every task of the array (task t runs the jobs `groups[t]`), with one status line; jobs of a lost
     task are recorded (in `dir_of(i)`, job i's output dir), impossible requests stop the sweep."""
-    from fmnist_exp import job as fjob
     array_id = tasks[0].job_id.split("_")[0]
     n_jobs = sum(len(g) for g in groups)
     results: dict[int, JobReturn] = {}  # by job
@@ -203,10 +196,7 @@ def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params:
                              f"see {task.paths.stderr})")
                     log.error("%s", error)
                     for i in groups[t]:
-                        folder = dir_of(i)
-                        if not (folder / fjob.OUTCOME_FILE).is_file():
-                            folder.mkdir(parents=True, exist_ok=True)
-                            fjob.Outcome("KILLED", error=error).write(folder)
+                        app.record_killed(dir_of(i), error)
                         results[i] = _no_return()
                     ended.add(t)
             elif state == "RUNNING" and t not in started:
@@ -240,23 +230,6 @@ def _result(task, n: int) -> list[JobReturn]:
         return [_no_return() for _ in range(n)]
 
 
-def _relay(path: Path, offset: int) -> int:
-    """Print the app's lines that a local task wrote to its stdout file since `offset` (epoch lines, test scores,
-    errors; not submitit's own), as the fused launcher's workers print theirs: without it the sweep was silent
-    from submission to its table. Returns how far the file was read (up to its last whole line)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-    except OSError:  # not written yet
-        return offset
-    whole = chunk[:chunk.rfind(b"\n") + 1]
-    lines = [line for line in whole.decode(errors="replace").splitlines() if "][fmnist_exp" in line]
-    if lines:
-        print("\n".join(lines), flush=True)
-    return offset + len(whole)
-
-
 def _no_return() -> JobReturn:
     """A job that produced no return value: COMPLETED for Hydra's sweeper (which would raise on FAILED and skip the
     sweep's table), None as value; its run or outcome.json says what happened."""
@@ -264,78 +237,3 @@ def _no_return() -> JobReturn:
     r.status = JobStatus.COMPLETED
     r._return_value = None
     return r
-
-
-class FmnistLocalLauncher(FmnistSlurmLauncher):
-    """`hydra/launcher=submitit_local`: the SLURM path (a task per fused group, the same lifecycle) on this machine,
-    through submitit's local executor, which starts every task at once, each a process under a controller process
-    of submitit's. What submitit's own local launcher lacked, added here:
-
-    - torch threads: the cores shared among the tasks (each task took them all: 4 jobs on 2 cores trained 50-500x
-      slower than under joblib);
-    - a stop signal to the sweep's process (Ctrl-C, `kill PID`) reaches each task once, as SIGTERM through its
-      controller (which forwards SIGTERM): the running jobs end KILLED with their checkpoints, the others before they
-      start (job.mark_stopped), and the sweep stops in one line. Before, `kill PID` left every task training
-      unwatched; a terminal's Ctrl-C reached submitit's controllers, which printed tracebacks and SIGKILLed their
-      tasks a second later (controllers and tasks now start with SIGINT blocked);
-    - a task that ends without a result (kill -9, out of memory) is recorded KILLED and the sweep goes on to its table
-      (submitit raised 'has not produced any output': a Hydra traceback, no table, the run RUNNING for good).
-    """
-
-    _EXECUTOR = "local"
-
-    def _stop_tasks(self, signum: int) -> None:
-        """SIGTERM to each running task's controller, which sends it on to the task (a signal before the tasks
-        exist is left to the stop mark: job.mark_stopped)."""
-        for task in self._tasks:
-            process = getattr(task, "_process", None)  # submitit's LocalJob: its controller's Popen
-            if process is not None and process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-
-    def _sharing(self, n_tasks: int) -> int | None:
-        return n_tasks
-
-    def _submit(self, tasks):
-        # SIGINT blocked while submitit starts its controllers: they and their tasks keep it blocked (a terminal's
-        # Ctrl-C reaches only this process, which forwards it once); one that comes meanwhile is handled after
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            return super()._submit(tasks)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-    def _watch(self, tasks, groups: list[list[int]], dir_of: Callable[[int], Path]) -> list[JobReturn]:
-        from fmnist_exp import job as fjob, train
-        results: dict[int, JobReturn] = {}
-        ended: set[int] = set()
-        read: dict[int, int] = {}  # task -> how far its stdout was relayed
-        while len(ended) < len(tasks):
-            for t, task in enumerate(tasks):
-                if t in ended:
-                    continue
-                read[t] = _relay(task.paths.stdout, read.get(t, 0))
-                if task.paths.result_pickle.exists():
-                    read[t] = _relay(task.paths.stdout, read[t])  # its last lines
-                    results.update(zip(groups[t], _result(task, len(groups[t]))))
-                    ended.add(t)
-                elif task.done():  # its controller exited without a result
-                    read[t] = _relay(task.paths.stdout, read[t])  # its last lines (an error, a signal's)
-                    stopped = self._signals.signum
-                    error = (str(train.Interrupted(stopped, started=False)) if stopped else
-                             f"its process ended without a result (killed, or out of memory: see "
-                             f"{task.paths.stderr}); rerun the sweep with sweep.skip_finished=true")
-                    if not stopped:
-                        log.error("submitit task %s: %s", task.job_id, error)
-                    for i in groups[t]:
-                        folder = dir_of(i)
-                        if not (folder / fjob.OUTCOME_FILE).is_file():
-                            folder.mkdir(parents=True, exist_ok=True)
-                            fjob.Outcome("KILLED", error=error, signum=stopped).write(folder)
-                        results[i] = _no_return()
-                    ended.add(t)
-            if len(ended) < len(tasks):
-                time.sleep(0.2)
-        with contextlib.suppress(OSError):  # submitit's local controllers make their folder's pattern too: an
-            Path(str(self.params["submitit_folder"])).rmdir()  # empty `%j` dir beside the tasks' own
-        return [results[i] for i in range(sum(len(g) for g in groups))]

@@ -1,6 +1,6 @@
-"""The fused launcher's work: compose every job, group the ones that can share a training step, train each group
-as one stacked model (in this process, or in worker processes: _workers.py), and return one JobReturn per job in
-input order.
+"""What every launcher here does around the app: compose each job, group the ones that can share a training step,
+do what Hydra does before and after a job, and train a group in this process (`run_group`); worker processes are
+_workers.py.
 
 A job keeps what a job launched by Hydra has: its output dir (.hydra/ configs saved), HydraConfig set while it
 is prepared, on_job_start/on_job_end callbacks, and its own MLflow run (fmnist_exp.job). Apps other than
@@ -16,52 +16,12 @@ from typing import Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (JobReturn, JobRuntime, JobStatus, _save_config, configure_log, filter_overrides,
-                              run_job, setup_globals)
+                              run_job)
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from fmnist_exp import launching as app
+
 log = logging.getLogger(__name__)
-
-
-def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    setup_globals()
-    config = launcher.config
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    configs = load_configs(launcher, job_overrides, initial_job_idx)
-    groups, workers = plan(configs, launcher.max_group, pick_workers(launcher, configs),
-                           required=bool(launcher.n_jobs))
-    if groups is None:
-        return [run_one(launcher, c) for c in configs]
-    if workers > 1:
-        from . import _workers
-        return _workers.launch(launcher, configs, groups, workers)
-    results: list[JobReturn | None] = [None] * len(configs)
-    for n, members in enumerate(groups, start=1):
-        for i, ret in zip(members, run_group(launcher, [configs[i] for i in members], group_name=f"{n}")):
-            results[i] = ret
-    return results
-
-
-WORKER_BYTES = 3 << 29  # 1.5 GB of free memory per worker process
-
-
-def pick_workers(launcher, configs: list[DictConfig]) -> int:
-    """Groups trained at once, each in a process of its own: hydra.launcher.n_jobs, else one per CPU core (each
-    torch thread a core: on a CPU, a process per core beats threads on ops this small, benchmarks/RESULTS.md), and
-    one on a GPU, which a single process keeps busy."""
-    if launcher.n_jobs:
-        return int(launcher.n_jobs)
-    if not all(is_fmnist_job(c) for c in configs):
-        return 1
-    from fmnist_exp import fusion, job
-    if any(fusion.on_gpu(c) for c in configs):
-        return 1
-    threads = max(int(c.train.threads or 1) for c in configs)
-    try:  # a worker and its tracking process peak at ~1.1 GB (benchmarks/RESULTS.md)
-        memory = job.free_memory() // WORKER_BYTES
-    except (ValueError, OSError, AttributeError):
-        memory = job.cores()
-    return max(1, min(job.cores() // threads, memory))
 
 
 def load_configs(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[DictConfig]:
@@ -111,34 +71,18 @@ def job_config(hydra_context, config: DictConfig, overrides: Sequence[str], num:
 
 def plan(configs: list[DictConfig], max_group: int | None, workers: int = 1,
          required: bool = False) -> tuple[list[list[int]] | None, int]:
-    """Indices of `configs` in fused groups (fusion.plan_groups), and how many train at once: up to `workers`, each in a
-    process of its own, the groups then balanced for them (fusion.balance) when that pays (fusion.workers_pay) or the
-    user asked for them (`required`); a log line per group says what it shares. (None, 1) when they are not all
-    fmnist_exp jobs (nothing to fuse: they run one by one)."""
-    if not all(is_fmnist_job(c) for c in configs):
+    """Indices of `configs` in fused groups, and how many train at once (app.plan), a log line per group saying what
+    it shares; (None, 1) when they are not all fmnist_exp jobs (nothing to fuse: they run one by one)."""
+    if not all(app.is_job(c) for c in configs):
         log.info(f"Launching {len(configs)} jobs one by one (not fmnist_exp jobs: nothing to fuse)")
         return None, 1
-    from fmnist_exp import fusion
-    task_cfgs = [task_config(c) for c in configs]
-    groups = fusion.plan_groups(task_cfgs, max_group)
-    if workers > 1:
-        balanced = fusion.balance(groups, task_cfgs, workers)
-        if required or fusion.workers_pay(groups, balanced, task_cfgs, workers):
-            groups = balanced
-        else:
-            workers = 1
-    workers = min(workers, len(groups))
+    planned = app.plan([task_config(c) for c in configs], max_group, workers, required)
+    groups, workers = planned.groups, planned.workers
     log.info(f"Launching {len(configs)} jobs as {len(groups)} fused group(s)"
              + (f", {workers} at a time (a process each)" if workers > 1 else ""))
-    for n, members in enumerate(groups, start=1):
-        log.info(f"Group {n}/{len(groups)}: {len(members)} job(s) sharing "
-                 f"{fusion.describe_fusion([task_cfgs[i] for i in members])}")
+    for n, (members, shares) in enumerate(zip(groups, planned.shares), start=1):
+        log.info(f"Group {n}/{len(groups)}: {len(members)} job(s) sharing {shares}")
     return groups, workers
-
-
-def is_fmnist_job(config: DictConfig) -> bool:
-    target = OmegaConf.select(config, "model._target_", default="")
-    return isinstance(target, str) and target.startswith("fmnist_exp.models.") and "train" in config
 
 
 def task_config(config: DictConfig) -> DictConfig:
@@ -181,7 +125,6 @@ def job_dir(config: DictConfig) -> Path:
 def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobReturn]:
     """Train `configs` together in this process (fmnist_exp.job.run_group); each job gets its JobReturn and
     callbacks."""
-    from fmnist_exp import job
     members, hydra_cfgs = start_jobs(launcher, configs, group_name)
     configure_log(job_console(launcher.config.hydra), launcher.config.hydra.verbose)
     try:
@@ -189,21 +132,20 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
     finally:
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     results = end_jobs(launcher, configs, hydra_cfgs, members, outcomes)
-    job.settle(outcomes, members)
+    app.settle(outcomes, members)
     return results
 
 
 def start_jobs(launcher, configs: list[DictConfig], group_name: str, parallel_jobs: int | None = None):
     """What Hydra does before a job's task, for each job of a group: output dir, .hydra/ configs, on_job_start.
     Returns each job's (task config, JobContext) and its HydraConfig."""
-    from fmnist_exp import job
     members, hydra_cfgs = [], []
     for config in configs:
         enter_job(config)
         hydra_cfgs.append(copy.deepcopy(HydraConfig.instance().cfg))
-        ctx = job.JobContext.from_hydra(config.hydra)
+        ctx = app.JobContext.from_hydra(config.hydra)
         ctx.group = group_name
-        ctx.parallel_jobs = parallel_jobs  # processes sharing the cores (torch threads: job.pick_threads)
+        ctx.parallel_jobs = parallel_jobs  # processes sharing the cores (their torch threads)
         members.append((task_config(config), ctx))
         launcher.hydra_context.callbacks.on_job_start(config=config, task_function=launcher.task_function)
     return members, hydra_cfgs
@@ -229,15 +171,13 @@ def job_console(hydra: DictConfig) -> DictConfig | None:
 def train_group(members: list) -> list:
     """The jobs of one group trained together (fmnist_exp.job.run_group), their log lines also in each job dir's
     group.log; a signal stops them all, each KILLED with its checkpoint. Returns each job's Outcome."""
-    from fmnist_exp import job, train
     root = logging.getLogger()
     handlers = group_log([ctx.job_dir / "group.log" for _, ctx in members])
     for h in handlers:
         h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(h)
     try:
-        with train.StopOnSignal() as stop:
-            return job.run_group(members, stop)
+        return app.run_group(members)
     finally:
         for h in handlers:
             root.removeHandler(h)

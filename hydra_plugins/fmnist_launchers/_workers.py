@@ -23,16 +23,14 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterable
 
 from hydra.core.utils import JobReturn, configure_log
 from omegaconf import DictConfig
 
-from fmnist_exp.train import STOP_SIGNALS, Handlers
+from fmnist_exp import launching as app
 
 from . import _core
 
@@ -46,20 +44,19 @@ LOST_WAIT_S = 15.0  # how long a dead worker's tracking process may take to end 
 def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers: int) -> list[JobReturn]:
     """Train `groups` (indices of `configs`, costliest first) on `workers` worker processes; one JobReturn per
     job in input order. After a signal: the running groups end KILLED, the rest never start, the sweep exits."""
-    from fmnist_exp import job, tracking
-    tracking.TRACKING_PROCESS.discard_unused()  # each worker has its own tracking process
+    app.discard_tracking_process()  # each worker has its own tracking process
     hydra = launcher.config.hydra
     logging_cfg = (_core.job_console(hydra), hydra.verbose)  # jobs' lines as under any launcher
     results: list[JobReturn | None] = [None] * len(configs)
     pending = list(enumerate(groups, start=1))
     running: dict = {}
     free_slots = list(range(workers))
-    signals = Forward(Path(str(hydra.sweep.dir)))  # a worker that gets the signal before its group's handlers are
+    signals = app.Forward(Path(str(hydra.sweep.dir)))  # a worker that gets the signal before its group's handlers are
     # in place (unpickling, logging set up) would ignore it: its jobs then find the sweep's stop mark and end KILLED
     outcomes_seen = []
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
     # the sweep's bar where a run would draw one
-    feed = _Feed(sum(int(c.train.epochs) for c in configs)) if job.shows_progress(configs[0]) else None
+    feed = _Feed(sum(int(c.train.epochs) for c in configs)) if app.shows_progress(configs[0]) else None
     configure_log(*logging_cfg)  # the workers' lines this process prints (the sweep's bar) and its own, alike
     with signals, feed or contextlib.nullcontext():
         try:
@@ -85,7 +82,7 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                         if isinstance(e, BrokenProcessPool):  # the slot's next group gets a fresh worker
                             pools[slot].shutdown(wait=True)
                             pools[slot] = None
-                        outcomes = record_lost(members)
+                        outcomes = app.record_lost(members, LOST, LOST_WAIT_S)
                     outcomes_seen += outcomes
                     if feed is not None:
                         feed.group_done(members)
@@ -109,7 +106,7 @@ def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queu
                                               initializer=_init_worker, initargs=(feed_queue,))
         # a worker starts (spawned in submit) with the stop signals blocked: one that reaches it while it imports
         # waits for _init_worker, which records it, rather than a KeyboardInterrupt killing it mid-import
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, app.STOP_SIGNALS)
         try:
             return pools[slot].submit(train_in_worker, members, logging_cfg)
         except BrokenProcessPool as e:
@@ -123,49 +120,13 @@ def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queu
     return future
 
 
-def record_lost(members: list) -> list:
-    """The outcomes of a group whose worker died: each job KILLED with LOST, written to its job dir. The jobs' runs
-    were made by the worker's tracking process, which ends them KILLED when the worker goes (tracking_process.serve):
-    once it has (or after LOST_WAIT_S), each such run gets LOST as its reason and its id goes into the outcome, so
-    that no run stays RUNNING and the sweep's end counts the job once, by its run."""
-    from fmnist_exp import job, tracking, tracking_process
-    outcomes = [job.Outcome("KILLED", error=LOST) for _ in members]
-    parent = members[0][1].parent  # the jobs of a group share their sweep
-    tracked = [i for i, (cfg, _) in enumerate(members) if cfg.tracking.enabled]
-    if parent and tracked:
-        try:
-            dirs = {i: str(members[i][1].job_dir.resolve()) for i in tracked}
-            deadline = time.monotonic() + LOST_WAIT_S
-            while True:
-                by_dir = {r.data.tags.get("fmnist.job_dir"): r
-                          for r in tracking.child_runs(parent["uri"], parent["experiment_id"], parent["run_id"])}
-                runs = {i: by_dir.get(d) for i, d in dirs.items()}
-                if time.monotonic() >= deadline or all(r is not None and r.info.status != "RUNNING"
-                                                       for r in runs.values()):
-                    break
-                time.sleep(0.5)
-            c = tracking.client(parent["uri"])
-            for i, run in runs.items():
-                if run is None:  # the worker died before the job's run was made: the sweep's end counts its dir
-                    continue
-                outcomes[i].run_id = run.info.run_id
-                if run.info.status == "RUNNING" or run.data.tags.get("error") == tracking_process.NOT_ENDED:
-                    c.set_tag(run.info.run_id, "error", LOST)
-                    tracking.end_run(parent["uri"], run.info.run_id, "KILLED")
-        except Exception as e:  # the store is unreachable: the outcomes still say what happened
-            log.error("could not record the lost jobs' runs KILLED: %s", e)
-    job.settle(outcomes, members, ends_sweep=False)
-    return outcomes
-
-
 def train_in_worker(members: list, logging_cfg: tuple) -> list:
     """In a worker: one group's jobs trained together, each outcome written to its job dir; returns the outcomes."""
-    from fmnist_exp import job, train
     configure_log(*logging_cfg)
     if _STOPPED is not None:  # stopped while this worker started: its jobs never begin (no runs), the sweep stops
-        outcomes = [job.Outcome("KILLED", error=str(train.Interrupted(_STOPPED, started=False)), signum=_STOPPED)
+        outcomes = [app.Outcome("KILLED", error=app.stopped_before_start(_STOPPED), signum=_STOPPED)
                     for _ in members]
-        job.settle(outcomes, members, ends_sweep=False)
+        app.settle(outcomes, members, ends_sweep=False)
         return outcomes
     if _FEED is not None:  # the launcher draws the sweep's bar: this worker's log lines and epochs go to it
         root = logging.getLogger()
@@ -173,9 +134,9 @@ def train_in_worker(members: list, logging_cfg: tuple) -> list:
             root.removeHandler(handler)
         root.addHandler(logging.handlers.QueueHandler(_FEED))
         group = members[0][1].group
-        train.EPOCHS_DONE = lambda n: _FEED.put(("epochs", group, n))
+        app.report_epochs(lambda n: _FEED.put(("epochs", group, n)))
     outcomes = _core.train_group(members)
-    job.settle(outcomes, members, ends_sweep=False)
+    app.settle(outcomes, members, ends_sweep=False)
     return outcomes
 
 
@@ -185,78 +146,18 @@ _STOPPED = None  # in a worker: the stop signal that came while it started, if a
 
 def _init_worker(feed_queue=None) -> None:
     """A worker's process-wide set-up: its own process group (a terminal's Ctrl-C reaches the launcher, which
-    forwards it once), signals ignored between groups (train.StopOnSignal handles them during one), a watch on the
-    launcher (one that dies stops the worker's jobs, and the worker ends: job.Process.watch_signals), and the
-    launcher's feed, if any."""
-    from fmnist_exp import job
+    forwards it once), signals ignored between groups (app.run_group handles them during one), a watch on the
+    launcher (one that dies stops the worker's jobs, and the worker ends: app.start_worker), and the launcher's
+    feed, if any."""
     global _FEED, _STOPPED
     _FEED = feed_queue
     os.setpgid(0, 0)
     pending = signal.sigpending()  # blocked since the launcher spawned us (_submit)
-    _STOPPED = next((sig for sig in Forward.SIGNALS if sig in pending), None)
-    for sig in Forward.SIGNALS:
+    _STOPPED = next((sig for sig in app.STOP_SIGNALS if sig in pending), None)
+    for sig in app.STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # discards the pending ones
-    job.PROCESS.watch_signals()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, Forward.SIGNALS)
-
-
-class Forward:
-    """While active, the signals that stop a job (train.STOP_SIGNALS: SIGINT, SIGTERM, SLURM's SIGUSR2) are
-    recorded and sent on to every worker process (each stops its jobs at the next step, KILLED with their
-    checkpoints); a third signal gets the default behaviour."""
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self, sweep_dir: Path | None = None):
-        self.signum: int | None = None
-        self.count = 0
-        self.sweep_dir = sweep_dir  # where to mark the sweep stopped, for jobs that start after the signal
-        self._handlers = Handlers(self.SIGNALS, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        self.signum = self.signum or signum
-        if self.sweep_dir is not None and self.count == 1:
-            from fmnist_exp import job
-            job.mark_stopped(self.sweep_dir, signum)
-        self.forward(signum)
-        if self.count >= 3:
-            self.__exit__()
-            signal.raise_signal(signum)
-
-    def forward(self, signum: int) -> None:
-        for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def end_sweep(self, sweep_dir: Path, outcomes: Iterable, jobs: int, jobs_signals: bool = True) -> None:
-        """After the launch of `jobs` jobs: if the user stopped the sweep (a signal to this process, or, with
-        `jobs_signals`, to the jobs' processes directly: SIGINT or SIGTERM in a job's outcome, as a terminal's Ctrl-C
-        reaches a process group; not on a cluster, where SLURM's SIGTERM is scancel's), every started job has
-        recorded itself KILLED;
-        close the parent run and exit (job.stop_sweep). A signal that came once every job had trained to its end
-        (while they tested or were recorded, or after) stopped none: the sweep's end records its table and winner,
-        then exits 128+N (job.STOPPED_AFTER_JOBS). A time limit's SIGUSR2 in a job's outcome (requeues used up)
-        ends only its jobs: the sweep goes on to its table."""
-        from fmnist_exp import job, tracking
-        outcomes = list(outcomes)
-        signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)
-                                      and jobs_signals), None)
-        if signum is None:
-            return
-        if len(outcomes) == jobs and not any(o.status == "KILLED" for o in outcomes):  # it stopped no job
-            job.STOPPED_AFTER_JOBS = signum
-            return
-        job.stop_sweep(tracking.read_parent(sweep_dir), signum)
-
-    def __enter__(self):
-        self._handlers.install()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handlers.restore()
+    app.start_worker()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, app.STOP_SIGNALS)
 
 
 class _Feed:

@@ -2,9 +2,9 @@
 way every launcher here is.
 
 - **Signals.** A stop signal to the sweep's process (Ctrl-C, `kill PID`, `timeout`) is forwarded once to the
-  workers, which run in process groups of their own (job.Process.watch_signals): running jobs end KILLED with their
+  workers, which run in process groups of their own (app.start_worker): running jobs end KILLED with their
   checkpoints, jobs not yet started end KILLED before they start, and the sweep then stops as under any launcher
-  (job.stop_sweep). Before, SIGTERM to the sweep's process ended it while its workers trained on unwatched, and
+  (stopping.stop_sweep). Before, SIGTERM to the sweep's process ended it while its workers trained on unwatched, and
   their runs stayed RUNNING for good; a terminal's Ctrl-C reached every worker, and the first to finish its job
   exited the sweep under the others.
 - **A dead worker.** A loky worker that dies (the OOM killer, kill -9) breaks joblib's pool: joblib kills the other
@@ -26,8 +26,9 @@ from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 from omegaconf import OmegaConf
 
+from fmnist_exp import launching as app
+
 from . import _core
-from ._workers import Forward
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,14 @@ LOST = ("its joblib worker process died before recording the job (killed, or out
 
 class FmnistJoblibLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from fmnist_exp import job
-        with Forward(self._sweep_dir()) as signals:
+        with app.Forward(self._sweep_dir()) as signals:
             try:
                 results = super().launch(job_overrides, initial_job_idx)
             except BrokenProcessPool as e:  # TerminatedWorkerError: a worker died; else one failed while it started
                 why = (f"exit code {str(e).rsplit('The exit codes of the workers are ', 1)[-1].split(chr(10), 1)[0]}"
                        if isinstance(e, TerminatedWorkerError) else str(e).split("\n", 1)[0])
                 results = self._record_lost(job_overrides, initial_job_idx, why, signals.signum)
-        signals.end_sweep(self._sweep_dir(), (o for _, o in job.read_outcomes(self._sweep_dir())), len(job_overrides))
+        signals.end_sweep(self._sweep_dir(), (o for _, o in app.read_outcomes(self._sweep_dir())), len(job_overrides))
         return results
 
     def _sweep_dir(self) -> Path:
@@ -54,18 +54,14 @@ class FmnistJoblibLauncher(JoblibLauncher):
     def _record_lost(self, job_overrides, initial_job_idx: int, why: str, signum: int | None) -> list[JobReturn]:
         """Each job's JobReturn as its job dir's outcome has it; jobs without one (training in a dead worker, or
         not started) are recorded KILLED: LOST, or stopped by `signum` (a worker that got it while it started)."""
-        from fmnist_exp import job, train
         results, lost = [], []
-        error = LOST if signum is None else str(train.Interrupted(signum, started=False))
+        error = LOST if signum is None else app.stopped_before_start(signum)
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             config = _core.job_config(self.hydra_context, self.config, overrides, idx, job_id=idx)
             path = _core.job_dir(config)
-            outcome = job.read_outcome(path)
-            if outcome is None:
-                path.mkdir(parents=True, exist_ok=True)
-                outcome = job.Outcome("KILLED", error=error, signum=signum)
-                outcome.write(path)
+            if app.read_outcome(path) is None:
                 lost.append(path.name)
+            outcome = app.record_killed(path, error, signum)
             ret = JobReturn(overrides=list(overrides), cfg=_core.task_config(config), hydra_cfg=config,
                             working_dir=os.getcwd(), task_name=OmegaConf.select(config, "hydra.job.name"),
                             status=JobStatus.COMPLETED)

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
+
+from fmnist_exp import launching as app
+
+from . import _core, _workers
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +31,6 @@ class FusedLauncher(Launcher):
         self.hydra_context: Optional[HydraContext] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from . import _core
         self.config = config
         self.task_function = task_function
         self.hydra_context = hydra_context
@@ -34,8 +38,24 @@ class FusedLauncher(Launcher):
             hydra_context.config_loader = _core.ComposedOnce(hydra_context.config_loader)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from . import _core
-        return _core.launch(self, job_overrides, initial_job_idx)
+        """Compose the jobs, plan their groups, and train them: here one group after another, or in workers."""
+        setup_globals()
+        config = self.config
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+        Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = _core.load_configs(self, job_overrides, initial_job_idx)
+        workers = self.n_jobs or (app.pick_workers([_core.task_config(c) for c in configs])
+                                  if all(app.is_job(c) for c in configs) else 1)
+        groups, workers = _core.plan(configs, self.max_group, int(workers), required=bool(self.n_jobs))
+        if groups is None:
+            return [_core.run_one(self, c) for c in configs]
+        if workers > 1:
+            return _workers.launch(self, configs, groups, workers)
+        results: list[JobReturn | None] = [None] * len(configs)
+        for n, members in enumerate(groups, start=1):
+            for i, ret in zip(members, _core.run_group(self, [configs[i] for i in members], group_name=f"{n}")):
+                results[i] = ret
+        return results
 
 
 def check_positive(key: str, value: Optional[int], what: str) -> None:
