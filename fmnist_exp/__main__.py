@@ -45,12 +45,14 @@ config.register()
 def task(cfg: DictConfig) -> float | None:
     """One job: a single run, or one child of a sweep. Returns the best checkpoint's monitored validation score
     (what an optimising sweeper would use); exits 1 for a failed single run, 128+N after signal N."""
-    from fmnist_exp import job, train  # torch: imported after the tracking process has started (main)
+    from fmnist_exp import job, stopping  # torch: imported after the tracking process has started (main)
     ctx = job.JobContext.from_hydra(HydraConfig.get())
     job.PROCESS.watch_signals()  # in a launcher's worker process (joblib): a stop between jobs does not kill it
-    with train.StopOnSignal() as stop:
+    with stopping.StopOnSignal() as stop:
         outcome = job.run(cfg, ctx, stop)
-    job.settle([outcome], [(cfg, ctx)])
+    stopped = job.settle([outcome], [(cfg, ctx)])
+    if stopped is not None:  # the user stopped this run, or the sweep it is a job of: 128 + N
+        stopping.stop_sweep(ctx.parent, stopped, sweep=ctx.multirun)
     if outcome.status in ("FAILED", "KILLED") and not ctx.multirun:
         sys.exit(1)
     return outcome.value  # a failed sweep job returns None: the sweep goes on, its end exits 1 (callbacks.py)

@@ -449,7 +449,8 @@ def requeued_outcome(job_dir: Path) -> Outcome | None:
     return replace(earlier, signum=None)  # the signal was this attempt's end, not the job's
 
 
-def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]], ends_sweep: bool = True) -> None:
+def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]],
+           ends_sweep: bool = True) -> int | None:
     """What a process does once its jobs (`members`: each job's config and context) have ended: each outcome goes
     to its job dir (for the sweep's end, and for a requeued job), then, if a signal stopped them (each run KILLED
     with its checkpoint):
@@ -460,7 +461,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
     - In a cluster job (submitit) any signal ends only this job: the sweep that submitted it goes on to its table.
       In a launcher's worker process (the fused launcher's: `ends_sweep=False`; joblib's) the launcher ends the
       sweep once every worker has recorded its jobs.
-    - Otherwise the user stopped the sweep: its parent run ends too and the process exits 128+N (stop_sweep).
+    - Otherwise the user stopped the sweep (or the single run): the signal is returned, and the caller (the entry
+      point, or the launcher) ends the sweep with stopping.stop_sweep.
     """
     job_dirs = [ctx.job_dir for _, ctx in members]
     for outcome, job_dir in zip(outcomes, job_dirs):
@@ -468,10 +470,10 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
     if stopping.launcher_gone():  # nobody waits for these outcomes: the jobs are recorded, the worker goes
         PROCESS.signals.abandon()
     cfg, ctx = members[0]  # the jobs of a process share their sweep
-    parent, uri = ctx.parent, ctx.tracking_uri(cfg)
+    uri = ctx.tracking_uri(cfg)
     signum = next((o.signum for o in outcomes if o.signum is not None), None)
     if signum is None:
-        return
+        return None
     requeue = signal.getsignal(signal.SIGUSR2)
     if signum == signal.SIGUSR2 and callable(requeue):
         try:
@@ -488,8 +490,8 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
             log.error("Not requeued by SLURM (%s): resume from the runs' checkpoints with train.resume=RUN_ID",
                       reason)
     if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep or multiprocessing.parent_process() is not None:
-        return  # a cluster job, or a launcher's worker process: the launcher's process ends the sweep
-    stopping.stop_sweep(parent, signum, sweep=ctx.multirun)
+        return None  # a cluster job, or a launcher's worker process: the launcher's process ends the sweep
+    return signum
 
 
 KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, train.CheckpointMismatch,
@@ -507,7 +509,7 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
     (train.fit), then each completed or failed on its own; one Outcome per job, in order. A job's failure is its
     own; a signal stops them all, each KILLED with its own last checkpoint."""
     first, first_ctx = members[0]
-    spare = machine.cores() // (first_ctx.parallel_jobs or 1) - 1  # cores this process's share leaves beside its training
+    spare = machine.cores() // (first_ctx.parallel_jobs or 1) - 1  # this process's cores left beside its training
     n = tracking.processes_for(len(members), spare, first.tracking.processes) if first.tracking.enabled else 1
     if n > 1:
         log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)

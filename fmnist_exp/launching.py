@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_exp import stopping, tracking
-from fmnist_exp.stopping import STOP_SIGNALS, Forward, StopOnSignal  # noqa: F401
+from fmnist_exp.stopping import STOP_SIGNALS, Forward, StopOnSignal, stop_sweep  # noqa: F401
 
 if TYPE_CHECKING:
     from fmnist_exp.job import JobContext, Outcome

@@ -132,7 +132,9 @@ def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobR
     finally:
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     results = end_jobs(launcher, configs, hydra_cfgs, members, outcomes)
-    app.settle(outcomes, members)
+    stopped = app.settle(outcomes, members)
+    if stopped is not None:  # the user stopped the sweep: no other group starts, the sweep ends 128 + N
+        app.stop_sweep(members[0][1].parent, stopped)
     return results
 
 

@@ -41,10 +41,10 @@ except ImportError:
 
 def store_overrides() -> None:
     """hydra/launcher=joblib and hydra/launcher=submitit_local: those plugins' knobs, run by our launchers
-    (joblib_launcher.py; submitit_local_launcher.py, which adds fuse/max_group), stored under their names over their own entries. Hydra's
-    plugin scan runs every plugin module again, in sys.path order, so theirs may land after ours: StoreOverrides
-    stores ours again once the scan is done. (A conf/hydra/launcher/joblib.yaml would instead be merged onto their
-    schema, with a deprecation warning each run.)"""
+    (joblib_launcher.py; submitit_local_launcher.py, which adds fuse/max_group), stored under their names over
+    their own entries. Hydra's plugin scan runs every plugin module again, in sys.path order, so theirs may land
+    after ours: StoreOverrides stores ours again once the scan is done. (A conf/hydra/launcher/joblib.yaml would
+    instead be merged onto their schema, with a deprecation warning each run.)"""
     cs = ConfigStore.instance()
     try:
         from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf

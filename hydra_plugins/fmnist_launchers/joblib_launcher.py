@@ -4,15 +4,12 @@ way every launcher here is.
 - **Signals.** A stop signal to the sweep's process (Ctrl-C, `kill PID`, `timeout`) is forwarded once to the
   workers, which run in process groups of their own (app.start_worker): running jobs end KILLED with their
   checkpoints, jobs not yet started end KILLED before they start, and the sweep then stops as under any launcher
-  (stopping.stop_sweep). Before, SIGTERM to the sweep's process ended it while its workers trained on unwatched, and
-  their runs stayed RUNNING for good; a terminal's Ctrl-C reached every worker, and the first to finish its job
-  exited the sweep under the others.
+  (stopping.py), with no worker left training unwatched.
 - **A dead worker.** A loky worker that dies (the OOM killer, kill -9) breaks joblib's pool: joblib kills the other
-  workers with their process trees (each job's tracking process too) and raises. Hydra then printed a 40-line
-  traceback, the sweep never reached its table, and every job that was training kept a RUNNING run for good. Here
-  the launcher says so in one line, records each job that did not finish KILLED in its job dir (why, and how to
-  finish the sweep) and returns, so the sweep ends as after any lost job (callbacks.SweepCallback: the lost jobs'
-  runs KILLED with that reason, the table of what finished, exit 1); `sweep.skip_finished=true` runs what is left.
+  workers with their process trees (each job's tracking process too) and raises. The launcher says so in one line,
+  records each job that did not finish KILLED in its job dir (why, and how to finish the sweep) and returns, so the
+  sweep ends as after any lost job (callbacks.SweepCallback: the lost jobs' runs KILLED with that reason, the table
+  of what finished, exit 1); `sweep.skip_finished=true` runs what is left.
 """
 from __future__ import annotations
 

@@ -59,8 +59,7 @@ class FmnistSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Submit and watch; a stop signal (Ctrl-C, `kill PID`) from submission on stops every task once
         (`_stop_tasks`) and the sweep ends as under every launcher (Forward.end_sweep: the parent KILLED, one line
-        on how to finish it, exit 128+N). Before, the watcher exited saying nothing was recorded while the tasks
-        trained on, unwatched."""
+        on how to finish it, exit 128+N)."""
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         self._tasks = []
         with app.Forward(sweep_dir) as self._signals:  # jobs not started yet find its stop mark and end KILLED

@@ -27,11 +27,11 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
       slower than under joblib);
     - a stop signal to the sweep's process (Ctrl-C, `kill PID`) reaches each task once, as SIGTERM through its
       controller (which forwards SIGTERM): the running jobs end KILLED with their checkpoints, the others before they
-      start (stopping.mark_stopped), and the sweep stops in one line. Before, `kill PID` left every task training
-      unwatched; a terminal's Ctrl-C reached submitit's controllers, which printed tracebacks and SIGKILLed their
-      tasks a second later (controllers and tasks now start with SIGINT blocked);
-    - a task that ends without a result (kill -9, out of memory) is recorded KILLED and the sweep goes on to its table
-      (submitit raised 'has not produced any output': a Hydra traceback, no table, the run RUNNING for good).
+      start (stopping.mark_stopped), and the sweep stops in one line; controllers and tasks start with SIGINT
+      blocked, so a terminal's Ctrl-C reaches only this process (submitit's controllers would print tracebacks and
+      SIGKILL their tasks);
+    - a task that ends without a result (kill -9, out of memory) is recorded KILLED and the sweep goes on to its
+      table (submitit raises 'has not produced any output').
     """
 
     _EXECUTOR = "local"
