@@ -644,7 +644,8 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSi
     1. prepare every job (Job.prepare: validate, build, skip or resume, start its run), then wait for every run
        (Job.ready); a job stopped before it starts, skipped, or failing here ends at once;
     2. each epoch: the group trains (train.Group.epoch), each job logs its epoch (Job.log_epoch), and the jobs that
-       left the stack (finished, stopped early, diverged) end while the rest train on (end_trained);
+       left the stack (finished, stopped early, diverged) end while the rest train on (end_trained); between epochs
+       is where a search would prune jobs (Group.remove, then end them) or have new ones join;
     3. a signal or an error that stops the group ends each job still in it, KILLED or FAILED (end_failed);
     4. close: every job has its outcome and has released its tracker; a signal that came after the last step is
        noted on each outcome.
