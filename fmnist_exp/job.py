@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -634,7 +635,7 @@ def run(cfg: DictConfig, ctx: JobContext, stop: train.StopOnSignal, process: Pro
 
 
 def run_group(members: list[tuple[DictConfig, JobContext]], stop: train.StopOnSignal, process: Process = PROCESS,
-              epochs_done=None) -> list[Outcome]:
+              epochs_done: Callable[[int], None] | None = None) -> list[Outcome]:
     """Jobs that share a training step (fusion.fusion_key), trained together as one stacked model; one Outcome per
     job, in order. A job's failure is its own; a signal stops them all, each KILLED with its own last checkpoint.
     `epochs_done(n)`, if given, counts the job-epochs done for a progress bar drawn elsewhere (the fused launcher's
@@ -749,8 +750,8 @@ def end_failed(job: Job, e: BaseException, stop: train.StopOnSignal) -> None:
 
 
 def end(job: Job, stop: train.StopOnSignal, make) -> None:
-    """Record how `job` ended (`make()` returns its Outcome) while stop signals wait, then release its tracker.
-    Recording that fails is said and is the job's outcome: no job is left without one."""
+    """Record how `job` ended (`make()` returns its Outcome; a second stop signal meanwhile is ignored), then release
+    its tracker. Recording that fails is said and is the job's outcome: no job is left without one."""
     stop.recording = True
     try:
         job.outcome = make()
