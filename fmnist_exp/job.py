@@ -1,4 +1,5 @@
-"""A job's lifecycle, written once: prepare -> train (each epoch) -> complete or fail, returning an `Outcome`.
+"""A job's lifecycle, written once: prepare -> train (each epoch) -> complete or fail, returning an `Outcome`
+(the order, top to bottom: run_group).
 
 Every launcher drives this: Hydra's own (a single run, or one job of a basic / joblib / submitit sweep) through
 `__main__.task`, and the fused launcher for each job of a group. A job never exits the process; the caller turns
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -177,10 +179,10 @@ def loop_settings(cfg: DictConfig) -> train.LoopSettings:
 class Job:
     """One experiment with its own MLflow run, TensorBoard events, checkpoints and outcome.
 
-    Driven as: `prepare()` (validate, build, skip or resume, start the run; may already return an Outcome),
-    `ready()` before the first step, `on_epoch(metrics, state)` after every epoch, then `submit_results(final)` and
-    `end_run(final)`, or `fail(status, error)`; `close()` always, which releases what the tracking process holds
-    for the job.
+    Driven by run_group, in this order: `prepare()` (validate, build, skip or resume, start the run; may already
+    return an Outcome), `ready()` before the first step, `log_epoch(metrics)` after every epoch, then
+    `submit_results(final)` and `end_run(final)`, or `fail(status, error)`; `close()` always, which releases what
+    the tracking process holds for the job. Its `outcome` is set once it has ended.
     """
 
     def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS,
@@ -191,6 +193,7 @@ class Job:
         self.params: dict[str, str] = {}
         self.member: train.Member | None = None  # what the training loop trains
         self.dataset: data.FashionMNIST | None = None
+        self.outcome: Outcome | None = None  # how it ended (end)
 
     # --- prepare ------------------------------------------------------------------------------------------------
     def prepare(self) -> Outcome | None:
@@ -232,7 +235,6 @@ class Job:
         self.process.configure(cfg, ctx)
         self.dataset = self.process.dataset(cfg, device)
         self.member = build(cfg, device, ctx.run_name, ctx.job_dir)
-        self.member.on_epoch = self.on_epoch
         if ctx.multirun:  # which job, among a sweep's lines (joblib's jobs and fused workers print at once)
             self.member.label = f"[{ctx.run_name}] "
         if resume_id:
@@ -316,8 +318,14 @@ class Job:
         self.tracker.flush()
 
     # --- each epoch, the end ------------------------------------------------------------------------------------
-    def on_epoch(self, metrics: dict, state: train.LoopState) -> None:
-        self.tracker.log_epoch(state.epoch, metrics)
+    def log_epoch(self, metrics: dict) -> None:
+        """The epoch just ended to the job's run. A failed earlier write is raised here, as this job's error (even if
+        it has just finished: its run lacks this epoch), so a broken store stops training after one epoch."""
+        try:
+            self.tracker.log_epoch(self.member.state.epoch, metrics)
+        except Exception as e:
+            self.member.error = e
+            raise
 
     def submit_results(self, final: dict) -> None:
         """Log the final scores, the best checkpoint, plots and (single runs) the model, handed to the tracker's
@@ -503,11 +511,23 @@ def run(cfg: DictConfig, ctx: JobContext, stop: stopping.StopOnSignal, process: 
     return run_group([(cfg, ctx)], stop, process)[0]
 
 
-def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopOnSignal,
-              process: Process = PROCESS) -> list[Outcome]:
-    """Jobs that share a training step (fusion.fusion_key), prepared one by one, trained together as one stacked model
-    (train.fit), then each completed or failed on its own; one Outcome per job, in order. A job's failure is its
-    own; a signal stops them all, each KILLED with its own last checkpoint."""
+def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopOnSignal, process: Process = PROCESS,
+              epochs_done: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Jobs that share a training step (fusion.fusion_key), trained together as one stacked model; one Outcome per
+    job, in order. A job's failure is its own; a signal stops them all, each KILLED with its own last checkpoint.
+    `epochs_done(n)`, if given, counts the job-epochs done for a progress bar drawn elsewhere (the fused launcher's
+    workers): then no batch bar is drawn here.
+
+    A job's lifecycle, in order:
+    1. prepare every job (Job.prepare: validate, build, skip or resume, start its run), then wait for every run
+       (Job.ready); a job stopped before it starts, skipped, or failing here ends at once;
+    2. each epoch: the group trains (train.Group.epoch), each job logs its epoch (Job.log_epoch), and the jobs that
+       left the stack (finished, stopped early, diverged) end while the rest train on (end_trained); between epochs
+       is where a search would prune jobs (Group.remove, then end them) or have new ones join;
+    3. a signal or an error that stops the group ends each job still in it, KILLED or FAILED (end_failed);
+    4. close: every job has its outcome and has released its tracker; a signal that came after the last step is
+       noted on each outcome.
+    """
     first, first_ctx = members[0]
     spare = machine.cores() // (first_ctx.parallel_jobs or 1) - 1  # this process's cores left beside its training
     n = tracking.processes_for(len(members), spare, first.tracking.processes) if first.tracking.enabled else 1
@@ -515,91 +535,48 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
         log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)
     said: set[str] = set()
     jobs = [Job(cfg, ctx, process, tracking.pick_process(i, n), said) for i, (cfg, ctx) in enumerate(members)]
-    outcomes: list[Outcome | None] = [None] * len(jobs)
-
-    def end(i: int, make) -> None:
-        stop.recording = True
-        try:
-            outcomes[i] = make()
-        except Exception as e:  # recording the end failed too: say so, never leave the job without an outcome
-            log.exception("could not record the end of job %s", jobs[i].ctx.run_name)
-            outcomes[i] = Outcome("FAILED", error=f"{type(e).__name__}: {e}")
-        finally:
-            stop.recording = False
-            jobs[i].close()
-
-    def fail(i: int, e: BaseException) -> None:
-        if isinstance(e, stopping.Interrupted) and stopping.launcher_gone():
-            end(i, lambda: jobs[i].fail("KILLED", stopping.LAUNCHER_GONE, e.signum))
-        elif isinstance(e, stopping.Interrupted):
-            # what the user stopped the sweep with: submitit's controller forwards a Ctrl-C to its task as SIGTERM
-            told = stopping.sweep_stopped(jobs[i].ctx.sweep_dir)
-            if told is not None and told != e.signum:
-                e = stopping.Interrupted(told, e.started)
-            end(i, lambda: jobs[i].fail("KILLED", str(e), e.signum))
-        elif isinstance(e, KNOWN_FAILURES):
-            end(i, lambda: jobs[i].fail("FAILED", str(e), stop.signum))
-        else:  # an unexpected bug: keep its traceback in the log, record it, fail the run
-            log.error("job %s failed", jobs[i].ctx.run_name, exc_info=e)
-            end(i, lambda: jobs[i].fail("FAILED", f"{type(e).__name__}: {e}", stop.signum))
-
-    def submit(i: int) -> None:  # a job done training: its results, written by its tracker while the caller goes on
-        m = jobs[i].member
-        if m.error is None:
-            try:
-                stop.recording = True
-                jobs[i].submit_results(m.final)
-            except Exception as e:
-                m.error = e
-            finally:
-                stop.recording = False
-
-    def close_out(i: int) -> None:  # ...then its end: FINISHED, or FAILED with its error
-        m = jobs[i].member
-        if m.error is not None:
-            fail(i, m.error)
-        else:
-            end(i, lambda: jobs[i].end_run(m.final))
-
-    for i, job in enumerate(jobs):
+    # 1. prepare
+    for job in jobs:
         try:
             stopped = stop.signum or stopping.sweep_stopped(job.ctx.sweep_dir)
             if stopped is not None:
                 raise stopping.Interrupted(stopped, started=False)
             skipped = job.prepare()
             if skipped is not None:
-                end(i, lambda: skipped)
+                end(job, stop, lambda: skipped)
         except Exception as e:
-            fail(i, e)
+            end_failed(job, e, stop)
     # all prepared first, then waited for: the jobs' runs are created (and their tracking processes start) at once
-    for i, job in enumerate(jobs):
-        if outcomes[i] is None:
+    for job in jobs:
+        if job.outcome is None:
             try:
                 job.ready()
             except Exception as e:
-                fail(i, e)
-    training = [i for i in range(len(jobs)) if outcomes[i] is None]
-    for i in training:  # a job that stops early or diverges ends its run then, while the rest of its group trains
-        jobs[i].member.on_leave = lambda m, i=i: (submit(i), close_out(i))
-    # jobs resumed from different epochs cannot share steps: each starting epoch trains as its own group
-    by_start: dict[int, list[int]] = {}
-    for i in training:
-        by_start.setdefault(jobs[i].member.state.epoch, []).append(i)
-    for ids in by_start.values():
+                end_failed(job, e, stop)
+    # 2. train: jobs resumed from different epochs cannot share steps, so each starting epoch trains as its own group
+    by_start: dict[int, list[Job]] = {}
+    for job in jobs:
+        if job.outcome is None:
+            by_start.setdefault(job.member.state.epoch, []).append(job)
+    for group_jobs in by_start.values():
+        job_of = {job.member: job for job in group_jobs}
         try:
-            train.fit([jobs[i].member for i in ids], jobs[ids[0]].dataset, stop, jobs[ids[0]].member.settings.progress)
-        except Exception as e:  # the whole group stopped: a signal (KILLED) or a bug
-            for i in ids:
-                m = jobs[i].member
-                if m.final is None and m.error is None:
-                    m.error = e
-        # the jobs still in the stack at its end: every job's results first, then every job's end: one job's writes
-        # (its own thread) overlap the next job's plotting, so a group's end costs little more than drawing the plots
-        ending = [i for i in ids if outcomes[i] is None]
-        for i in ending:
-            submit(i)
-        for i in ending:
-            close_out(i)
+            progress = group_jobs[0].member.settings.progress and epochs_done is None
+            group = train.Group(list(job_of), group_jobs[0].dataset, stop, progress)
+            while group.members:
+                epoch = group.epoch()
+                for m, metrics in epoch.metrics.items():
+                    job_of[m].log_epoch(metrics)
+                if epochs_done is not None:
+                    epochs_done(epoch.job_epochs)
+                end_trained([job_of[m] for m in epoch.left], stop)  # their runs end now, not with the group's
+        except Exception as e:  # 3. the whole group stopped: a signal (KILLED) or a bug
+            for job in group_jobs:
+                if job.member.running:
+                    job.member.error = e
+            end_trained([job for job in group_jobs if job.outcome is None], stop)
+    # 4. close
+    outcomes = [job.outcome for job in jobs]
     if stop.signum is not None:  # the signal came after the last step (testing, plots): the runs are complete
         for o in outcomes:
             if o.signum is None:
@@ -609,3 +586,56 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
             log.error("interrupted by %s after %s finished", signal.Signals(stop.signum).name,
                       "; ".join(done) if first_ctx.multirun else "this run")
     return outcomes
+
+
+def end_trained(jobs: list[Job], stop: stopping.StopOnSignal) -> None:
+    """Jobs out of training end: every job's results first (written by its tracker while the caller goes on), then
+    every job's end, FINISHED or failed with its error: one job's writes overlap the next job's plotting, so a
+    group's end costs little more than drawing the plots."""
+    for job in jobs:
+        m = job.member
+        if m.error is None:
+            try:
+                stop.recording = True
+                job.submit_results(m.final)
+            except Exception as e:
+                m.error = e
+            finally:
+                stop.recording = False
+    for job in jobs:
+        if job.member.error is not None:
+            end_failed(job, job.member.error, stop)
+        else:
+            end(job, stop, lambda: job.end_run(job.member.final))
+
+
+def end_failed(job: Job, e: BaseException, stop: stopping.StopOnSignal) -> None:
+    """End a job that `e` stopped: KILLED by a signal (the one the sweep was stopped with), FAILED by anything else
+    (an unexpected error with its traceback in the log)."""
+    if isinstance(e, stopping.Interrupted) and stopping.launcher_gone():
+        end(job, stop, lambda: job.fail("KILLED", stopping.LAUNCHER_GONE, e.signum))
+    elif isinstance(e, stopping.Interrupted):
+        # what the user stopped the sweep with: submitit's controller forwards a Ctrl-C to its task as SIGTERM
+        told = stopping.sweep_stopped(job.ctx.sweep_dir)
+        if told is not None and told != e.signum:
+            e = stopping.Interrupted(told, e.started)
+        end(job, stop, lambda: job.fail("KILLED", str(e), e.signum))
+    elif isinstance(e, KNOWN_FAILURES):
+        end(job, stop, lambda: job.fail("FAILED", str(e), stop.signum))
+    else:  # an unexpected bug: keep its traceback in the log, record it, fail the run
+        log.error("job %s failed", job.ctx.run_name, exc_info=e)
+        end(job, stop, lambda: job.fail("FAILED", f"{type(e).__name__}: {e}", stop.signum))
+
+
+def end(job: Job, stop: stopping.StopOnSignal, make) -> None:
+    """Record how `job` ended (`make()` returns its Outcome; a second stop signal meanwhile is ignored), then release
+    its tracker. Recording that fails is said and is the job's outcome: no job is left without one."""
+    stop.recording = True
+    try:
+        job.outcome = make()
+    except Exception as e:  # recording the end failed too: say so, never leave the job without an outcome
+        log.exception("could not record the end of job %s", job.ctx.run_name)
+        job.outcome = Outcome("FAILED", error=f"{type(e).__name__}: {e}")
+    finally:
+        stop.recording = False
+        job.close()

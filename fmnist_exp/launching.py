@@ -101,18 +101,13 @@ def discard_tracking_process() -> None:
     tracking.TRACKING_PROCESS.discard_unused()
 
 
-def report_epochs(count) -> None:
-    """In a worker whose launcher draws the sweep's progress bar: `count(n)` after each n job-epochs trained."""
-    from fmnist_exp import train
-    train.EPOCHS_DONE = count
-
-
-def run_group(members: list[tuple[DictConfig, JobContext]]) -> list[Outcome]:
+def run_group(members: list[tuple[DictConfig, JobContext]], epochs_done=None) -> list[Outcome]:
     """Train a group's jobs (each its task config and context) together, stopping on a signal (each KILLED with
-    its checkpoint); one Outcome per job. The caller then calls `settle`."""
+    its checkpoint); one Outcome per job. `epochs_done(n)` hears each epoch's job-epochs, for a progress bar drawn
+    by the launcher. The caller then calls `settle`."""
     from fmnist_exp import job
     with StopOnSignal() as stop:
-        return job.run_group(members, stop)
+        return job.run_group(members, stop, epochs_done=epochs_done)
 
 
 def record_killed(job_dir: Path, error: str, signum: int | None = None) -> Outcome:

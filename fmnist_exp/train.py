@@ -3,6 +3,8 @@
 Written once, for a group of jobs that share a training step (a single run is a group of one): the group trains
 as one stacked model (stacked.py), one step a batch (step.py: eager, or a replayed CUDA graph on a GPU), and
 everything else (schedule, best checkpoint, early stopping, divergence, full checkpoints) is per job, in `Member`.
+`Group.epoch` trains one epoch and says what happened (`Epoch`): a job's lifecycle (job.run_group) acts on it; `fit`
+runs the epochs to the end.
 """
 from __future__ import annotations
 
@@ -36,9 +38,6 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the configured model or optimizer."""
 
 
-# Set in a fused worker process whose launcher draws the sweep's one progress bar (_workers.py): each job-epoch
-# trained (or skipped by a job that left early) is reported there, and no batch bar is drawn here.
-EPOCHS_DONE = None  # (count) -> None
 
 
 @dataclass
@@ -90,7 +89,7 @@ def _improved(value: float, best: float | None, monitor: str, min_delta: float) 
     return value < best - min_delta if monitor == "valid_loss" else value > best + min_delta
 
 
-@dataclass
+@dataclass(eq=False)  # each member is itself (hashed by identity): a key of Epoch.metrics
 class Member:
     """One job inside a training group, as the loop sees it: its own model (initial weights in; its best weights
     once it is done, for testing), optimizer settings, LR schedule, data order, dropout stream, best checkpoint,
@@ -104,8 +103,6 @@ class Member:
     settings: LoopSettings
     checkpoint: Path  # best weights (a plain state_dict of `model`)
     last: Path | None = None  # full checkpoint after every epoch
-    on_epoch: object = None  # (metrics, state) -> None, after every epoch (tracking)
-    on_leave: object = None  # (member) -> None, when it leaves the stack before the others (done, stopped, diverged)
     state: LoopState = field(default_factory=LoopState)
     optimizer_state: dict | None = None  # restored from a full checkpoint
     best_weights: dict | None = None
@@ -122,60 +119,93 @@ class Member:
         return self.final is None and self.error is None
 
 
-def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = None, progress: bool = False) -> None:
-    """Train `members` together as one stacked model for their epochs (each until its own early stop), keep each
-    one's best checkpoint, then test it: sets each member's `final`, or its `error` if it diverged.
+@dataclass
+class Epoch:
+    """What one epoch of a group did (Group.epoch)."""
+    metrics: dict[Member, dict]  # each member that completed its epoch (its state.epoch): train/valid scores, lr, time
+    left: list[Member]  # out of the stack at the epoch's end: finished or stopped early (`final` set), or diverged
+    job_epochs: int  # the epochs it accounts for: one a member, plus those a member leaving early will not train
 
-    All members share the model's layer sizes, batch size and epochs (fusion.fusion_key). After every epoch each
-    member's full checkpoint goes to `member.last`, then `member.on_epoch(metrics, state)` runs. A finished,
-    stopped or diverged member leaves the stack, so it costs nothing more, and `member.on_leave(member)` runs then
-    (the members still there when the last epoch ends leave after fit returns). A signal caught by `stop` raises
-    Interrupted between steps: members not yet done keep the checkpoint of their last completed epoch.
-    """
-    group = [m for m in members if m.running]
-    if not group:
-        return
-    for m in group:
-        m.label = m.label or (f"[{m.name}] " if len(group) > 1 else "")
-    first = group[0]
-    model = StackedModel.from_models([m.model for m in group])
-    optimizer = StackedOptimizer(list(model.parameters()), [m.hyper for m in group], model.param_owners())
-    for k, m in enumerate(group):
-        if m.optimizer_state is not None:
-            optimizer.load_job_state(k, m.optimizer_state)
-    sizes = batch_sizes(len(data.train_y), first.settings.batch_size)
-    graph = graph_kind(data.train_x.device, first.settings.cuda_graph)
-    stepper = Stepper(model, optimizer, data, [m.dropout for m in group], graph)
-    for epoch in range(first.state.epoch + 1, first.settings.epochs + 1):
+
+class Group:
+    """Members trained together as one stacked model, an epoch at a time (`epoch`). Each member keeps its own epoch
+    count, schedule, best checkpoint and early stopping; one that is done leaves the stack (`remove`), so it costs
+    nothing more. All share the model's layer sizes, batch size and epochs (fusion.fusion_key)."""
+
+    def __init__(self, members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = None,
+                 progress: bool = False):
+        self.members = [m for m in members if m.running]
+        self.data, self.stop, self.progress = data, stop, progress  # progress: a batch bar (tqdm)
+        for m in self.members:
+            m.label = m.label or (f"[{m.name}] " if len(self.members) > 1 else "")
+        if not self.members:
+            return
+        first = self.members[0]
+        self.model = StackedModel.from_models([m.model for m in self.members])
+        self.optimizer = StackedOptimizer(list(self.model.parameters()), [m.hyper for m in self.members],
+                                          self.model.param_owners())
+        for k, m in enumerate(self.members):
+            if m.optimizer_state is not None:
+                self.optimizer.load_job_state(k, m.optimizer_state)
+        self.sizes = batch_sizes(len(data.train_y), first.settings.batch_size)
+        self.graph = graph_kind(data.train_x.device, first.settings.cuda_graph)
+        self.stepper = Stepper(self.model, self.optimizer, data, [m.dropout for m in self.members], self.graph)
+
+    def epoch(self) -> Epoch:
+        """Train every member in the stack for its next epoch, then end each one's epoch (end_of_epoch: schedule,
+        checkpoints, early stopping; testing a member that is done). A signal caught by `stop` raises Interrupted
+        between steps: members not yet done keep the checkpoint of their last completed epoch."""
+        data = self.data
+        done = [m for m in self.members if m.state.epoch >= m.settings.epochs]  # resumed after its last epoch
+        for m in done:
+            finish(m, data)
+        self.remove(done)
+        if not self.members:
+            return Epoch({}, done, 0)
+        group, first = self.members, self.members[0]
+        epochs = [m.state.epoch + 1 for m in group]  # each member's own
         start = time.perf_counter()
         for k, m in enumerate(group):
-            optimizer.set_lr(k, m.lr)
+            self.optimizer.set_lr(k, m.lr)
         lrs = [m.lr for m in group]
-        train_losses = train_epoch(stepper, group, data, sizes, epoch, progress, stop)
-        valid_losses, valid_accs = evaluate_stack(model, data.valid_x, data.valid_y, first.settings.eval_batch_size)
+        train_losses = train_epoch(self.stepper, group, data, self.sizes, epochs[0], self.progress, self.stop)
+        valid_losses, valid_accs = evaluate_stack(self.model, data.valid_x, data.valid_y,
+                                                  first.settings.eval_batch_size)
         epoch_time = (time.perf_counter() - start) / len(group)  # each job's share of the group's epoch
+        metrics = {}
         for k, m in enumerate(group):
             if not m.running:  # diverged during this epoch
                 continue
-            metrics = dict(train_loss=train_losses[k], valid_loss=valid_losses[k], valid_acc=valid_accs[k],
-                           lr=lrs[k], epoch_time=epoch_time)
-            end_of_epoch(m, metrics, model.job_state_dict(k), optimizer.job_state(k), data, len(group))
-        keep = [k for k, m in enumerate(group) if m.running]
-        if EPOCHS_DONE is not None:  # this epoch's, and those a job leaving early will not train
-            EPOCHS_DONE(sum(1 + (0 if m.running else m.settings.epochs - epoch) for m in group))
-        if len(keep) < len(group):  # done, stopped early or diverged: out of the stack
-            if not keep:
-                break
-            for m in group:  # its job records itself now, not when the rest of the group is done
-                if not m.running and m.on_leave is not None:
-                    m.on_leave(m)
-            model = model.select(keep)
-            optimizer = optimizer.select(keep, list(model.parameters()))
-            group = [group[k] for k in keep]
-            stepper = Stepper(model, optimizer, data, [m.dropout for m in group], graph)
-    for m in group:
-        if m.running:
-            finish(m, data)
+            metrics[m] = dict(train_loss=train_losses[k], valid_loss=valid_losses[k], valid_acc=valid_accs[k],
+                              lr=lrs[k], epoch_time=epoch_time)
+            end_of_epoch(m, metrics[m], self.model.job_state_dict(k), self.optimizer.job_state(k), data, len(group))
+        left = [m for m in group if not m.running]
+        job_epochs = sum(1 + (0 if m.running else m.settings.epochs - e) for m, e in zip(group, epochs))
+        self.remove(left)
+        return Epoch(metrics, done + left, job_epochs)
+
+    def remove(self, members: list[Member]) -> None:
+        """Take `members` out of the stack; the rest train on without them."""
+        keep = [k for k, m in enumerate(self.members) if m not in members]
+        if len(keep) == len(self.members):
+            return
+        self.members = [self.members[k] for k in keep]
+        if keep:
+            self.model = self.model.select(keep)
+            self.optimizer = self.optimizer.select(keep, list(self.model.parameters()))
+            self.stepper = Stepper(self.model, self.optimizer, self.data, [m.dropout for m in self.members],
+                                   self.graph)
+
+
+def fit(members: list[Member], data: FashionMNIST, stop: StopOnSignal | None = None,
+        progress: bool = False) -> list[Epoch]:
+    """Train `members` together (Group), each until its last epoch or its early stop, and test each one's best
+    checkpoint: sets each member's `final`, or its `error` if it diverged. Returns what each epoch did."""
+    group = Group(members, data, stop, progress)
+    epochs = []
+    while group.members:
+        epochs.append(group.epoch())
+    return epochs
 
 
 def train_epoch(stepper: Stepper, group: list[Member], data: FashionMNIST, sizes: list[int], epoch: int,
@@ -189,7 +219,7 @@ def train_epoch(stepper: Stepper, group: list[Member], data: FashionMNIST, sizes
     shared = bool((orders == orders[:1]).all()) if k > 1 else True
     losses = torch.zeros(k, len(sizes), device=device)
     bar = None
-    if progress and EPOCHS_DONE is None:
+    if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(sizes), desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr)
     offset = 0
@@ -201,7 +231,7 @@ def train_epoch(stepper: Stepper, group: list[Member], data: FashionMNIST, sizes
             offset += size
             losses[:, step] = stepper(idx)
             if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(sizes):
-                if diverged(losses, step, group, epoch) and not any(m.running for m in group):
+                if diverged(losses, step, group) and not any(m.running for m in group):
                     break
             if bar is not None:
                 bar.update()
@@ -211,7 +241,7 @@ def train_epoch(stepper: Stepper, group: list[Member], data: FashionMNIST, sizes
     return losses.mean(1).tolist()
 
 
-def diverged(losses: torch.Tensor, step: int, group: list[Member], epoch: int) -> bool:
+def diverged(losses: torch.Tensor, step: int, group: list[Member]) -> bool:
     """Check the last CHECK_EVERY steps (one host sync); members with a non-finite loss get their error."""
     window = losses[:, max(0, step + 1 - CHECK_EVERY): step + 1]
     bad = ~torch.isfinite(window)
@@ -222,7 +252,7 @@ def diverged(losses: torch.Tensor, step: int, group: list[Member], epoch: int) -
         if m.running:
             at = max(0, step + 1 - CHECK_EVERY) + int(bad[k].nonzero()[0])
             m.error = TrainingDiverged(
-                f"training diverged: loss is {losses[k, at].item()} at epoch {epoch}, step {at + 1}; "
+                f"training diverged: loss is {losses[k, at].item()} at epoch {m.state.epoch + 1}, step {at + 1}; "
                 f"lower optimizer.lr (now {m.lr:g}) or add regularization=batchnorm")
     return True
 
@@ -252,8 +282,6 @@ def end_of_epoch(m: Member, metrics: dict, weights: dict, optimizer_state: dict,
     state.history.append({"epoch": epoch, **metrics})
     if m.last is not None:
         save_checkpoint(m, weights, optimizer_state)
-    if m.on_epoch is not None:
-        m.on_epoch(metrics, state)
     if s.patience is not None and state.stale_epochs >= s.patience:
         by = f" by more than min_delta={s.min_delta:g}" if s.min_delta else ""
         log.info("%sEarly stopping: %s has not improved%s for %d epoch%s (best %.4f at epoch %d)",

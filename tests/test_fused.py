@@ -163,6 +163,20 @@ def test_a_job_trained_in_a_group_matches_the_job_trained_alone(tmp_path, tiny_r
             assert hf["lr"] == ha["lr"]
 
 
+def test_a_group_counts_each_epoch_and_the_epochs_its_leavers_skip(tmp_path, tiny_root):
+    """run_group's epochs_done (the fused workers' feed to the sweep's bar) hears each epoch's job-epochs: the jobs
+    that trained it, plus the epochs a diverged (epoch 1) or early-stopped (epoch 2) job will not train."""
+    variants = [["optimizer.lr=0.1"], ["optimizer.lr=1e12"],
+                ["optimizer.lr=0.1", "train.early_stopping.patience=1", "train.early_stopping.min_delta=100"]]
+    cfgs = [compose_cfg(*tiny_overrides(tiny_root), "train.epochs=4", "tracking.enabled=false", "optimizer=sgd", *v)
+            for v in variants]
+    ctxs = [job.JobContext(tmp_path / f"job{i}", f"job{i}") for i in range(3)]
+    counts = []
+    outcomes = job.run_group(list(zip(cfgs, ctxs)), stopping.StopOnSignal(), job.Process(), epochs_done=counts.append)
+    assert [o.status for o in outcomes] == ["FINISHED", "FAILED", "FINISHED"]
+    assert counts == [1 + (1 + 3) + 1, 1 + (1 + 2), 1, 1] and sum(counts) == 3 * 4
+
+
 @pytest.fixture
 def one_thread():
     """Fused workers train on one torch thread each; the jobs they are compared with must too (below)."""

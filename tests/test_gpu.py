@@ -26,9 +26,9 @@ def test_replayed_steps_match_eager_steps_on_the_gpu(tmp_path, tiny_root):
             m.dropout = torch.Generator(device=GPU).manual_seed(m.dropout.initial_seed())
             m.settings.cuda_graph = graph
         histories = {m.name: [] for m in members}
-        for m in members:
-            m.on_epoch = lambda metrics, state, name=m.name: histories[name].append(metrics)
-        train.fit(members, tiny)
+        for epoch in train.fit(members, tiny):
+            for m, metrics in epoch.metrics.items():
+                histories[m.name].append(metrics)
         assert all(m.final is not None for m in members)
         results[graph] = histories, [m.model.state_dict() for m in members], [m.dropout.get_state() for m in members]
     (eager, eager_w, eager_rng), (graphed, graphed_w, graphed_rng) = results[False], results[True]

@@ -67,15 +67,15 @@ def group(tmp_path, seeds, patience=None) -> list[train.Member]:
             generator=torch.Generator().manual_seed(seed), dropout=torch.Generator().manual_seed(seed),
             settings=train.LoopSettings(epochs=3, batch_size=48, eval_batch_size=64,  # 10 full batches + 20
                                         patience=1 if i == 3 else patience, min_delta=10.0 if i == 3 else 0.0),
-            checkpoint=tmp_path / f"best{i}.pt", on_epoch=None))
+            checkpoint=tmp_path / f"best{i}.pt"))
     return members
 
 
 def trained(members, tiny):
     histories = {m.name: [] for m in members}
-    for m in members:
-        m.on_epoch = lambda metrics, state, name=m.name: histories[name].append(dict(metrics, epoch_time=0))
-    train.fit(members, tiny)
+    for epoch in train.fit(members, tiny):
+        for m, metrics in epoch.metrics.items():
+            histories[m.name].append(dict(metrics, epoch_time=0))
     assert all(m.error is None and m.final is not None for m in members)
     return histories, [m.model.state_dict() for m in members]
 

@@ -15,7 +15,7 @@ def tiny(tiny_root):
     return data.load(tiny_root, tiny_root / "none", False, 100, 0, CPU)
 
 
-def member(tmp_path, kind="adam", lr=1e-2, scheduler=None, on_epoch=None, **settings) -> train.Member:
+def member(tmp_path, kind="adam", lr=1e-2, scheduler=None, **settings) -> train.Member:
     """A group of one, built the way job.build builds it."""
     torch.manual_seed(0)
     stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
@@ -24,14 +24,13 @@ def member(tmp_path, kind="adam", lr=1e-2, scheduler=None, on_epoch=None, **sett
         scheduler=(scheduler or (lambda o: torch.optim.lr_scheduler.ConstantLR(o, 1.0, 0)))(stand_in),
         generator=torch.Generator().manual_seed(0), dropout=torch.Generator().manual_seed(0),
         settings=train.LoopSettings(**{"epochs": 4, "batch_size": 50, "eval_batch_size": 64, **settings}),
-        checkpoint=tmp_path / "best.pt", on_epoch=on_epoch)
+        checkpoint=tmp_path / "best.pt")
 
 
 def fit(tiny, tmp_path, optimizer_cls=torch.optim.Adam, lr=1e-2, scheduler=None, **settings):
-    history = []
     kind = {torch.optim.Adam: "adam", torch.optim.SGD: "sgd"}[optimizer_cls]
-    m = member(tmp_path, kind, lr, scheduler, on_epoch=lambda metrics, st: history.append(dict(metrics)), **settings)
-    train.fit([m], tiny)
+    m = member(tmp_path, kind, lr, scheduler, **settings)
+    history = [epoch.metrics[m] for epoch in train.fit([m], tiny) if m in epoch.metrics]
     if m.error is not None:
         raise m.error
     return m.model, m.final, history

@@ -170,16 +170,17 @@ def job_console(hydra: DictConfig) -> DictConfig | None:
     return OmegaConf.create(conf)
 
 
-def train_group(members: list) -> list:
+def train_group(members: list, epochs_done=None) -> list:
     """The jobs of one group trained together (fmnist_exp.job.run_group), their log lines also in each job dir's
-    group.log; a signal stops them all, each KILLED with its checkpoint. Returns each job's Outcome."""
+    group.log; a signal stops them all, each KILLED with its checkpoint. Returns each job's Outcome. `epochs_done(n)`
+    counts the job-epochs trained, for a sweep's bar drawn elsewhere (_workers.py)."""
     root = logging.getLogger()
     handlers = group_log([ctx.job_dir / "group.log" for _, ctx in members])
     for h in handlers:
         h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(h)
     try:
-        return app.run_group(members)
+        return app.run_group(members, epochs_done)
     finally:
         for h in handlers:
             root.removeHandler(h)

@@ -128,14 +128,15 @@ def train_in_worker(members: list, logging_cfg: tuple) -> list:
                     for _ in members]
         app.settle(outcomes, members, ends_sweep=False)
         return outcomes
+    epochs_done = None
     if _FEED is not None:  # the launcher draws the sweep's bar: this worker's log lines and epochs go to it
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.addHandler(logging.handlers.QueueHandler(_FEED))
         group = members[0][1].group
-        app.report_epochs(lambda n: _FEED.put(("epochs", group, n)))
-    outcomes = _core.train_group(members)
+        epochs_done = lambda n: _FEED.put(("epochs", group, n))
+    outcomes = _core.train_group(members, epochs_done)
     app.settle(outcomes, members, ends_sweep=False)
     return outcomes
 
