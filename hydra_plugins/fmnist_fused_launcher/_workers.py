@@ -128,7 +128,7 @@ def record_lost(members: list) -> list:
     were made by the worker's tracking process, which ends them KILLED when the worker goes (tracking_process.serve):
     once it has (or after LOST_WAIT_S), each such run gets LOST as its reason and its id goes into the outcome, so
     that no run stays RUNNING and the sweep's end counts the job once, by its run."""
-    from fmnist_exp import job, tracking, tracking_process
+    from fmnist_exp import job, store, tracking_process
     outcomes = [job.Outcome("KILLED", error=LOST) for _ in members]
     parent = members[0][1].parent  # the jobs of a group share their sweep
     tracked = [i for i, (cfg, _) in enumerate(members) if cfg.tracking.enabled]
@@ -138,20 +138,18 @@ def record_lost(members: list) -> list:
             deadline = time.monotonic() + LOST_WAIT_S
             while True:
                 by_dir = {r.data.tags.get("fmnist.job_dir"): r
-                          for r in tracking.child_runs(parent["uri"], parent["experiment_id"], parent["run_id"])}
+                          for r in store.child_runs(parent["uri"], parent["experiment_id"], parent["run_id"])}
                 runs = {i: by_dir.get(d) for i, d in dirs.items()}
                 if time.monotonic() >= deadline or all(r is not None and r.info.status != "RUNNING"
                                                        for r in runs.values()):
                     break
                 time.sleep(0.5)
-            c = tracking.client(parent["uri"])
             for i, run in runs.items():
                 if run is None:  # the worker died before the job's run was made: the sweep's end counts its dir
                     continue
                 outcomes[i].run_id = run.info.run_id
                 if run.info.status == "RUNNING" or run.data.tags.get("error") == tracking_process.NOT_ENDED:
-                    c.set_tag(run.info.run_id, "error", LOST)
-                    tracking.end_run(parent["uri"], run.info.run_id, "KILLED")
+                    store.end_killed(parent["uri"], run.info.run_id, LOST)
         except Exception as e:  # the store is unreachable: the outcomes still say what happened
             log.error("could not record the lost jobs' runs KILLED: %s", e)
     job.settle(outcomes, members, ends_sweep=False)
@@ -240,7 +238,7 @@ class Forward:
         (while they tested or were recorded, or after) stopped none: the sweep's end records its table and winner,
         then exits 128+N (job.STOPPED_AFTER_JOBS). A time limit's SIGUSR2 in a job's outcome (requeues used up)
         ends only its jobs: the sweep goes on to its table."""
-        from fmnist_exp import job, tracking
+        from fmnist_exp import job, store
         outcomes = list(outcomes)
         signum = self.signum or next((o.signum for o in outcomes if o.signum in (signal.SIGINT, signal.SIGTERM)
                                       and jobs_signals), None)
@@ -249,7 +247,7 @@ class Forward:
         if len(outcomes) == jobs and not any(o.status == "KILLED" for o in outcomes):  # it stopped no job
             job.STOPPED_AFTER_JOBS = signum
             return
-        job.stop_sweep(tracking.read_parent(sweep_dir), signum)
+        job.stop_sweep(store.read_parent(sweep_dir), signum)
 
     def __enter__(self):
         self._handlers.install()

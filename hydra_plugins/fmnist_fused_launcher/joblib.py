@@ -62,9 +62,7 @@ class FmnistJoblibLauncher(JoblibLauncher):
             path = _core.job_dir(config)
             outcome = job.read_outcome(path)
             if outcome is None:
-                path.mkdir(parents=True, exist_ok=True)
-                outcome = job.Outcome("KILLED", error=error, signum=signum)
-                outcome.write(path)
+                outcome = job.record_killed(path, error, signum)
                 lost.append(path.name)
             ret = JobReturn(overrides=list(overrides), cfg=_core.task_config(config), hydra_cfg=config,
                             working_dir=os.getcwd(), task_name=OmegaConf.select(config, "hydra.job.name"),

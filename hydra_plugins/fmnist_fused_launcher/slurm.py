@@ -203,10 +203,7 @@ def watch(tasks, groups: list[list[int]], dir_of: Callable[[int], Path], params:
                              f"see {task.paths.stderr})")
                     log.error("%s", error)
                     for i in groups[t]:
-                        folder = dir_of(i)
-                        if not (folder / fjob.OUTCOME_FILE).is_file():
-                            folder.mkdir(parents=True, exist_ok=True)
-                            fjob.Outcome("KILLED", error=error).write(folder)
+                        fjob.record_killed(dir_of(i), error)
                         results[i] = _no_return()
                     ended.add(t)
             elif state == "RUNNING" and t not in started:
@@ -328,10 +325,7 @@ class FmnistLocalLauncher(FmnistSlurmLauncher):
                     if not stopped:
                         log.error("submitit task %s: %s", task.job_id, error)
                     for i in groups[t]:
-                        folder = dir_of(i)
-                        if not (folder / fjob.OUTCOME_FILE).is_file():
-                            folder.mkdir(parents=True, exist_ok=True)
-                            fjob.Outcome("KILLED", error=error, signum=stopped).write(folder)
+                        fjob.record_killed(dir_of(i), error, stopped)
                         results[i] = _no_return()
                     ended.add(t)
             if len(ended) < len(tasks):
