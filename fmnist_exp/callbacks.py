@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from fmnist_exp import job, stopping, tracking
+from fmnist_exp import job, stopping, store
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ WINNER_METRICS = {"ckpt_valid_loss": "winner_valid_loss", "ckpt_valid_acc": "win
                   "test_loss": "winner_test_loss", "test_acc": "winner_test_acc"}  # sweep table column -> parent metric
 LOCK_FILE = ".fmnist_exp.lock"  # in a run or sweep dir: held while its run or sweep runs
 # a sweep (a run) used this dir
-MARKS = {"sweep": (tracking.PARENT_FILE, "multirun.yaml"), "run": (".hydra", "config.yaml")}
+MARKS = {"sweep": (store.PARENT_FILE, "multirun.yaml"), "run": (".hydra", "config.yaml")}
 
 
 def claim_dir(config: DictConfig, mode: str):
@@ -96,20 +96,20 @@ class SweepCallback(Callback):
         self.signals = stopping.SweepSignals(sweep_dir, lambda: bool(job.read_outcomes(sweep_dir))).install()
         if not config.tracking.enabled:
             return
-        tracking.silence_noisy_loggers()
+        store.silence_noisy_loggers()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         uri = run_id = None
         try:
-            uri = tracking.resolve_uri(config.tracking.uri)
-            exp_id, run_id = tracking.create_run(uri, config.tracking.experiment, name=str(sweep_dir),
-                                                 tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
-            tracking.log_params(uri, run_id, sweep_params(config))
-            tracking.add_sweeps_view(uri, exp_id)
+            uri = store.resolve_uri(config.tracking.uri)
+            exp_id, run_id = store.create_run(uri, config.tracking.experiment, name=str(sweep_dir),
+                                              tags={"fmnist.sweep_dir": str(sweep_dir.resolve())})
+            store.log_params(uri, run_id, sweep_params(config))
+            store.add_sweeps_view(uri, exp_id)
             parent = {"uri": uri, "experiment_id": exp_id, "run_id": run_id}
-            (sweep_dir / tracking.PARENT_FILE).write_text(json.dumps(parent))
+            (sweep_dir / store.PARENT_FILE).write_text(json.dumps(parent))
         except Exception as e:  # Hydra would only warn about a callback's error and run every job into the same
-            log.error("%s", e if isinstance(e, tracking.TrackingError) else tracking.store_error(uri, e))  # error
+            log.error("%s", e if isinstance(e, store.TrackingError) else store.store_error(uri, e))  # error
             if run_id is not None:
                 end_if_running(uri, run_id, exp_id, sweep_dir)  # no job has run: the parent is deleted
             self._release()
@@ -135,7 +135,7 @@ class SweepCallback(Callback):
                 sys.exit(128 + signum)
 
     def _end(self, sweep_dir: Path) -> None:
-        parent = tracking.read_parent(sweep_dir)
+        parent = store.read_parent(sweep_dir)
         outcomes = job.read_outcomes(sweep_dir)
         unfinished = [(name, o) for name, o in outcomes if o.status not in ("FINISHED", "SKIPPED")]
         failures, recorded = None, True
@@ -150,7 +150,7 @@ class SweepCallback(Callback):
             except Exception as e:  # Hydra would turn it into a warning and the sweep would exit 0
                 log.error("The sweep's table and winner were not recorded: the MLflow store %s failed (%s). Each "
                           "job's run and outcome.json are kept; python -m fmnist_exp.report %s prints the table once "
-                          "the store answers", parent["uri"], tracking.first_line(e), sweep_dir)
+                          "the store answers", parent["uri"], store.first_line(e), sweep_dir)
                 failures, recorded = None, False
         if failures is None:  # untracked, or the store failed: each job's outcome.json is all there is
             failures, total = [f"{name}: {o.error or o.status}" for name, o in unfinished], len(outcomes)
@@ -165,24 +165,24 @@ class SweepCallback(Callback):
         uri, parent_id = parent["uri"], parent["run_id"]
         table = report.sweep_table(uri, parent["experiment_id"], parent_id)
         print("\n" + report.format_table(table) + "\n" + report.ranked_by_line(table), flush=True)
-        c = tracking.client(uri)
         for path in report.write_table(table, sweep_dir):
-            c.log_artifact(parent_id, str(path))
+            store.log_artifact(uri, parent_id, path)
         finished = table[table["status"] == "FINISHED"]
         try:
-            log_summary(uri, parent_id, table, tracking.child_runs(uri, parent["experiment_id"], parent_id))
+            log_summary(uri, parent_id, table, store.child_runs(uri, parent["experiment_id"], parent_id))
             log_sweep_plots(uri, parent_id, finished, sweep_dir)
             if len(finished) and table.loc[0, "best"] == "★":  # ranked on validation data (report.py)
                 log_winner(uri, parent_id, table.loc[0, "run_id"], table.attrs["ranked_by"][0])
         except Exception as e:  # the jobs' results are safe in the store; a plotting failure must not hide them
             log.error("could not log the sweep's summary, plots or winning model: %s", e)
         failed = table[table["status"] != "FINISHED"]
+        error = None
         if len(failed):  # the UI shows the parent FAILED: say why there, as a failed job's run does
-            c.set_tag(parent_id, "error", f"{len(failed)} of {len(table)} jobs did not finish (see sweep_table.md): "
-                      + "; ".join(f"{r.name}: {r.status}" for r in failed.itertuples())[:4000])
-        tracking.end_run(uri, parent_id, "FAILED" if len(failed) else "FINISHED")
+            error = (f"{len(failed)} of {len(table)} jobs did not finish (see sweep_table.md): "
+                     + "; ".join(f"{r.name}: {r.status}" for r in failed.itertuples())[:4000])
+        store.end_run(uri, parent_id, "FAILED" if len(failed) else "FINISHED", error)
         where = "" if uri.startswith("http") else " (after make ui)"
-        print(f"All sweeps side by side: {tracking.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
+        print(f"All sweeps side by side: {store.sweeps_view_url(uri, parent['experiment_id'])}{where}", flush=True)
         return [f"{r.name}: {r.error or r.status}" for r in failed.itertuples()], len(table)
 
 
@@ -196,14 +196,13 @@ def end_orphans(parent: dict, outcomes: dict[str, job.Outcome]) -> set[str]:
     dir's outcome gives (a launcher records lost jobs there), else ORPHANED, so no run stays RUNNING. Returns the job
     dir names that have a run (their jobs are counted by their runs, once)."""
     uri = parent["uri"]
-    runs = tracking.child_runs(uri, parent["experiment_id"], parent["run_id"])
+    runs = store.child_runs(uri, parent["experiment_id"], parent["run_id"])
     for run in runs:
         if run.info.status == "RUNNING":
             outcome = outcomes.get(Path(run.data.tags.get("fmnist.job_dir", "")).name)
             reason = outcome.error if outcome is not None and outcome.error else ORPHANED
             log.error("%s: %s", run.info.run_name, reason)
-            tracking.client(uri).set_tag(run.info.run_id, "error", reason)
-            tracking.end_run(uri, run.info.run_id, "KILLED")
+            store.end_killed(uri, run.info.run_id, reason)
     return {Path(r.data.tags["fmnist.job_dir"]).name for r in runs if "fmnist.job_dir" in r.data.tags}
 
 
@@ -213,17 +212,14 @@ def end_if_running(uri: str, run_id: str, experiment_id: str, sweep_dir: Path) -
     sweep recorded nothing: its parent is deleted, as a typo in a single run leaves no run. Otherwise (its launcher
     raised, e.g. its cluster jobs were cancelled) it ends KILLED with that reason, never RUNNING."""
     try:
-        c = tracking.client(uri)
-        if c.get_run(run_id).info.status != "RUNNING":
+        if store.get_run(uri, run_id).info.status != "RUNNING":
             return
-        if not job.read_outcomes(sweep_dir) and not tracking.child_runs(uri, experiment_id, run_id):
-            tracking.end_run(uri, run_id, "KILLED")
-            c.delete_run(run_id)  # (MLflow's soft delete: out of the UI, the report and the sweeps view)
-            (sweep_dir / tracking.PARENT_FILE).unlink(missing_ok=True)
+        if not job.read_outcomes(sweep_dir) and not store.child_runs(uri, experiment_id, run_id):
+            store.discard_run(uri, run_id)
+            (sweep_dir / store.PARENT_FILE).unlink(missing_ok=True)
             return
-        c.set_tag(run_id, "error", "the sweep ended before all its jobs reported (a launcher error, or its jobs "
-                                   "were cancelled); rerun it with sweep.skip_finished=true")
-        tracking.end_run(uri, run_id, "KILLED")
+        store.end_killed(uri, run_id, "the sweep ended before all its jobs reported (a launcher error, or its jobs "
+                                      "were cancelled); rerun it with sweep.skip_finished=true")
     except Exception as e:  # exiting anyway: say why the run may still show RUNNING
         log.error("could not end the sweep's parent run %s: %s", run_id, e)
 
@@ -254,35 +250,29 @@ def log_summary(uri: str, parent_id: str, table, runs: list) -> None:
     """The sweep's results on its parent run, so the runs list can sort and filter whole sweeps: the config
     values every job shares (params), how many jobs ran and failed, the winner's scores (metrics; the winner is
     chosen on validation data, report.py) and the data set the jobs trained on (input). `runs`: the table's runs
-    (tracking.child_runs)."""
+    (store.child_runs)."""
     import pandas as pd
-    from mlflow.entities import DatasetInput
     params = [r.data.params for r in runs if r.data.params]
     shared = {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params[1:])} if params else {}
     shared = {k: v for k, v in shared.items() if not k.startswith("sweep.")}  # the config's sweep.skip_finished
     # would pass for a swept key among the parent's sweep.<key> params
-    tracking.log_params(uri, parent_id, shared)
+    store.log_params(uri, parent_id, shared)
     metrics = {"jobs": len(table), "jobs_failed": int((table["status"] != "FINISHED").sum())}
     if len(table) and table.loc[0, "best"] == "★":
         winner = table.loc[0]
         metrics.update({name: float(winner[col]) for col, name in WINNER_METRICS.items() if pd.notna(winner[col])})
-    tracking.log_metrics(uri, parent_id, metrics)
-    inputs = next((r.inputs.dataset_inputs for r in runs if r.inputs and r.inputs.dataset_inputs), [])
-    if inputs:
-        tracking.client(uri).log_inputs(parent_id, [DatasetInput(i.dataset, i.tags) for i in inputs])
+    store.log_metrics(uri, parent_id, metrics)
+    store.log_dataset_of(uri, parent_id, runs)
 
 
 def log_sweep_plots(uri: str, parent_id: str, finished, sweep_dir: Path) -> None:
     """valid_acc curves of every job overlaid, and test accuracy per job, on the parent run."""
     from fmnist_exp import plots
-    c = tracking.client(uri)
-    curves = {r.name: [(m.step, m.value) for m in sorted(c.get_metric_history(r.run_id, "valid_acc"),
-                                                          key=lambda m: m.step)]
-              for r in finished.itertuples()}
+    curves = {r.name: store.metric_history(uri, r.run_id, "valid_acc") for r in finished.itertuples()}
     for fig, name in ((plots.sweep_curves(curves), "sweep_valid_acc.png"),
                       (plots.sweep_bars(list(finished["name"]), list(finished["test_acc"])), "sweep_test_acc.png")):
         plots.save(fig, sweep_dir / name)
-        c.log_artifact(parent_id, str(sweep_dir / name), "plots")
+        store.log_artifact(uri, parent_id, sweep_dir / name, "plots")
 
 
 def log_winner(uri: str, parent_id: str, run_id: str, ranked_by: str) -> None:
@@ -292,14 +282,12 @@ def log_winner(uri: str, parent_id: str, run_id: str, ranked_by: str) -> None:
     from omegaconf import OmegaConf
 
     from fmnist_exp import data, models
-    run = tracking.client(uri).get_run(run_id)
+    run = store.get_run(uri, run_id)
     job_dir = Path(run.data.tags["fmnist.job_dir"])
     job_cfg = OmegaConf.load(job_dir / "config.yaml")
     arrays, _, _ = data.load_arrays(Path(job_cfg.data.root), Path(job_cfg.data.system_dir), False, job_cfg.data.cache)
     example = data.example_input(arrays["test_images"])
     graph, output = models.export_best(job_cfg.model, job_dir, example)
-    tracking.log_model(uri, parent_id, graph, example, output, str(torch.__version__))
-    c = tracking.client(uri)
-    c.set_tag(parent_id, "fmnist.winner", f"{run.data.tags.get('fmnist.overrides')} ({run_id})")
-    c.set_tag(parent_id, "fmnist.winner_run_id", run_id)
-    c.set_tag(parent_id, "fmnist.winner_ranked_by", ranked_by)
+    store.log_model(uri, parent_id, graph, example, output, str(torch.__version__))
+    store.set_tags(uri, parent_id, {"fmnist.winner": f"{run.data.tags.get('fmnist.overrides')} ({run_id})",
+                                    "fmnist.winner_run_id": run_id, "fmnist.winner_ranked_by": ranked_by})

@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_exp import config, data, machine, models, step, stopping, tracking, train
+from fmnist_exp import config, data, machine, models, step, stopping, store, tracking, train
 
 log = logging.getLogger("fmnist_exp")
 
@@ -49,7 +49,7 @@ class JobContext:
         n_jobs = hydra_cfg.launcher.get("n_jobs") if multirun else None
         return cls(job_dir=Path(hydra_cfg.runtime.output_dir), run_name=run_name(hydra_cfg.overrides.task),
                    overrides=list(hydra_cfg.overrides.task), multirun=multirun,
-                   parent=tracking.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
+                   parent=store.read_parent(Path(hydra_cfg.sweep.dir)) if multirun else None,
                    sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                    parallel_jobs=n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else None)
 
@@ -80,6 +80,17 @@ def read_outcome(job_dir: Path) -> Outcome | None:
         return Outcome(**json.loads((job_dir / OUTCOME_FILE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def record_killed(job_dir: Path, error: str, signum: int | None = None) -> Outcome:
+    """A job that ended without recording its outcome (its process lost, or stopped before it started) is recorded
+    KILLED with `error`; one that recorded its own keeps it. Returns the job's outcome."""
+    outcome = read_outcome(job_dir)
+    if outcome is None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        outcome = Outcome("KILLED", error=error, signum=signum)
+        outcome.write(job_dir)
+    return outcome
 
 
 def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
@@ -199,16 +210,16 @@ class Job:
     def prepare(self) -> Outcome | None:
         """Everything before the first step. Returns an Outcome when there is nothing to train (skipped)."""
         cfg, ctx = self.cfg, self.ctx
-        tracking.silence_noisy_loggers()
+        store.silence_noisy_loggers()
         if not cfg.tracking.enabled:
             tracking.TRACKING_PROCESS.discard_unused()  # started ahead by __main__: not needed
         ctx.job_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = tracking.Tracker(ctx.tracking_uri(cfg), cfg.tracking.experiment, ctx.job_dir,
                                         enabled=cfg.tracking.enabled, process=self.tracking_process)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        self.params = tracking.flatten(resolved)
+        self.params = store.flatten(resolved)
         config.validate(cfg, ctx.overrides)
-        config_hash = tracking.config_hash(self.params, config.where_how_keys())
+        config_hash = store.config_hash(self.params, config.where_how_keys())
         tags = {"fmnist.job_dir": str(ctx.job_dir.resolve()), "fmnist.overrides": ctx.run_name,
                 "fmnist.config_hash": config_hash}
         resume_id = cfg.train.resume
@@ -238,7 +249,7 @@ class Job:
         if ctx.multirun:  # which job, among a sweep's lines (joblib's jobs and fused workers print at once)
             self.member.label = f"[{ctx.run_name}] "
         if resume_id:
-            earlier = tracking.get_run(self.tracker.uri, resume_id)
+            earlier = store.run_to_resume(self.tracker.uri, resume_id)
             resume_from = self._resume_checkpoint(earlier)
             if resume_from is not None:  # read before the run is touched: a bad checkpoint leaves it as it was
                 train.restore_checkpoint(resume_from, self.member)
@@ -292,13 +303,13 @@ class Job:
         old_dir = run.data.tags.get("fmnist.job_dir")
         if old_dir and (Path(old_dir) / "last.pt").is_file():
             return Path(old_dir) / "last.pt"
-        return tracking.download_artifact(self.tracker.uri, rid, "checkpoints/last.pt", self.ctx.job_dir)
+        return store.download_artifact(self.tracker.uri, rid, "checkpoints/last.pt", self.ctx.job_dir)
 
     def _reuse_earlier_run(self, config_hash: str):
         """sweep.skip_finished: ('skip', run) if this config ever FINISHED (even if a later run of it was stopped),
         else ('resume', its newest KILLED run), else (None, None)."""
         uri, parent = self.tracker.uri, self.ctx.parent
-        runs = tracking.runs_with_config(uri, self.cfg.tracking.experiment, config_hash)  # newest first
+        runs = store.runs_with_config(uri, self.cfg.tracking.experiment, config_hash)  # newest first
         run = next((r for r in runs if r.info.status == "FINISHED"), None) or \
             next((r for r in runs if r.info.status == "KILLED"), None)
         running = next((r for r in runs if r.info.status == "RUNNING"), None)
@@ -309,7 +320,7 @@ class Job:
         if run is None:
             return None, None
         if parent:
-            tracking.client(uri).set_tag(run.info.run_id, tracking.sweep_tag(parent["run_id"]), "reused")
+            store.set_tag(uri, run.info.run_id, store.sweep_tag(parent["run_id"]), "reused")
         return ("skip" if run.info.status == "FINISHED" else "resume"), run
 
     def ready(self) -> None:
@@ -346,7 +357,7 @@ class Job:
         if not self.ctx.multirun:  # a sweep says where its results are at its end (the table, the parent run)
             if tracker.enabled:
                 uri = tracker.uri
-                ui = (uri if uri.startswith("http") else "make ui" if uri == tracking.default_uri()
+                ui = (uri if uri.startswith("http") else "make ui" if uri == store.default_uri()
                       else f"mlflow ui --backend-store-uri {uri}")
                 log.info("Results: %s (best_model.pt, plots/, TensorBoard events); MLflow run %s in experiment '%s' "
                          "of %s (%s)", self.ctx.job_dir, tracker.run_id, tracker.experiment, uri, ui)
@@ -494,7 +505,7 @@ def settle(outcomes: list[Outcome], members: list[tuple[DictConfig, JobContext]]
                                f"time limits a job may be requeued after)")
                     o.write(job_dir)
                     if o.run_id:  # only tracked jobs have one
-                        tracking.client(tracking.resolve_uri(uri)).set_tag(o.run_id, "error", o.error)
+                        store.set_tag(store.resolve_uri(uri), o.run_id, "error", o.error)
             log.error("Not requeued by SLURM (%s): resume from the runs' checkpoints with train.resume=RUN_ID",
                       reason)
     if os.environ.get("SUBMITIT_EXECUTOR") or not ends_sweep or multiprocessing.parent_process() is not None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_exp import stopping, tracking
+from fmnist_exp import stopping, store, tracking
 from fmnist_exp.stopping import STOP_SIGNALS, Forward, StopOnSignal, stop_sweep  # noqa: F401
 
 if TYPE_CHECKING:
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Hydra imports every launcher module at each start, before the command has started its tracking process: what
 # needs torch (job, fusion) is imported on first use
-FROM_JOB = {"JobContext", "Outcome", "read_outcome", "read_outcomes", "settle", "shows_progress"}
+FROM_JOB = {"JobContext", "Outcome", "read_outcome", "read_outcomes", "record_killed", "settle", "shows_progress"}
 
 
 def __getattr__(name: str):
@@ -110,19 +109,6 @@ def run_group(members: list[tuple[DictConfig, JobContext]], epochs_done=None) ->
         return job.run_group(members, stop, epochs_done=epochs_done)
 
 
-def record_killed(job_dir: Path, error: str, signum: int | None = None) -> Outcome:
-    """A job that never reported (its process lost, or stopped before it started): KILLED with `error` in its dir,
-    unless it recorded an outcome of its own, which is returned instead."""
-    from fmnist_exp.job import Outcome, read_outcome
-    earlier = read_outcome(job_dir)
-    if earlier is not None:
-        return earlier
-    job_dir.mkdir(parents=True, exist_ok=True)
-    outcome = Outcome("KILLED", error=error, signum=signum)
-    outcome.write(job_dir)
-    return outcome
-
-
 def record_lost(members: list[tuple[DictConfig, JobContext]], error: str, wait_s: float) -> list[Outcome]:
     """The outcomes of a group whose worker died: each job KILLED with `error`, written to its job dir. The jobs'
     runs were made by the worker's tracking process, which ends them KILLED when the worker goes
@@ -139,20 +125,18 @@ def record_lost(members: list[tuple[DictConfig, JobContext]], error: str, wait_s
             deadline = time.monotonic() + wait_s
             while True:
                 by_dir = {r.data.tags.get("fmnist.job_dir"): r
-                          for r in tracking.child_runs(parent["uri"], parent["experiment_id"], parent["run_id"])}
+                          for r in store.child_runs(parent["uri"], parent["experiment_id"], parent["run_id"])}
                 runs = {i: by_dir.get(d) for i, d in dirs.items()}
                 if time.monotonic() >= deadline or all(r is not None and r.info.status != "RUNNING"
                                                        for r in runs.values()):
                     break
                 time.sleep(0.5)
-            c = tracking.client(parent["uri"])
             for i, run in runs.items():
                 if run is None:  # the worker died before the job's run was made: the sweep's end counts its dir
                     continue
                 outcomes[i].run_id = run.info.run_id
                 if run.info.status == "RUNNING" or run.data.tags.get("error") == tracking_process.NOT_ENDED:
-                    c.set_tag(run.info.run_id, "error", error)
-                    tracking.end_run(parent["uri"], run.info.run_id, "KILLED")
+                    store.end_killed(parent["uri"], run.info.run_id, error)
         except Exception as e:  # the store is unreachable: the outcomes still say what happened
             log.error("could not record the lost jobs' runs KILLED: %s", e)
     settle(outcomes, members, ends_sweep=False)

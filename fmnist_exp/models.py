@@ -117,7 +117,7 @@ def export_best(model_cfg, job_dir: Path, example: np.ndarray) -> tuple[Path, np
 
 
 def export(model: nn.Module, example: np.ndarray, path: Path) -> np.ndarray:
-    """Save `model` as a `torch.export` graph at `path` (what tracking.log_model logs as an MLflow model), its batch
+    """Save `model` as a `torch.export` graph at `path` (what store.log_model logs as an MLflow model), its batch
     dimension dynamic, as mlflow.pytorch does; returns the model's output for `example` (for the signature)."""
     inputs = torch.from_numpy(example)
     with torch.no_grad():

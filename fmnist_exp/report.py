@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fmnist_exp import config, tracking
+from fmnist_exp import config, store
 
 METRICS = ["epochs_run", "best_epoch", "ckpt_valid_loss", "ckpt_valid_acc", "test_loss", "test_acc", "train_time"]
 RANK = {"valid_loss": ("ckpt_valid_loss", True), "valid_acc": ("ckpt_valid_acc", False)}  # metric, ascending
@@ -44,7 +44,7 @@ def _value(key: str, value: str) -> str:
 
 def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """One row per job: the config keys that vary across the sweep, status, epochs, best/test scores, reason."""
-    runs = tracking.child_runs(uri, experiment_id, parent_run_id)
+    runs = store.child_runs(uri, experiment_id, parent_run_id)
     ignored = config.where_how_keys()  # never "what varies"
     params = [{k: v for k, v in r.data.params.items() if k not in ignored} for r in runs]
     keys = sorted({k for p in params for k in p})
@@ -187,34 +187,27 @@ def check_store(uri: str) -> None:
 
 
 def find_parent(uri: str, experiment: str, sweep: str | None, recorded: dict | None = None) -> tuple[str, str]:
-    """(experiment id, parent run id) for a sweep dir (`recorded`: what it records, tracking.read_parent), a parent
+    """(experiment id, parent run id) for a sweep dir (`recorded`: what it records, store.read_parent), a parent
     run id (a job's run id: its sweep), or the newest sweep."""
-    from mlflow.exceptions import MlflowException
-    c = tracking.client(uri)
     if sweep:
-        try:
-            run = c.get_run(recorded["run_id"] if recorded else sweep)
-        except MlflowException as e:  # no such run; a store that fails says so itself (main)
-            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
+        run = store.find_run(uri, recorded["run_id"] if recorded else sweep)  # a store that fails says so (main)
+        if run is None:
             raise SystemExit(f"error: {sweep} records a sweep whose parent run {recorded['run_id']} is not in {uri}"
                              if recorded else f"error: {sweep} is neither a sweep directory (with mlflow_parent.json) "
                              f"nor a run id in {uri}")
         parent_id = run.data.tags.get("mlflow.parentRunId")
         if parent_id:  # one job of a sweep: the sweep it belongs to
             print(f"{sweep} is one job ({run.info.run_name}) of a sweep: that sweep follows", file=sys.stderr)
-            run = c.get_run(parent_id)
+            run = store.get_run(uri, parent_id)
         if "fmnist.sweep_dir" not in run.data.tags:
             raise SystemExit(f"error: {sweep} is a single run ({run.info.run_name}), not a sweep: see it in mlflow "
                              "ui; the report takes a sweep (its multirun/<date>/<time> dir or its parent run id)")
         return run.info.experiment_id, run.info.run_id
-    exp = c.get_experiment_by_name(experiment)
-    parents = c.search_runs([exp.experiment_id], filter_string="tags.`fmnist.sweep_dir` != ''",
-                            order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-    if not parents:
+    newest = store.newest_sweep(uri, experiment)
+    if newest is None:
         raise SystemExit(f"error: no sweep in experiment '{experiment}' of {uri}; run one with "
                          "python -m fmnist_exp -m ...")
-    return exp.experiment_id, parents[0].info.run_id
+    return newest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,21 +219,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experiment", default="fmnist", help="where the newest sweep is looked for (tracking.experiment;"
                     " default: fmnist)")
     args = ap.parse_args(argv)
-    from mlflow.exceptions import MlflowException
-    tracking.silence_noisy_loggers()
-    recorded = tracking.read_parent(Path(args.sweep)) if args.sweep else None
+    store.silence_noisy_loggers()
+    recorded = store.read_parent(Path(args.sweep)) if args.sweep else None
     uri = (args.tracking_uri or (recorded or {}).get("uri")  # a sweep dir knows its store, wherever it is run from
-           or tracking.default_uri())
+           or store.default_uri())
     check_store(uri)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down: one line, not 4 minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
         exp_id, parent_id = find_parent(uri, args.experiment, args.sweep, recorded)
         table = sweep_table(uri, exp_id, parent_id)
-        sweep_dir = tracking.client(uri).get_run(parent_id).data.tags.get("fmnist.sweep_dir")
-    except MlflowException as e:
+        sweep_dir = store.get_run(uri, parent_id).data.tags.get("fmnist.sweep_dir")
+    except store.MlflowException as e:
         reason = ("nothing answers there" if "NewConnectionError" in str(e) or "Connection refused" in str(e)
-                  else tracking.first_line(e, 200))
+                  else store.first_line(e, 200))
         raise SystemExit(f"error: cannot read the MLflow store {uri} ({reason}); start the server (make ui) or "
                          "pass --tracking-uri sqlite:///PATH/mlruns/mlflow.db")
     shown = grouped(table, args.by) if args.by else table

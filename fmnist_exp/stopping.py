@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fmnist_exp import tracking
+from fmnist_exp import store
 
 log = logging.getLogger("fmnist_exp")
 
@@ -135,9 +135,8 @@ def stop_sweep(parent: dict | None, signum: int, sweep: bool = True, started: bo
         sys.exit(128 + signum)
     if parent:
         try:
-            tracking.client(parent["uri"]).set_tag(parent["run_id"], "error", f"stopped by {name}: rerun the same "
-                                                   f"command with sweep.skip_finished=true to finish it")
-            tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+            store.end_killed(parent["uri"], parent["run_id"], f"stopped by {name}: rerun the same command with "
+                                                              "sweep.skip_finished=true to finish it")
         except Exception as e:  # exiting anyway: the atexit check (callbacks.end_if_running) tries again
             log.error("could not end the sweep's parent run: %s", e)
     if sweep:
@@ -177,7 +176,7 @@ class SweepSignals:
             self.signum = self.signum or signum
             return
         self.uninstall()  # a second signal: Python's default
-        stop_sweep(tracking.read_parent(self.sweep_dir), signum, started=self.started())
+        stop_sweep(store.read_parent(self.sweep_dir), signum, started=self.started())
 
 
 class Forward:
@@ -226,7 +225,7 @@ class Forward:
         if len(outcomes) == jobs and not any(o.status == "KILLED" for o in outcomes):  # it stopped no job
             mark_stopped(sweep_dir, signum)
             return
-        stop_sweep(tracking.read_parent(sweep_dir), signum)
+        stop_sweep(store.read_parent(sweep_dir), signum)
 
     def __enter__(self):
         self._handlers.install()
@@ -276,9 +275,6 @@ class WorkerSignals:
         parent = self.parent()
         if parent:
             with contextlib.suppress(Exception):
-                c = tracking.client(parent["uri"])
-                if c.get_run(parent["run_id"]).info.status == "RUNNING":
-                    c.set_tag(parent["run_id"], "error", PARENT_GONE)
-                    tracking.end_run(parent["uri"], parent["run_id"], "KILLED")
+                store.end_killed(parent["uri"], parent["run_id"], PARENT_GONE, only_if_running=True)
         logging.shutdown()
         os._exit(1)

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from fmnist_exp import tracking
+from fmnist_exp import store, tracking
 
 NOT_ENDED = "the training process ended without ending this run (killed, or out of memory); rerun it"
 
@@ -43,7 +43,7 @@ class RunWriter:
     @property
     def client(self):
         if self._client is None:
-            self._client = tracking.client(self.uri)
+            self._client = store.client(self.uri)
         return self._client
 
     def open_store(self) -> None:
@@ -56,12 +56,12 @@ class RunWriter:
 
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str], parent_run_id: str | None) -> None:
         try:
-            _, self.run_id = tracking.create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
-            tracking.log_params(self.uri, self.run_id, params)
-        except tracking.TrackingError:
+            _, self.run_id = store.create_run(self.uri, self.experiment, run_name, tags, parent_run_id)
+            store.log_params(self.uri, self.run_id, params)
+        except store.TrackingError:
             raise
         except Exception as e:
-            raise tracking.store_error(self.uri, e) from e
+            raise store.store_error(self.uri, e) from e
         self._open_writer()
 
     def reopen(self, run_id: str, tags: dict[str, str]) -> None:
@@ -157,7 +157,7 @@ class RunWriter:
         self.client.set_tag(self.run_id, key, value)
 
     def log_model(self, graph: str, example, output, torch_version: str) -> None:
-        tracking.log_model(self.uri, self.run_id, Path(graph), example, output, torch_version)
+        store.log_model(self.uri, self.run_id, Path(graph), example, output, torch_version)
 
     def finish(self, status: str, error: str | None) -> None:
         """Send what is left, close TensorBoard, end the run with `status` (and its reason)."""
@@ -166,9 +166,7 @@ class RunWriter:
         finally:
             self.close()
             if self.run_id is not None:
-                if error:
-                    self.client.set_tag(self.run_id, "error", error[:5000])
-                tracking.end_run(self.uri, self.run_id, status)
+                store.end_run(self.uri, self.run_id, status, error[:5000] if error else None)
                 self.ended = True
 
     def close(self) -> None:
@@ -181,7 +179,7 @@ def prefetch() -> None:
     """Import what a job's writes need (~2.5 s of CPU) at once: the process is started as early as possible
     (__main__), so this runs while the training process composes its config, imports torch and loads the data on
     the other core. No torch here (1.5 s to import, ~400 MB): TensorBoard's files are written with tensorboardX,
-    and the model arrives exported (tracking.log_model)."""
+    and the model arrives exported (store.log_model)."""
     sys.modules["torch"] = None  # tensorboardX imports torch when it can, only to recognise torch tensors
     import git  # noqa: F401  (GitPython: MLflow tags a logged model with the commit)
     import mlflow.pyfunc  # noqa: F401  (a logged model's flavor)
@@ -217,7 +215,7 @@ def serve(conn: Connection) -> None:
             try:
                 w.finish(status, error)
             except Exception as e:
-                reply = tracking.store_error(w.uri, e).args[0]
+                reply = store.store_error(w.uri, e).args[0]
             failed.discard(tid)
             conn.send(("done", tid, token, reply))
         elif op == "close":
@@ -231,7 +229,7 @@ def serve(conn: Connection) -> None:
                 getattr(w, op)(*args)
             except Exception as e:
                 failed.add(tid)
-                message = e.args[0] if isinstance(e, tracking.TrackingError) else tracking.store_error(w.uri, e).args[0]
+                message = e.args[0] if isinstance(e, store.TrackingError) else store.store_error(w.uri, e).args[0]
                 conn.send(("error", tid, message))
             if w.run_id != had_run:
                 conn.send(("run", tid, w.run_id))
@@ -247,7 +245,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and scancel reach the whole process group: the
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # training process handles them and ends its runs through us
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's time-limit warning, sent to every process of the job
-    tracking.silence_noisy_loggers()
+    store.silence_noisy_loggers()
     conn = Connection(int(sys.argv[1]))
     try:
         prefetch()

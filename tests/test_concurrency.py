@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import cli_env, compose_cfg, make_tiny_set, run_cli, table_rows, tiny_overrides
-from fmnist_exp import callbacks, tracking
+from fmnist_exp import callbacks, store, tracking
 
 JOBS, REPS = 8, 5
 
@@ -41,15 +41,15 @@ def released_together(barrier, root: Path, uri: str, parents: list[dict], job_di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_eight_jobs_released_at_once_all_finish(tmp_path, store, request):
-    uri = request.getfixturevalue("server_uri") if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "server"])
+def test_eight_jobs_released_at_once_all_finish(tmp_path, backend, request):
+    uri = request.getfixturevalue("server_uri") if backend == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "data"
     make_tiny_set(root)
     parents = []
     for rep in range(REPS):  # as a sweep does: experiment and parent run made once, before its jobs start
         experiment = f"race{rep}"
-        exp_id, run_id = tracking.create_run(uri, experiment, f"sweep {rep}")
+        exp_id, run_id = store.create_run(uri, experiment, f"sweep {rep}")
         parents.append({"uri": uri, "experiment_id": exp_id, "run_id": run_id, "experiment": experiment})
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(JOBS), ctx.Queue()
@@ -165,7 +165,7 @@ def test_where_files_cannot_be_locked_runs_sweeps_and_the_store_go_on_as_before(
     assert callbacks.claim_dir(cfg, "sweep") is None and callbacks.claim_dir(cfg, "run") is None
     assert (cfg.hydra.sweep.dir, cfg.hydra.run.dir) == (str(tmp_path / "sweep"), str(tmp_path / "run"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.experiment_id(uri, "exp") == tracking.client(uri).get_experiment_by_name("exp").experiment_id
+    assert store.experiment_id(uri, "exp") == store.client(uri).get_experiment_by_name("exp").experiment_id
 
 
 def test_a_skip_finished_rerun_beside_the_running_sweep_says_it_trains_again(tmp_path):

@@ -99,13 +99,13 @@ def test_validate_names_the_bad_key(override, key):
 
 
 def test_where_how_keys_change_neither_run_names_nor_the_config_hash():
-    from fmnist_exp import job, tracking
+    from fmnist_exp import job, store
     assert {"train.threads", "train.flush_denormal", "tracking.uri", "train.resume"} <= config.where_how_keys()
     where_how = ["tracking.uri=sqlite:///x.db", "train.threads=1", "data.root=/elsewhere", "train.progress=on"]
     assert job.run_name(["optimizer=sgd", *where_how]) == "optimizer=sgd"
 
     def config_hash(*overrides):
-        return tracking.config_hash(tracking.flatten(OmegaConf.to_container(compose_cfg(*overrides), resolve=True)),
+        return store.config_hash(store.flatten(OmegaConf.to_container(compose_cfg(*overrides), resolve=True)),
                                     config.where_how_keys())
     assert config_hash("optimizer=sgd") == config_hash("optimizer=sgd", *where_how)
     assert config_hash("optimizer=sgd") != config_hash("optimizer=sgd", "train.seed=1")

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import cli_env, free_port, mlflow_server, run_cli, table_rows, tiny_overrides
-from fmnist_exp import report, tracking
+from fmnist_exp import report, store
 
 
 @pytest.fixture(scope="module")
@@ -300,16 +300,16 @@ def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
 def test_jobs_are_ranked_on_validation_data_never_on_test_scores(tmp_path, monitor, order):
     """b has the best test accuracy but the worst validation scores: it must not win."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp_id, parent = tracking.create_run(uri, "fmnist", "sweep")
+    exp_id, parent = store.create_run(uri, "fmnist", "sweep")
     c = MlflowClient(tracking_uri=uri)
     for name, valid_loss, valid_acc, test_acc in [("a", 0.30, 0.90, 0.85), ("b", 0.40, 0.88, 0.93),
                                                   ("c", 0.35, 0.91, 0.88)]:
-        _, run_id = tracking.create_run(uri, "fmnist", name, {"fmnist.overrides": name}, parent)
+        _, run_id = store.create_run(uri, "fmnist", name, {"fmnist.overrides": name}, parent)
         c.log_param(run_id, "optimizer.lr", {"a": "0.1", "b": "0.2", "c": "0.3"}[name])
         c.log_param(run_id, "train.monitor", monitor)
         for key, value in [("ckpt_valid_loss", valid_loss), ("ckpt_valid_acc", valid_acc), ("test_acc", test_acc)]:
             c.log_metric(run_id, key, value)
-        tracking.end_run(uri, run_id, "FINISHED")
+        store.end_run(uri, run_id, "FINISHED")
     table = report.sweep_table(uri, exp_id, parent)
     assert list(table["name"]) == order and list(table["best"]) == ["★", "", ""]
     assert table.attrs["ranked_by"][0] == {"valid_loss": "ckpt_valid_loss", "valid_acc": "ckpt_valid_acc"}[monitor]
@@ -339,17 +339,17 @@ def test_a_parent_left_running_is_ended_at_exit(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_dir = tmp_path / "sweep"
     (sweep_dir / "0_optimizer=sgd").mkdir(parents=True)
-    exp, parent = tracking.create_run(uri, "fmnist", "sweep")
+    exp, parent = store.create_run(uri, "fmnist", "sweep")
     callbacks.end_if_running(uri, parent, exp, sweep_dir)
     assert MlflowClient(tracking_uri=uri).get_run(parent).info.lifecycle_stage == "deleted"
     job.Outcome("KILLED", error="cancelled").write(sweep_dir / "0_optimizer=sgd")
-    _, parent = tracking.create_run(uri, "fmnist", "sweep")
+    _, parent = store.create_run(uri, "fmnist", "sweep")
     callbacks.end_if_running(uri, parent, exp, sweep_dir)
     run = MlflowClient(tracking_uri=uri).get_run(parent)
     assert run.info.status == "KILLED" and "sweep.skip_finished=true" in run.data.tags["error"]
     assert run.info.lifecycle_stage == "active"
-    _, done = tracking.create_run(uri, "fmnist", "finished sweep")
-    tracking.end_run(uri, done, "FINISHED")
+    _, done = store.create_run(uri, "fmnist", "finished sweep")
+    store.end_run(uri, done, "FINISHED")
     callbacks.end_if_running(uri, done, exp, sweep_dir)
     assert MlflowClient(tracking_uri=uri).get_run(done).info.status == "FINISHED"  # a sweep that ended is untouched
 
@@ -366,7 +366,7 @@ def test_a_store_that_fails_at_the_sweeps_end_is_an_error_not_a_warning(tmp_path
         (sweep_dir / name).mkdir(parents=True)
         job.Outcome(status, error="diverged" if status == "FAILED" else None).write(sweep_dir / name)
     gone = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}"  # its folder does not exist: every request fails
-    (sweep_dir / tracking.PARENT_FILE).write_text(json.dumps({"uri": gone, "experiment_id": "1", "run_id": "r"}))
+    (sweep_dir / store.PARENT_FILE).write_text(json.dumps({"uri": gone, "experiment_id": "1", "run_id": "r"}))
     cfg = OmegaConf.create({"hydra": {"callbacks": {"sweep": {"_target_": "fmnist_exp.callbacks.SweepCallback"}},
                                       "sweep": {"dir": str(sweep_dir)}}})
     with pytest.raises(SystemExit) as e, caplog.at_level("ERROR"):
@@ -388,7 +388,7 @@ def test_a_store_that_fails_as_the_parent_run_is_made_leaves_no_parent(tmp_path,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = compose_cfg(*tiny_overrides(tiny_root), f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                       hydra=True)
-    monkeypatch.setattr(callbacks.tracking, "log_params",
+    monkeypatch.setattr(callbacks.store, "log_params",
                         lambda *a: (_ for _ in ()).throw(MlflowException("database is locked")))
     with pytest.raises(SystemExit) as e, caplog.at_level("ERROR"):
         Callbacks(cfg).on_multirun_start(config=cfg)

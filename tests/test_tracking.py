@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fmnist_exp import tracking
+from fmnist_exp import store, tracking
 
 EPOCH = {"train_loss": 0.5, "valid_loss": 0.4, "valid_acc": 0.8, "lr": 1e-3, "epoch_time": 0.1}
 
@@ -72,7 +72,7 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 
 
 def test_a_model_exported_by_the_training_process_is_the_model_mlflow_pytorch_logs(tmp_path):
-    """tracking.log_model writes mlflow.pytorch.save_model's pt2 files around a graph exported elsewhere: the same
+    """store.log_model writes mlflow.pytorch.save_model's pt2 files around a graph exported elsewhere: the same
     MLmodel, files and requirements as mlflow.pytorch.log_model, and both load and predict alike."""
     import mlflow
     import mlflow.pyfunc
@@ -86,10 +86,10 @@ def test_a_model_exported_by_the_training_process_is_the_model_mlflow_pytorch_lo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model = models.MLP(batch_norm=True).eval()
     example = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
-    _, ours = tracking.create_run(uri, "exp", "ours")
+    _, ours = store.create_run(uri, "exp", "ours")
     output = models.export(model, example, tmp_path / "model.pt2")
-    tracking.log_model(uri, ours, tmp_path / "model.pt2", example, output, str(torch.__version__))
-    _, theirs = tracking.create_run(uri, "exp", "mlflow.pytorch")
+    store.log_model(uri, ours, tmp_path / "model.pt2", example, output, str(torch.__version__))
+    _, theirs = store.create_run(uri, "exp", "mlflow.pytorch")
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=theirs):
         mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output), input_example=example,
@@ -158,12 +158,12 @@ def test_jobs_spread_over_tracking_processes_each_write_in_order_in_its_own(tmp_
 OPEN_STORE = """
 import sys, time
 from pathlib import Path
-from fmnist_exp import tracking
+from fmnist_exp import store
 uri, here = sys.argv[1], Path(sys.argv[2])
 (here / f"ready{sys.argv[3]}").touch()
 while not (here / "go").exists():
     time.sleep(0.005)
-print(tracking.experiment_id(uri, "exp"))
+print(store.experiment_id(uri, "exp"))
 """
 
 
