@@ -4,7 +4,7 @@
                                                 [--clock wall|cpu] [--mixed]
 
 A step is: gather the batch from the in-memory uint8 images, forward, cross-entropy, backward, optimizer step.
-  separate   K nn.Modules, each with torch.optim.Adam(fused=True) as conf/ builds it, its own batch
+  separate   K nn.Modules, each with torch.optim.Adam(fused=True) at conf/'s Adam settings, its own batch
   stacked    fmnist_exp.stacked.StackedModel + StackedOptimizer, one batch per job (K*B rows gathered at once)
   shared     the same, one batch all jobs share (jobs with the same data order)
   vmap       torch.func.stack_module_state + functional_call + vmap, one batch per job, StackedOptimizer

@@ -43,10 +43,11 @@ class CNNConfig:
     dropout: list[float] = field(default_factory=list)  # one probability per hidden Linear layer
 
 
+# Optimizer settings name what training builds (`kind`, a key of OPTIMIZERS), not a class for Hydra to build:
+# every job's step runs stacked.StackedOptimizer, which does the maths of the torch.optim class named there.
 @dataclass
 class SGDConfig:
-    _target_: str = "torch.optim.SGD"
-    _partial_: bool = True
+    kind: str = "sgd"
     lr: float = 0.1  # notebook's SGD
     momentum: float = 0.0  # notebook: plain SGD
     nesterov: bool = False
@@ -55,8 +56,7 @@ class SGDConfig:
 
 @dataclass
 class AdamConfig:
-    _target_: str = "torch.optim.Adam"
-    _partial_: bool = True
+    kind: str = "adam"
     lr: float = 1e-3  # Adam's default, as in the notebook
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -64,8 +64,12 @@ class AdamConfig:
 
 @dataclass
 class AdamWConfig(AdamConfig):
-    _target_: str = "torch.optim.AdamW"
+    kind: str = "adamw"
     weight_decay: float = 1e-2  # AdamW's default (decoupled decay)
+
+
+# optimizer.kind -> (the settings that kind needs, the torch.optim class whose maths it runs)
+OPTIMIZERS = {"sgd": (SGDConfig, "SGD"), "adam": (AdamConfig, "Adam"), "adamw": (AdamWConfig, "AdamW")}
 
 
 @dataclass
@@ -271,6 +275,7 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple = ()) -> None:
     _check(t.progress in ("auto", "on", "off"), "train.progress", t.progress, "auto, on or off", "off")
     n = cfg.tracking.processes
     _check(n is None or n > 0, "tracking.processes", n, "a positive integer or null", 2)
+    check_optimizer_kind(o)
     _check(o.lr > 0, "optimizer.lr", o.lr, "a positive number", 0.001)
     _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "zero or positive", 0.001)
     if "betas" in o:  # (the library's own error for one beta was 'list index out of range')
@@ -289,6 +294,40 @@ def validate(cfg: DictConfig, overrides: list[str] | tuple = ()) -> None:
         _check(len(m.channels) <= MAX_CONV_BLOCKS, "model.channels", list(m.channels),
                f"at most {MAX_CONV_BLOCKS} conv blocks (each halves the 28x28 image)", "[32,64]")
     check_schedule(cfg)
+
+
+def check_optimizer_kind(o: DictConfig) -> None:
+    """optimizer.kind names an optimizer training builds, and the settings beside it are the ones that kind takes
+    (optimizer=sgd optimizer.kind=adam has no betas)."""
+    kind = o.get("kind")
+    if kind not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.kind={kind!r} is invalid: it must be one of {'|'.join(OPTIMIZERS)} (the "
+                          "optimizers training builds); pass e.g. optimizer=adam")
+    schema, name = OPTIMIZERS[kind]
+    missing = [f"optimizer.{f.name}" for f in fields(schema) if f.name not in o]
+    if missing:
+        raise ConfigError(f"optimizer.kind={kind} is invalid here: {name} needs {', '.join(missing)}, which these "
+                          f"optimizer settings lack; pass optimizer={kind} (its settings come with it)")
+
+
+def optimizer_name(kind: str) -> str:
+    """The torch.optim class an optimizer.kind runs, as tables and messages show it: sgd -> SGD."""
+    return OPTIMIZERS[kind][1] if kind in OPTIMIZERS else str(kind)
+
+
+def build_torch_optimizer(o: DictConfig, params):
+    """The torch.optim optimizer that optimizer settings `o` describe: validation builds it so that torch refuses
+    what it would refuse (the fused optimizer does the same maths, stacked.py)."""
+    import torch
+    settings = {k: v for k, v in OmegaConf.to_container(o).items() if k != "kind"}
+    return getattr(torch.optim, OPTIMIZERS[o.kind][1])(params, **settings)
+
+
+def choice_name(cfg: DictConfig, group: str) -> str:
+    """What a config group's option builds, by its class name: MLP, SGD, StepLR ('?' if none)."""
+    if group == "optimizer":
+        return optimizer_name(OmegaConf.select(cfg, "optimizer.kind", default="?"))
+    return OmegaConf.select(cfg, f"{group}._target_", default="?").rsplit(".", 1)[-1]
 
 
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1: a fifth 2x2 max-pool has nothing left to pool
@@ -310,7 +349,7 @@ def check_schedule(cfg: DictConfig) -> None:
 
     import torch
     from hydra.utils import instantiate
-    optimizer = check_buildable(cfg, lambda: instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))]),
+    optimizer = check_buildable(cfg, lambda: build_torch_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))]),
                                 "optimizer")
 
     def step_through():
@@ -337,7 +376,7 @@ def _blame(cfg: DictConfig, group: str, error: Exception) -> str:
         named = [k for k in keys if type(node[k]) is int and node[k] == 0]  # divisors are counts (step_size)
     if not named:
         named = [k for k in keys if type(node[k]) in (int, float) and node[k] < 0]
-    choice = OmegaConf.select(cfg, f"{group}._target_", default="?").rsplit(".", 1)[-1]
+    choice = choice_name(cfg, group)
     if not named:
         return f"{group} ({choice}) is invalid: {reason}; check the {group}.* values (python -m fmnist_exp --cfg job)"
     shown = ", ".join(f"{group}.{k}={_show(node[k])}" for k in named)

@@ -151,7 +151,6 @@ class Process:
 PROCESS = Process()
 
 
-OPTIMIZER_KINDS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw"}
 
 
 def build(cfg: DictConfig, device: torch.device, name: str = "", job_dir: Path | None = None) -> train.Member:
@@ -160,7 +159,7 @@ def build(cfg: DictConfig, device: torch.device, name: str = "", job_dir: Path |
     torch.manual_seed(cfg.train.seed)
     model = config.check_buildable(cfg, lambda: instantiate(cfg.model), "model").to(device)
     o = cfg.optimizer
-    hyper = {"kind": OPTIMIZER_KINDS[o._target_], "lr": o.lr, "weight_decay": o.weight_decay}
+    hyper = {"kind": o.kind, "lr": o.lr, "weight_decay": o.weight_decay}  # o.kind: one of config.OPTIMIZERS
     hyper.update({"momentum": o.momentum, "nesterov": o.nesterov} if hyper["kind"] == "sgd" else
                  {"betas": tuple(o.betas), "eps": 1e-8})
     # the schedule runs on a one-parameter stand-in of the job's optimizer: torch's own maths, read once an epoch
@@ -436,10 +435,10 @@ HPARAM_KEYS = {"lr": "optimizer.lr", "batch_size": "data.batch_size", "init": "m
 def hparams(cfg: DictConfig, name: str) -> dict:
     """What TensorBoard's HPARAMS tab compares: the core settings plus whatever else this job overrode, each once
     and as its config value (a number stays a number: the tab filters and sorts it as one)."""
-    out = {"model": cfg.model._target_.rsplit(".", 1)[-1], "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
-           "schedule": cfg.schedule._target_.rsplit(".", 1)[-1]}
+    out = {group: config.choice_name(cfg, group) for group in ("model", "optimizer", "schedule")}
     out.update({column: OmegaConf.select(cfg, key) for column, key in HPARAM_KEYS.items()})
-    covered = set(HPARAM_KEYS.values()) | set(out)  # optimizer=adam: the optimizer column says Adam already
+    # optimizer=adam, optimizer.kind=adamw: the optimizer column names it already
+    covered = set(HPARAM_KEYS.values()) | set(out) | {"optimizer.kind"}
     for key, value in config.override_pairs(name).items():
         if key not in covered:  # a config group's option (regularization=batchnorm) has no value of its own
             out[key] = OmegaConf.select(cfg, key, default=value)

@@ -30,8 +30,14 @@ def ranking(monitors: set[str]) -> tuple[str, bool]:
     return RANK[monitors.pop()] if len(monitors) == 1 and next(iter(monitors)) in RANK else RANK["valid_loss"]
 
 
+# a config group's option recorded as a plain value (its column and place are those of a group's `_target_`)
+OPTION_PARAMS = {"optimizer.kind": "optimizer._target_"}
+
+
 def _readable(key: str, keys: list[str]) -> str:
-    """'optimizer._target_' -> 'optimizer'; 'data.batch_size' -> 'batch_size' unless that name is taken twice."""
+    """'model._target_' and 'optimizer.kind' -> 'model', 'optimizer'; 'data.batch_size' -> 'batch_size' unless that
+    name is taken twice."""
+    key = OPTION_PARAMS.get(key, key)
     if key.endswith("._target_"):
         return key.removesuffix("._target_")
     last = key.rsplit(".", 1)[-1]
@@ -39,7 +45,9 @@ def _readable(key: str, keys: list[str]) -> str:
 
 
 def _value(key: str, value: str) -> str:
-    return value.rsplit(".", 1)[-1] if key.endswith("._target_") else value  # torch.optim.SGD -> SGD
+    if key == "optimizer.kind":
+        return config.optimizer_name(value)  # sgd -> SGD
+    return value.rsplit(".", 1)[-1] if key.endswith("._target_") else value  # fmnist_exp.models.MLP -> MLP
 
 
 def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
@@ -47,7 +55,7 @@ def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFram
     runs = store.child_runs(uri, experiment_id, parent_run_id)
     ignored = config.where_how_keys()  # never "what varies"
     params = [{k: v for k, v in r.data.params.items() if k not in ignored} for r in runs]
-    keys = sorted({k for p in params for k in p})
+    keys = sorted({k for p in params for k in p}, key=lambda k: OPTION_PARAMS.get(k, k))
     varying = [k for k in keys if len({p[k] for p in params if k in p}) > 1]
     columns = {k: _readable(k, varying) for k in varying}
     rows = []

@@ -29,7 +29,7 @@ def test_option_composes_and_instantiates(group, option):
     cfg = compose_cfg(f"{group}={option}")
     config.validate(cfg)
     model = instantiate(cfg.model)
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    optimizer = config.build_torch_optimizer(cfg.optimizer, model.parameters())
     scheduler = instantiate(cfg.schedule)(optimizer=optimizer)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
@@ -52,7 +52,7 @@ def test_regularization_presets_compose_with_every_model(model, regularization):
 def test_defaults_are_the_notebook_headline_run():
     cfg = compose_cfg()
     assert cfg.model._target_ == "fmnist_exp.models.MLP" and list(cfg.model.hidden) == [128, 64]
-    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer.kind == "adam" and cfg.optimizer.lr == 1e-3
     assert (cfg.data.batch_size, cfg.data.valid_size, cfg.train.epochs, cfg.train.seed) == (100, 10000, 17, 0)
     assert cfg.train.device == "auto" and cfg.train.resume is None and cfg.data.download is True
     assert cfg.tracking.experiment == "fmnist" and cfg.tracking.uri is None
@@ -89,7 +89,7 @@ def test_wrong_type_and_typo_fail_at_compose():
     ("train.epochs=0", "train.epochs"), ("optimizer.lr=0", "optimizer.lr"), ("optimizer.lr=-1", "optimizer.lr"),
     ("model.dropout=[1.0,0.2]", "model.dropout[0]"), ("model.dropout=[0.5]", "model.dropout"),
     ("model.init=kaiming", "model.init"), ("train.monitor=test_acc", "train.monitor"),
-    ("train.device=tpu", "train.device"),
+    ("train.device=tpu", "train.device"), ("optimizer.kind=rmsprop", "optimizer.kind"),
 ])
 def test_validate_names_the_bad_key(override, key):
     with pytest.raises(config.ConfigError) as e:
@@ -114,7 +114,47 @@ def test_where_how_keys_change_neither_run_names_nor_the_config_hash():
 def test_cnn_experiment_is_the_measured_recipe():
     cfg = compose_cfg("+experiment=cnn")
     assert cfg.model._target_ == "fmnist_exp.models.CNN" and cfg.model.batch_norm and list(cfg.model.dropout) == [0.5, 0.2]
-    assert cfg.optimizer._target_ == "torch.optim.AdamW" and (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.002, 0.05)
+    assert cfg.optimizer.kind == "adamw" and (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.002, 0.05)
     assert cfg.schedule._target_.endswith("CosineAnnealingLR") and cfg.schedule.T_max == cfg.train.epochs == 17
     assert cfg.train.monitor == "valid_acc"
     config.validate(cfg)
+
+
+@pytest.mark.parametrize("option,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                        ("adamw", torch.optim.AdamW)])
+def test_an_optimizer_option_names_the_kind_training_builds(option, cls):
+    from fmnist_exp import job, stacked
+    cfg = compose_cfg(f"optimizer={option}")
+    config.validate(cfg)
+    assert cfg.optimizer.kind == option and "_target_" not in cfg.optimizer  # nothing for Hydra to instantiate
+    assert type(config.build_torch_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])) is cls
+    member = job.build(cfg, torch.device("cpu"))
+    assert member.hyper["kind"] == option and member.hyper["lr"] == cfg.optimizer.lr
+    stacked.StackedOptimizer([torch.zeros(1, 3)], [member.hyper])  # the fused optimizer takes the job's settings
+    assert job.hparams(cfg, f"optimizer={option}")["optimizer"] == cls.__name__  # TensorBoard's column: SGD, Adam
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.kind=rmsprop"], "optimizer.kind='rmsprop' is invalid: it must be one of sgd|adam|adamw"),
+    (["optimizer=sgd", "optimizer.kind=adam"], "optimizer.kind=adam is invalid here: Adam needs optimizer.betas"),
+    (["optimizer=adam", "optimizer.kind=sgd"], "optimizer.kind=sgd is invalid here: SGD needs optimizer.momentum, "
+                                               "optimizer.nesterov"),
+])
+def test_an_optimizer_training_cannot_build_is_refused_in_one_line(overrides, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(compose_cfg(*overrides), overrides)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", [
+    "defaults:\n  - /adam_schema@_here_\n  - _self_\n\nkind: rmsprop\n",  # adam.yaml copied, its kind changed
+    "_target_: torch.optim.RMSprop\nlr: 0.01\nweight_decay: 0.0\n",  # a class for Hydra to build: nothing would
+])
+def test_an_optimizer_option_of_ones_own_that_training_cannot_build_is_refused_in_one_line(tmp_path, text):
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "rmsprop.yaml").write_text(text)
+    cfg = compose_cfg(f"hydra.searchpath=[file://{tmp_path}]", "optimizer=rmsprop")
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(cfg)
+    assert str(e.value).startswith("optimizer.kind=") and "must be one of sgd|adam|adamw" in str(e.value)
+    assert "\n" not in str(e.value)

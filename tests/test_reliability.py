@@ -251,6 +251,7 @@ BAD_INPUTS = [
     (["model=cnn", "model.channels=[0,8]"], None, "model.channels=[0, 8] is invalid"),
     (["model=cnn", "model.channels=[4,4,4,4,4]"], None, "at most 4 conv blocks"),
     (["optimizer=rmsprop"], None, "Could not find 'optimizer/rmsprop'"),
+    (["optimizer.kind=rmsprop"], None, "optimizer.kind='rmsprop' is invalid: it must be one of sgd|adam|adamw"),
     (["data.batch_size=abc"], None, "Value 'abc' of type 'str' could not be converted to Integer"),
     (["data.batchsize=16"], None, "Could not override 'data.batchsize'"),
     # what Hydra's typo hint ("To append to your config use +optimizr=sgd") led to: a run that ignored it

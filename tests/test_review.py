@@ -216,7 +216,7 @@ def test_parent_run_describes_the_sweep(sweep):
     assert params["sweep.optimizer.lr"] == "0.01,0.00001,-1"
     assert params["sweep.command"].startswith("python -m fmnist_exp -m data.root=")
     assert params["sweep.command"].endswith("train.epochs=3 optimizer.lr=0.01,0.00001,-1")
-    assert params["train.epochs"] == "3" and params["optimizer._target_"] == "torch.optim.Adam"  # shared
+    assert params["train.epochs"] == "3" and params["optimizer.kind"] == "adam"  # shared
     assert "optimizer.lr" not in params  # varies: not a shared value
     # every sweep.* param is a swept key (or the command): the jobs' shared sweep.skip_finished=False is not one
     assert {k for k in params if k.startswith("sweep.")} == {"sweep.optimizer.lr", "sweep.command"}
@@ -313,6 +313,26 @@ def test_jobs_are_ranked_on_validation_data_never_on_test_scores(tmp_path, monit
     table = report.sweep_table(uri, exp_id, parent)
     assert list(table["name"]) == order and list(table["best"]) == ["★", "", ""]
     assert table.attrs["ranked_by"][0] == {"valid_loss": "ckpt_valid_loss", "valid_acc": "ckpt_valid_acc"}[monitor]
+
+
+@pytest.mark.parametrize("key,values", [("optimizer.kind", ["sgd", "adam"]),
+                                        ("optimizer._target_", ["torch.optim.SGD", "torch.optim.Adam"])])
+def test_the_table_names_the_optimizer_as_it_did_when_its_key_was_a_target(tmp_path, key, values):
+    """optimizer.kind (sgd) has the column and the value optimizer._target_ (torch.optim.SGD) had: optimizer, SGD,
+    in the same place; sweeps recorded with either read the same."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent = tracking.create_run(uri, "fmnist", "sweep")
+    c = MlflowClient(tracking_uri=uri)
+    for name, value, betas, lr in [("a", values[0], "[0.9, 0.999]", "0.1"), ("b", values[1], "[0.8, 0.99]", "0.001")]:
+        _, run_id = tracking.create_run(uri, "fmnist", name, {"fmnist.overrides": name}, parent)
+        for k, v in [(key, value), ("optimizer.betas", betas), ("optimizer.lr", lr), ("data.batch_size", "100")]:
+            c.log_param(run_id, k, v)
+        c.log_metric(run_id, "ckpt_valid_loss", 0.5)
+        tracking.end_run(uri, run_id, "FINISHED")
+    table = report.sweep_table(uri, exp_id, parent)
+    assert list(table.columns[2:5]) == ["optimizer", "betas", "lr"]
+    assert sorted(table["optimizer"]) == ["Adam", "SGD"]
+    assert sorted(report.grouped(table, "optimizer")["optimizer"]) == ["Adam", "SGD"]  # --by optimizer
 
 
 def test_sweep_params_follow_hydras_precedence(monkeypatch):
