@@ -30,9 +30,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class Handlers:
-    """One handler for some signals while installed, the previous ones put back after: what StopOnSignal, the
-    sweep's callbacks.SweepSignals and the fused launcher's signal forwarding share. Off the main thread (where
-    Python allows no handlers; some launchers run jobs there) it installs none and leaves the process's own."""
+    """One handler for some signals while installed, the previous ones put back after: what StopOnSignal,
+    SweepSignals, Forward and WorkerSignals share. Off the main thread (where Python allows no handlers; some
+    launchers run jobs there) it installs none and leaves the process's own."""
 
     def __init__(self, signals, handler):
         self.signals, self.handler, self._previous = tuple(signals), handler, {}
