@@ -321,14 +321,14 @@ def test_the_table_names_the_optimizer_as_it_did_when_its_key_was_a_target(tmp_p
     """optimizer.kind (sgd) has the column and the value optimizer._target_ (torch.optim.SGD) had: optimizer, SGD,
     in the same place; sweeps recorded with either read the same."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp_id, parent = tracking.create_run(uri, "fmnist", "sweep")
+    exp_id, parent = store.create_run(uri, "fmnist", "sweep")
     c = MlflowClient(tracking_uri=uri)
     for name, value, betas, lr in [("a", values[0], "[0.9, 0.999]", "0.1"), ("b", values[1], "[0.8, 0.99]", "0.001")]:
-        _, run_id = tracking.create_run(uri, "fmnist", name, {"fmnist.overrides": name}, parent)
+        _, run_id = store.create_run(uri, "fmnist", name, {"fmnist.overrides": name}, parent)
         for k, v in [(key, value), ("optimizer.betas", betas), ("optimizer.lr", lr), ("data.batch_size", "100")]:
             c.log_param(run_id, k, v)
         c.log_metric(run_id, "ckpt_valid_loss", 0.5)
-        tracking.end_run(uri, run_id, "FINISHED")
+        store.end_run(uri, run_id, "FINISHED")
     table = report.sweep_table(uri, exp_id, parent)
     assert list(table.columns[2:5]) == ["optimizer", "betas", "lr"]
     assert sorted(table["optimizer"]) == ["Adam", "SGD"]
