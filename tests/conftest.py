@@ -1,4 +1,9 @@
-"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess."""
+"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess.
+
+Tiers (pyproject.toml's markers): a test unmarked is in the fast tier that `pytest` alone runs; one that starts the
+CLI is marked `e2e` (cli_env fails an unmarked one), one on the SLURM cluster or a real MLflow server gets `cluster`
+or `server` from its fixture.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -75,9 +80,30 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+TIERS = ("e2e", "server", "cluster", "slow")  # every tier but the fast one, which `pytest` alone runs
+FIXTURE_TIERS = {"slurm": "cluster", "server_uri": "server"}  # a fixture that puts its tests in a tier
+_running: dict = {}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, tier in FIXTURE_TIERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(tier)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _running["item"] = item  # before its fixtures: a module-scoped one that runs the CLI is checked too
+
+
 def cli_env(extra: dict | None = None) -> dict:
     """The environment of a command run the way a user runs it, importing this checkout's code (the one under
-    test), not whatever fmnist_exp is installed."""
+    test), not whatever fmnist_exp is installed. Only a test in a tier other than the fast one may start one."""
+    item = _running.get("item")
+    if item is not None and not any(item.get_closest_marker(t) for t in TIERS):
+        pytest.fail(f"{item.nodeid} starts the CLI in a subprocess but is in the fast tier: mark it "
+                    f"@pytest.mark.e2e, or run the code in-process", pytrace=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("HYDRA_FULL_ERROR", None)
@@ -152,6 +178,23 @@ def store_runs(cwd: Path) -> list[dict]:
         return runs
     finally:
         con.close()
+
+
+def wait_for_children(cwd: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> list[dict]:
+    """Poll ./mlruns until a sweep's `count` jobs have their runs (or `proc` ends, or `timeout`): a test that acts on
+    started jobs waits for them, not for one worker's line (another worker may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (cwd / "mlruns" / "mlflow.db").is_file():
+            try:
+                children = [r for r in store_runs(cwd) if "mlflow.parentRunId" in r["tags"]]
+            except sqlite3.Error:  # the store's tables still being made
+                children = []
+            if len(children) >= count:
+                return children
+        time.sleep(0.2)
+    state = "ended" if proc.poll() is not None else "still runs"
+    pytest.fail(f"{count} jobs did not start within {timeout} s (the sweep {state})")
 
 
 def free_port() -> int:

@@ -17,6 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import cli_env, run_cli, store_runs, tiny_overrides
 from fmnist_exp import data, models, train
 
+pytestmark = pytest.mark.e2e  # every test here runs a command as a user types it
+
 EPOCH_METRICS = {"train_loss", "valid_loss", "valid_acc", "lr", "epoch_time"}
 FINAL_METRICS = {"test_loss", "test_acc", "best_epoch"}
 TB_TAGS = {"Loss/train", "Loss/valid", "Accuracy/valid", "LR"}
