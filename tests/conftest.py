@@ -116,6 +116,55 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
                           timeout=timeout, env=cli_env(env))
 
 
+@pytest.fixture
+def app(capfd, monkeypatch):
+    """`python -m fmnist_exp ARGS` run in this process, as Hydra's own tests run an app (no interpreter to start):
+    `app(*args, cwd=..., env=...)` gives a CompletedProcess with the exit code and what was printed. The process's
+    signal handlers, logging and torch threads are as before afterwards (Hydra's plugins stay found: a scan each
+    run would cost a second)."""
+    import logging
+    import signal
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fmnist_exp.__main__ import STOPPED_STARTING, task
+
+    def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["fmnist_exp", *args])
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        root = logging.getLogger()
+        logged = (list(root.handlers), root.level)
+        threads = torch.get_num_threads()
+        GlobalHydra.instance().clear()
+        capfd.readouterr()
+        code: int | str | None = 0
+        try:  # what main() does around task(), less the fast exit
+            task()
+        except SystemExit as e:
+            code = e.code
+        except KeyboardInterrupt:
+            print(STOPPED_STARTING, file=sys.stderr)
+            code = 130
+        finally:
+            out, err = capfd.readouterr()
+            GlobalHydra.instance().clear()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            root.handlers[:], root.level = logged
+            torch.set_num_threads(threads)
+            torch.set_flush_denormal(False)
+            monkeypatch.undo()
+        if isinstance(code, str):  # sys.exit("message"), as the interpreter prints it
+            err, code = err + code + "\n", 1
+        return subprocess.CompletedProcess(["fmnist_exp", *args], code or 0, out, err)
+    return run
+
+
 def run_in_terminal(*args: str, cwd: Path, timeout: float = 600) -> tuple[int, list[str]]:
     """`python -m fmnist_exp ARGS` in a 150x50 pseudo-terminal, as a user sees it: (exit code, the screen's lines
     after it, from a minimal terminal that follows what tqdm writes: text, carriage return, newline, cursor up)."""

@@ -287,15 +287,17 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("overrides,prepare,message", BAD_INPUTS, ids=[" ".join(b[0]) or b[1].__name__
-                                                                        for b in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, message):
-    if prepare:
-        prepare(tiny_root)
-    # no network: any download attempt goes to a closed local port and fails at once
-    env = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    result = run_cli(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=env, timeout=300)
+NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # a download fails at once
+# the command itself, for one bad input of each kind: a range check, Hydra's compose, the data, the store
+CLI_BAD_INPUTS = [b for b in BAD_INPUTS if b[0] in (["data.batch_size=0"], ["optimizer=rmsprop"],
+                                                    ["tracking.uri=http://127.0.0.1:9"]) or b[1] is _truncate]
+
+
+def bad_input_id(b):
+    return " ".join(b[0]) or b[1].__name__
+
+
+def assert_one_clear_line(result, message, cwd):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in out, out[-2000:]
@@ -304,8 +306,27 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, me
     assert len(errors) <= 1  # ours: exactly one line; Hydra's own compose errors log none
     line = next((l for l in out.splitlines() if message in l), "")
     assert errors == [] or line in errors
-    if (tmp_path / "mlruns" / "mlflow.db").exists():
-        assert store_runs(tmp_path) == []  # nothing half-written: no RUNNING run, no empty run
+    if (cwd / "mlruns" / "mlflow.db").exists():
+        assert store_runs(cwd) == []  # nothing half-written: no RUNNING run, no empty run
+
+
+@pytest.mark.parametrize("overrides,prepare,message", BAD_INPUTS, ids=map(bad_input_id, BAD_INPUTS))
+def test_bad_input_is_one_clear_line(app, tmp_path, tiny_root, overrides, prepare, message):
+    """Through Hydra and the app in this process: the same composing, checks and job preparation as the command."""
+    if prepare:
+        prepare(tiny_root)
+    assert_one_clear_line(app(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=NO_NETWORK), message, tmp_path)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("overrides,prepare,message", CLI_BAD_INPUTS, ids=map(bad_input_id, CLI_BAD_INPUTS))
+def test_bad_input_is_one_clear_line_from_the_command(tmp_path, tiny_root, overrides, prepare, message):
+    """The command's side of the contract: one line, no traceback, exit 1, nothing RUNNING."""
+    if prepare:
+        prepare(tiny_root)
+    result = run_cli(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=NO_NETWORK, timeout=300)
+    assert_one_clear_line(result, message, tmp_path)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-2000:]
 
 
 @pytest.mark.e2e
