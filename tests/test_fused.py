@@ -291,9 +291,8 @@ def test_a_group_log_is_each_job_dirs_where_links_fail(tmp_path, monkeypatch):
     assert len(handlers) == 3 and all(p.read_text() == "a line\n" for p in other)
 
 
-@pytest.mark.e2e
-def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
-    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root),
+def test_a_diverging_job_fails_alone_inside_its_group(app, tmp_path, tiny_root):
+    result = app("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root),
                      "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12", cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]

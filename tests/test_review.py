@@ -413,7 +413,7 @@ def test_a_store_that_fails_as_the_parent_run_is_made_leaves_no_parent(tmp_path,
         ["1"], run_view_type=3)] == ["deleted"]
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e  # the empty sweep's parent is deleted at the process's exit
 def test_a_typo_in_a_swept_value_records_no_sweep(tmp_path, tiny_root):
     """`-m optimizer=sgd,adamm`: Hydra refuses the sweep when it composes the jobs, after the parent run was made;
     that parent stayed KILLED saying to rerun with skip_finished (which cannot help), and the report's newest sweep
