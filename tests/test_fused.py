@@ -14,7 +14,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 from mlflow import MlflowClient
 
-from conftest import compose_cfg, run_cli, store_runs, tiny_overrides, wait_for_children
+from conftest import compose_cfg, run_cli, store_runs, tiny_overrides, vary, wait_for_children
 from fmnist_exp import fusion, job, train
 from hydra_plugins.fmnist_fused_launcher import _core
 from hydra_plugins.fmnist_fused_launcher.fused_launcher import FusedLauncher
@@ -87,13 +87,14 @@ def test_groups_are_balanced_for_worker_processes():
     assert groups == [[0, 2], [1, 3]]
     assert fusion.balance(groups, card, 2) == [[0, 2], [1, 3]]  # halving the batch-16 pair would not end sooner
     assert fusion.balance(list(reversed(groups)), card, 2) == [[0, 2], [1, 3]]  # costliest first
-    seeds = [compose_cfg(f"train.seed={i}") for i in range(64)]
+    base = compose_cfg()
+    seeds = [vary(base, f"train.seed={i}") for i in range(64)]
     assert fusion.balance([list(range(64))], seeds, 1) == [list(range(64))]
     assert fusion.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
     assert [len(g) for g in fusion.balance([list(range(64))], seeds, 4)] == [16] * 4
     assert fusion.makespan([4, 3, 2, 2], 2) == 6 and fusion.makespan([5], 3) == 5
     # jobs of one seed share their batches: a sweep over seeds fuses per seed where the parts cost less...
-    grid = [compose_cfg(f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}", f"train.seed={seed}")
+    grid = [vary(base, f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}", f"train.seed={seed}")
             for lr in (0.001, 0.002, 0.004, 0.008) for wd in (0, 0.001, 0.01, 0.1) for seed in range(4)]
     assert fusion.plan_groups(grid, None) == [list(range(seed, 64, 4)) for seed in range(4)]
     assert fusion.balance(fusion.plan_groups(grid, None), grid, 2) == [list(range(seed, 64, 4)) for seed in range(4)]
