@@ -1,8 +1,9 @@
-"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess.
+"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess
+or in this process (`app`).
 
-Tiers (pyproject.toml's markers): a test unmarked is in the fast tier that `pytest` alone runs; one that starts the
-CLI is marked `e2e` (cli_env fails an unmarked one), one on the SLURM cluster or a real MLflow server gets `cluster`
-or `server` from its fixture.
+Tiers (pyproject.toml's markers): a test unmarked is in the fast tier that `pytest` alone runs; one that runs a whole
+command that trains, or starts the CLI at all, is marked `e2e` (cli_env fails an unmarked one); one on the SLURM
+cluster or a real MLflow server gets `cluster` or `server` from its fixture.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ def mlflow_client(cwd):
     return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_single_run_is_one_top_level_run(app, tmp_path, tiny_root):
     result = app(*tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -112,6 +113,7 @@ def test_bad_value_is_one_line_and_leaves_no_run(app, tmp_path, tiny_root):
     assert store_runs(tmp_path) == [] if (tmp_path / "mlruns" / "mlflow.db").exists() else True
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_failed_job_stays_in_the_sweep_and_fails_the_sweep(app, tmp_path, tiny_root):
     result = app("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,-1", cwd=tmp_path)
     assert result.returncode == 1
@@ -221,6 +223,7 @@ def test_cnn_recipe_reaches_092(tmp_path, real_data):
     assert float(line.rsplit("accuracy", 1)[1]) >= 0.92, line
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_a_relative_sqlite_store_works(app, tmp_path, tiny_root):
     """tracking.uri=sqlite:///runs/x.db (relative, as `mlflow ui --backend-store-uri` takes it) failed with
     'relative path can't be expressed as a file URI' and a hint to make the store writable, leaving an empty db."""

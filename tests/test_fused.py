@@ -292,6 +292,7 @@ def test_a_group_log_is_each_job_dirs_where_links_fail(tmp_path, monkeypatch):
     assert len(handlers) == 3 and all(p.read_text() == "a line\n" for p in other)
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_a_diverging_job_fails_alone_inside_its_group(app, tmp_path, tiny_root):
     result = app("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root),
                      "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12", cwd=tmp_path)

@@ -105,6 +105,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, slow_root, sig, code):
     assert r.data.metrics["test_acc"] == ref.data.metrics["test_acc"]
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_same_config_twice_gives_identical_metrics(app, tmp_path, tiny_root):
     args = [*tiny_overrides(tiny_root), "train.epochs=3", "regularization=dropout"]
     for _ in range(2):
@@ -115,6 +116,7 @@ def test_same_config_twice_gives_identical_metrics(app, tmp_path, tiny_root):
         assert history(c, a.info.run_id, key) == history(c, b.info.run_id, key)
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_diverging_job_fails_alone(app, tmp_path, tiny_root):
     result = app("-m", *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12",
                      cwd=tmp_path)
@@ -130,6 +132,7 @@ def test_diverging_job_fails_alone(app, tmp_path, tiny_root):
     assert [s for s, _ in history(client(tmp_path), good["run_uuid"])] == [1, 2]
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_resumed_sweep_skips_finished_jobs(app, tmp_path, tiny_root):
     args = [*tiny_overrides(tiny_root), "train.epochs=1"]
     first = app("-m", *args, "optimizer.lr=0.01,0.001", cwd=tmp_path)
@@ -490,6 +493,7 @@ def test_checkpoints_resume_on_any_device(tmp_path, tiny_root):
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), m.model.state_dict().values()))
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_untracked_sweep_with_a_failed_job_exits_1(app, tmp_path, tiny_root):
     result = app("-m", *tiny_overrides(tiny_root), "tracking.enabled=false", "train.epochs=1",
                      "optimizer.lr=0.01,-1", cwd=tmp_path)
@@ -498,6 +502,7 @@ def test_untracked_sweep_with_a_failed_job_exits_1(app, tmp_path, tiny_root):
     assert not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.e2e  # the whole command, in this process: it trains
 def test_batchnorm_with_a_last_batch_of_one(app, tmp_path, tiny_root):
     # 600 - 99 = 501 training examples at batch 100: the remainder of one is left out of each epoch
     args = [f"data.root={tiny_root}", f"data.system_dir={tiny_root / 'none'}", "data.download=false",
