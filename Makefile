@@ -47,8 +47,9 @@ cluster:
 	  $(SUDO) apt-get install -y slurm-wlm munge || { $(SUDO) apt-get update && $(SUDO) apt-get install -y slurm-wlm munge; } || \
 	  echo "SLURM could not be installed: tests/test_slurm.py will say so and skip"; fi
 
+# every tier (pyproject.toml's markers; `pytest` alone runs the fast one), the 15 slowest tests listed at the end
 test: setup browser cluster
-	$(PY) -m pytest
+	$(PY) -m pytest -m "" --durations=15
 
 ui:  ## MLflow UI on this store, bound to 127.0.0.1
 	@echo "Runs: http://127.0.0.1:5000/#/experiments/1/runs (the experiment 'fmnist'; its plain page opens MLflow's GenAI overview)"

@@ -1,7 +1,14 @@
-"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess."""
+"""Shared fixtures: the real conf/ through Hydra's compose API, tiny generated IDX files, the CLI in a subprocess
+or in this process (`app`).
+
+Tiers (pyproject.toml's markers): a test unmarked is in the fast tier that `pytest` alone runs; one that runs a whole
+command that trains, or starts the CLI at all, is marked `e2e` (cli_env fails an unmarked one); one on the SLURM
+cluster or a real MLflow server gets `cluster` or `server` from its fixture.
+"""
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import os
 import re
@@ -27,6 +34,18 @@ def compose_cfg(*overrides: str, hydra: bool = False):
     config.register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def vary(cfg, *overrides: str):
+    """A copy of a composed config with plain `key=value` overrides set (what composing them gives, without Hydra's
+    ~0.1 s per config: for tests that plan dozens of jobs)."""
+    import yaml
+    from omegaconf import OmegaConf
+    cfg = copy.deepcopy(cfg)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    return cfg
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
@@ -75,9 +94,30 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+TIERS = ("e2e", "server", "cluster", "slow")  # every tier but the fast one, which `pytest` alone runs
+FIXTURE_TIERS = {"slurm": "cluster", "server_uri": "server"}  # a fixture that puts its tests in a tier
+_running: dict = {}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, tier in FIXTURE_TIERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(tier)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _running["item"] = item  # before its fixtures: a module-scoped one that runs the CLI is checked too
+
+
 def cli_env(extra: dict | None = None) -> dict:
     """The environment of a command run the way a user runs it, importing this checkout's code (the one under
-    test), not whatever fmnist_exp is installed."""
+    test), not whatever fmnist_exp is installed. Only a test in a tier other than the fast one may start one."""
+    item = _running.get("item")
+    if item is not None and not any(item.get_closest_marker(t) for t in TIERS):
+        pytest.fail(f"{item.nodeid} starts the CLI in a subprocess but is in the fast tier: mark it "
+                    f"@pytest.mark.e2e, or run the code in-process", pytrace=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("HYDRA_FULL_ERROR", None)
@@ -88,6 +128,55 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
     """`python -m fmnist_exp ARGS` in `cwd`, as a user types it."""
     return subprocess.run([sys.executable, "-m", "fmnist_exp", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=cli_env(env))
+
+
+@pytest.fixture
+def app(capfd, monkeypatch):
+    """`python -m fmnist_exp ARGS` run in this process, as Hydra's own tests run an app (no interpreter to start):
+    `app(*args, cwd=..., env=...)` gives a CompletedProcess with the exit code and what was printed. The process's
+    signal handlers, logging and torch threads are as before afterwards (Hydra's plugins stay found: a scan each
+    run would cost a second)."""
+    import logging
+    import signal
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fmnist_exp.__main__ import STOPPED_STARTING, task
+
+    def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["fmnist_exp", *args])
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        root = logging.getLogger()
+        logged = (list(root.handlers), root.level)
+        threads = torch.get_num_threads()
+        GlobalHydra.instance().clear()
+        capfd.readouterr()
+        code: int | str | None = 0
+        try:  # what main() does around task(), less the fast exit
+            task()
+        except SystemExit as e:
+            code = e.code
+        except KeyboardInterrupt:
+            print(STOPPED_STARTING, file=sys.stderr)
+            code = 130
+        finally:
+            out, err = capfd.readouterr()
+            GlobalHydra.instance().clear()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            root.handlers[:], root.level = logged
+            torch.set_num_threads(threads)
+            torch.set_flush_denormal(False)
+            monkeypatch.undo()
+        if isinstance(code, str):  # sys.exit("message"), as the interpreter prints it
+            err, code = err + code + "\n", 1
+        return subprocess.CompletedProcess(["fmnist_exp", *args], code or 0, out, err)
+    return run
 
 
 def run_in_terminal(*args: str, cwd: Path, timeout: float = 600) -> tuple[int, list[str]]:
@@ -152,6 +241,23 @@ def store_runs(cwd: Path) -> list[dict]:
         return runs
     finally:
         con.close()
+
+
+def wait_for_children(cwd: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> list[dict]:
+    """Poll ./mlruns until a sweep's `count` jobs have their runs (or `proc` ends, or `timeout`): a test that acts on
+    started jobs waits for them, not for one worker's line (another worker may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (cwd / "mlruns" / "mlflow.db").is_file():
+            try:
+                children = [r for r in store_runs(cwd) if "mlflow.parentRunId" in r["tags"]]
+            except sqlite3.Error:  # the store's tables still being made
+                children = []
+            if len(children) >= count:
+                return children
+        time.sleep(0.2)
+    state = "ended" if proc.poll() is not None else "still runs"
+    pytest.fail(f"{count} jobs did not start within {timeout} s (the sweep {state})")
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""The command a user types, in a subprocess, checked through what it leaves: exit code, output, MLflow store, files."""
+"""The command a user types, checked through what it leaves: exit code, output, MLflow store, files. Run as a
+user runs it (a subprocess, `e2e`) where the process is the point, through Hydra in this process (`app`) elsewhere."""
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def mlflow_client(cwd):
     return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
 
 
-def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
-    result = run_cli(*tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", cwd=tmp_path)
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_single_run_is_one_top_level_run(app, tmp_path, tiny_root):
+    result = app(*tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Epoch 2/2 | train loss" in result.stdout
     (run,) = store_runs(tmp_path)
@@ -50,6 +52,7 @@ def test_single_run_is_one_top_level_run(tmp_path, tiny_root):
     assert model.fc1.in_features == 784 and not model.training
 
 
+@pytest.mark.e2e
 def test_console_script_composes_the_same_config(tmp_path):
     script = Path(sys.executable).with_name("fmnist-exp")
     result = subprocess.run([str(script), "--cfg", "job", "optimizer=sgd"], cwd=tmp_path, capture_output=True,
@@ -59,6 +62,7 @@ def test_console_script_composes_the_same_config(tmp_path):
     assert cfg["optimizer"]["kind"] == "sgd" and cfg["train"]["epochs"] == 17
 
 
+@pytest.mark.e2e
 def test_help_is_the_apps_own(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -72,6 +76,7 @@ def test_help_is_the_apps_own(tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in out and "-sc install=bash" in out
 
 
+@pytest.mark.e2e
 def test_schemas_are_not_options_but_still_check(tmp_path):
     result = run_cli("--cfg", "job", "optimizer=adam_schema", cwd=tmp_path)
     assert result.returncode == 1 and "Could not find 'optimizer/adam_schema'" in result.stderr
@@ -79,6 +84,7 @@ def test_schemas_are_not_options_but_still_check(tmp_path):
     assert result.returncode == 1 and "optimizer.momentum" in result.stderr  # the typed schema refuses it
 
 
+@pytest.mark.e2e
 def test_bash_completion_offers_the_real_options(tmp_path):
     """What `eval "$(fmnist-exp -sc install=bash)"` gives a user: <TAB> after `optimizer=` and `optimizer.m`."""
     bin_dir = Path(sys.executable).parent
@@ -98,8 +104,8 @@ complete_words fmnist-exp sched
     assert "schedule=" in lines[2].split()
 
 
-def test_bad_value_is_one_line_and_leaves_no_run(tmp_path, tiny_root):
-    result = run_cli(*tiny_overrides(tiny_root), "data.batch_size=0", cwd=tmp_path)
+def test_bad_value_is_one_line_and_leaves_no_run(app, tmp_path, tiny_root):
+    result = app(*tiny_overrides(tiny_root), "data.batch_size=0", cwd=tmp_path)
     assert result.returncode == 1
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if "ERROR" in line]
@@ -107,8 +113,9 @@ def test_bad_value_is_one_line_and_leaves_no_run(tmp_path, tiny_root):
     assert store_runs(tmp_path) == [] if (tmp_path / "mlruns" / "mlflow.db").exists() else True
 
 
-def test_failed_job_stays_in_the_sweep_and_fails_the_sweep(tmp_path, tiny_root):
-    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,-1", cwd=tmp_path)
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_failed_job_stays_in_the_sweep_and_fails_the_sweep(app, tmp_path, tiny_root):
+    result = app("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,-1", cwd=tmp_path)
     assert result.returncode == 1
     assert "1 of 2 jobs failed: data.valid_size=100 train.epochs=1 optimizer.lr=-1: optimizer.lr=-1.0 is invalid" in result.stderr
     runs = store_runs(tmp_path)
@@ -117,6 +124,7 @@ def test_failed_job_stays_in_the_sweep_and_fails_the_sweep(tmp_path, tiny_root):
     assert "| -1.0 " in failed_row and "optimizer.lr=-1.0 is invalid" in failed_row  # the lr column varies
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_design_card_sweep(tmp_path, real_data):
     """python -m fmnist_exp -m optimizer=sgd,adam data.batch_size=16,100 (1 epoch each) on the real data."""
@@ -165,6 +173,7 @@ def test_design_card_sweep(tmp_path, real_data):
         assert f"{r.data.metrics['test_acc']:.4f}" in row
 
 
+@pytest.mark.e2e
 def test_subprocesses_run_the_checkout_under_test(tmp_path):
     from conftest import ROOT, cli_env
     out = subprocess.run([sys.executable, "-c", "import fmnist_exp; print(fmnist_exp.__file__)"], cwd=tmp_path,
@@ -172,6 +181,7 @@ def test_subprocesses_run_the_checkout_under_test(tmp_path):
     assert Path(out).resolve() == (ROOT / "fmnist_exp" / "__init__.py").resolve()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_built_wheel_runs_from_anywhere(tmp_path, tiny_root):
     """pip wheel . -> a clean venv (dependencies from this one, but not its editable install) -> a 1-epoch job
@@ -203,6 +213,7 @@ def test_a_built_wheel_runs_from_anywhere(tmp_path, tiny_root):
     assert "Epoch 1/1" in result.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cnn_recipe_reaches_092(tmp_path, real_data):
     """The CNN's own run, +experiment=cnn, 17 epochs on the real data: test accuracy >= 0.92 (0.925 measured)."""
@@ -212,11 +223,12 @@ def test_cnn_recipe_reaches_092(tmp_path, real_data):
     assert float(line.rsplit("accuracy", 1)[1]) >= 0.92, line
 
 
-def test_a_relative_sqlite_store_works(tmp_path, tiny_root):
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_a_relative_sqlite_store_works(app, tmp_path, tiny_root):
     """tracking.uri=sqlite:///runs/x.db (relative, as `mlflow ui --backend-store-uri` takes it) failed with
     'relative path can't be expressed as a file URI' and a hint to make the store writable, leaving an empty db."""
     (tmp_path / "runs").mkdir()
-    result = run_cli(*tiny_overrides(tiny_root), "train.epochs=1", "tracking.uri=sqlite:///runs/x.db", cwd=tmp_path)
+    result = app(*tiny_overrides(tiny_root), "train.epochs=1", "tracking.uri=sqlite:///runs/x.db", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     (run,) = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'x.db'}").search_runs(["1"])
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"file://{tmp_path / 'runs'}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import cli_env, compose_cfg, make_tiny_set, run_cli, table_rows, tiny_overrides
+from conftest import cli_env, compose_cfg, make_tiny_set, run_cli, table_rows, tiny_overrides, wait_for_children
 from fmnist_exp import callbacks, store, tracking
 
 JOBS, REPS = 8, 5
@@ -41,7 +41,7 @@ def released_together(barrier, root: Path, uri: str, parents: list[dict], job_di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "server"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("server", marks=pytest.mark.server)])
 def test_eight_jobs_released_at_once_all_finish(tmp_path, backend, request):
     uri = request.getfixturevalue("server_uri") if backend == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = tmp_path / "data"
@@ -85,6 +85,7 @@ def sweep_children(cwd: Path, sweep_dir: Path) -> dict[str, str]:
     return {r.info.run_name.split()[-1]: r.info.status for r in runs}
 
 
+@pytest.mark.e2e
 def test_a_sweep_dir_that_a_running_sweep_holds_is_left_to_it(tmp_path, tiny_root):
     """Two sweeps started in the same second get the same default dir (multirun/<date>/<time>): the second gives it
     way and writes everything, its jobs' dirs included, to <dir>_2."""
@@ -104,6 +105,7 @@ def test_a_sweep_dir_that_a_running_sweep_holds_is_left_to_it(tmp_path, tiny_roo
     assert all("dir: multirun/same_2\n" in (p / ".hydra" / "hydra.yaml").read_text() for p in job_dirs)
 
 
+@pytest.mark.e2e
 def test_two_sweeps_started_together_each_report_only_their_own_jobs(tmp_path, tiny_root):
     """Two sweeps into one dir at once (or one after the other): each its own dir, parent run, jobs and table."""
     sweeps = {"optimizers": ["optimizer=sgd,adam"], "rates": ["optimizer.lr=0.01,0.02"]}
@@ -130,6 +132,7 @@ def test_two_sweeps_started_together_each_report_only_their_own_jobs(tmp_path, t
     assert table_rows((found["rates"] / "sweep_table.md").read_text())[1:] == tables["rates"]
 
 
+@pytest.mark.e2e
 def test_a_single_run_leaves_a_dir_in_use_or_used_to_its_run(tmp_path, tiny_root):
     """Two single runs started in the same second (`python -m fmnist_exp ... &` twice) shared outputs/<date>/<time>:
     one best_model.pt, config.yaml and TensorBoard dir for both. A run now writes only where no other run is or was."""
@@ -168,6 +171,7 @@ def test_where_files_cannot_be_locked_runs_sweeps_and_the_store_go_on_as_before(
     assert store.experiment_id(uri, "exp") == store.client(uri).get_experiment_by_name("exp").experiment_id
 
 
+@pytest.mark.e2e
 def test_a_skip_finished_rerun_beside_the_running_sweep_says_it_trains_again(tmp_path):
     """`sweep.skip_finished=true` while the first sweep still trains: nothing FINISHED yet, so every job trained
     again, twice the work with no word why. It still trains (the first may have been killed), and says so."""
@@ -183,6 +187,7 @@ def test_a_skip_finished_rerun_beside_the_running_sweep_says_it_trains_again(tmp
         for line in first.stdout:
             if "Epoch 1/30" in line:
                 break
+        wait_for_children(tmp_path, 2, first)  # both jobs RUNNING (in two workers, one may still be starting)
         second = start("sweep.skip_finished=true")
         seen = []
         for line in second.stdout:

@@ -14,7 +14,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 from mlflow import MlflowClient
 
-from conftest import compose_cfg, run_cli, store_runs, tiny_overrides
+from conftest import compose_cfg, run_cli, store_runs, tiny_overrides, vary, wait_for_children
 from fmnist_exp import fusion, job, stopping
 from hydra_plugins.fmnist_launchers import _core
 from hydra_plugins.fmnist_launchers.fused_launcher import FusedLauncher
@@ -87,13 +87,14 @@ def test_groups_are_balanced_for_worker_processes():
     assert groups == [[0, 2], [1, 3]]
     assert fusion.balance(groups, card, 2) == [[0, 2], [1, 3]]  # halving the batch-16 pair would not end sooner
     assert fusion.balance(list(reversed(groups)), card, 2) == [[0, 2], [1, 3]]  # costliest first
-    seeds = [compose_cfg(f"train.seed={i}") for i in range(64)]
+    base = compose_cfg()
+    seeds = [vary(base, f"train.seed={i}") for i in range(64)]
     assert fusion.balance([list(range(64))], seeds, 1) == [list(range(64))]
     assert fusion.balance([list(range(64))], seeds, 2) == [list(range(32)), list(range(32, 64))]  # one per worker
     assert [len(g) for g in fusion.balance([list(range(64))], seeds, 4)] == [16] * 4
     assert fusion.makespan([4, 3, 2, 2], 2) == 6 and fusion.makespan([5], 3) == 5
     # jobs of one seed share their batches: a sweep over seeds fuses per seed where the parts cost less...
-    grid = [compose_cfg(f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}", f"train.seed={seed}")
+    grid = [vary(base, f"optimizer.lr={lr}", f"optimizer.weight_decay={wd}", f"train.seed={seed}")
             for lr in (0.001, 0.002, 0.004, 0.008) for wd in (0, 0.001, 0.01, 0.1) for seed in range(4)]
     assert fusion.plan_groups(grid, None) == [list(range(seed, 64, 4)) for seed in range(4)]
     assert fusion.balance(fusion.plan_groups(grid, None), grid, 2) == [list(range(seed, 64, 4)) for seed in range(4)]
@@ -230,6 +231,7 @@ def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_
         assert best_f.keys() == best_a.keys() and all(torch.equal(best_f[k], best_a[k]) for k in best_f)
 
 
+@pytest.mark.e2e
 def test_fused_design_card_sweep_has_four_complete_children(tmp_path, tiny_root):
     result = run_cli("-m", "hydra/launcher=fused", *tiny_overrides(tiny_root), "train.epochs=2",
                      "optimizer=sgd,adam", "data.batch_size=16,100", cwd=tmp_path)
@@ -304,8 +306,9 @@ def test_a_group_log_is_each_job_dirs_where_links_fail(tmp_path, monkeypatch):
     assert len(handlers) == 3 and all(p.read_text() == "a line\n" for p in other)
 
 
-def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
-    result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root),
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_a_diverging_job_fails_alone_inside_its_group(app, tmp_path, tiny_root):
+    result = app("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=1", *tiny_overrides(tiny_root),
                      "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12", cwd=tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]
@@ -318,6 +321,7 @@ def test_a_diverging_job_fails_alone_inside_its_group(tmp_path, tiny_root):
     assert bad["tags"]["fmnist.group"] == good["tags"]["fmnist.group"]  # they trained together
 
 
+@pytest.mark.e2e
 def test_a_job_that_leaves_its_group_early_ends_its_run_then(tmp_path):
     """Diverged (epoch 1) and early-stopped (epoch 2) jobs end their runs while the rest of the group trains on."""
     from conftest import make_tiny_set
@@ -342,6 +346,7 @@ def test_a_job_that_leaves_its_group_early_ends_its_run_then(tmp_path):
     assert stopped.info.status == "FINISHED" and stopped.info.end_time <= epoch_done[3]
 
 
+@pytest.mark.e2e
 def test_a_bad_value_fails_its_own_job_and_bad_launcher_options_are_refused(tmp_path, tiny_root):
     result = run_cli("-m", "hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(tiny_root),
                      "train.epochs=1", "data.batch_size=64,0", cwd=tmp_path)  # planning and balancing see batch 0
@@ -358,6 +363,7 @@ def test_a_bad_value_fails_its_own_job_and_bad_launcher_options_are_refused(tmp_
         assert f"hydra.launcher.{option} is invalid: it must be a positive number of" in refused.stderr
 
 
+@pytest.mark.e2e
 def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
     from conftest import make_tiny_set
     from test_reliability import interrupt_after, start_cli
@@ -379,6 +385,7 @@ def test_sigint_during_a_fused_sweep_then_skip_finished_completes_it(tmp_path):
         assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
 
 
+@pytest.mark.e2e
 def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
     """hydra.launcher.n_jobs=2: the design card's two groups train at the same time, each in its own process with
     its share of the cores, every job as complete as when groups take turns."""
@@ -403,6 +410,7 @@ def test_groups_train_at_once_in_worker_processes(tmp_path, tiny_root):
         assert {"best_model.pt", "config.yaml"} <= {x.path for x in c.list_artifacts(r.info.run_id)}
 
 
+@pytest.mark.e2e
 def test_workers_sharing_a_terminal_show_one_sweep_bar_under_their_log_lines(tmp_path):
     """Each worker drew its own batch bar, which the other worker's log lines overwrote (stale bars, lines starting
     mid-line). Now the launcher draws one bar for the sweep and prints its workers' lines above it."""
@@ -420,6 +428,7 @@ def test_workers_sharing_a_terminal_show_one_sweep_bar_under_their_log_lines(tmp
     assert_job_lines_as_hydra_logs_them("\n".join(lines), epochs=2, jobs=4, groups=2)
 
 
+@pytest.mark.e2e
 def test_a_big_group_spreads_its_writes_over_several_tracking_processes(tmp_path, tiny_root):
     """tracking.processes=3 (on a GPU host with spare cores the default for a big group): one group of 5 jobs, its
     runs, plots and TensorBoard files as complete as with one tracking process."""
@@ -440,6 +449,7 @@ def test_a_big_group_spreads_its_writes_over_several_tracking_processes(tmp_path
         assert list((tmp_path / r.data.tags["fmnist.job_dir"]).glob("events.out.tfevents.*"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_path, sig, code):
     from conftest import make_tiny_set
@@ -448,7 +458,7 @@ def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_
     make_tiny_set(root, n_train=16000, n_test=500)
     args = ["hydra/launcher=fused", "hydra.launcher.n_jobs=2", *tiny_overrides(root), "data.batch_size=16",
             "train.epochs=2", "optimizer.lr=0.001,0.003", "model.hidden=[128,64],[64,32]"]
-    rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", sig)
+    rc, out = interrupt_after(start_cli("-m", *args, cwd=tmp_path), "Epoch 1/2", sig, jobs=4, cwd=tmp_path)
     assert rc == code, out[-3000:]
     assert "2 at a time" in out and "Epoch 2/2" not in out
     assert out.count(f"Sweep stopped by {sig.name}") == 1 and "sweep.skip_finished=true" in out
@@ -464,6 +474,7 @@ def test_a_signal_stops_every_worker_then_skip_finished_completes_the_sweep(tmp_
         assert [m.step for m in c.get_metric_history(r["run_uuid"], "valid_loss")] == [1, 2]
 
 
+@pytest.mark.e2e
 def test_a_worker_killed_outright_loses_only_its_own_jobs(tmp_path):
     """A worker process SIGKILLed (the OOM killer) mid-sweep: its jobs end KILLED with a line saying how to finish
     the sweep; the other worker trains on and the groups not yet started still run (the dead one's slot in a fresh
@@ -484,6 +495,7 @@ def test_a_worker_killed_outright_loses_only_its_own_jobs(tmp_path):
         seen.append(line)
         if "Epoch 1/2" in line:
             break
+    wait_for_children(tmp_path, 4, proc)  # both workers' groups (two jobs each) started, not only the first's
     workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
                and _parent(p) == proc.pid and b"spawn_main" in (p / "cmdline").read_bytes()]
     assert len(workers) == 2, "".join(seen)[-2000:]
@@ -533,10 +545,12 @@ class TestFusedLauncher(LauncherTestSuite):
 @pytest.mark.parametrize("task_launcher_cfg, extra_flags",
                          [({}, ["-m", "hydra/job_logging=hydra_debug", "hydra/job_logging=disabled",
                                 "hydra/launcher=fused"])])
+@pytest.mark.e2e
 class TestFusedLauncherIntegration(IntegrationTestSuite):
     pass
 
 
+@pytest.mark.e2e
 def test_fused_is_the_launcher_of_a_plain_sweep(tmp_path, tiny_root):
     result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer.lr=0.01,0.001", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]

@@ -42,6 +42,7 @@ def test_replayed_steps_match_eager_steps_on_the_gpu(tmp_path, tiny_root):
     assert all(torch.equal(a, b) for a, b in zip(graphed_rng, eager_rng))  # each job's stream advanced alike
 
 
+@pytest.mark.e2e
 def test_a_gpu_run_replays_its_step_and_finishes(tmp_path, tiny_root):
     result = run_cli(*tiny_overrides(tiny_root), "train.device=cuda", "train.epochs=2", "data.batch_size=16",
                      cwd=tmp_path)

@@ -1,6 +1,7 @@
 """Failures stay contained, interrupted runs resume exactly, parallel jobs share one store, bad input is one line.
 
-Every test runs the real command in a subprocess and then checks the real SQLite store: no run is left RUNNING.
+Tests run the real command (in a subprocess where signals or processes are the point, through Hydra in this
+process elsewhere) and then check the real SQLite store: no run is left RUNNING.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
+from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides, wait_for_children
 from fmnist_exp import job, stopping, train
 
 
@@ -57,12 +58,16 @@ def wait_for(proc, marker: str) -> list[str]:
     return seen
 
 
-def interrupt_after(proc, marker: str, sig: int, times: int = 1) -> tuple[int, str]:
-    """Wait for `marker` in the output, send `sig` (`times` times), and return (exit code, whole output)."""
+def interrupt_after(proc, marker: str, sig: int, times: int = 1, jobs: int = 0, cwd: Path | None = None
+                    ) -> tuple[int, str]:
+    """Wait for `marker` in the output (and, with `jobs`, for that many jobs' runs in cwd's store), send `sig`
+    (`times` times), and return (exit code, whole output)."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if marker in line:
+            if jobs:
+                wait_for_children(cwd, jobs, proc)
             for _ in range(times):
                 proc.send_signal(sig)
             break
@@ -70,6 +75,7 @@ def interrupt_after(proc, marker: str, sig: int, times: int = 1) -> tuple[int, s
     return proc.returncode, "".join(seen) + rest
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_resumes_exactly(tmp_path, slow_root, sig, code):
     args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=3", "model.dropout=[0.3,0.1]"]
@@ -99,18 +105,20 @@ def test_interrupted_run_resumes_exactly(tmp_path, slow_root, sig, code):
     assert r.data.metrics["test_acc"] == ref.data.metrics["test_acc"]
 
 
-def test_same_config_twice_gives_identical_metrics(tmp_path, tiny_root):
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_same_config_twice_gives_identical_metrics(app, tmp_path, tiny_root):
     args = [*tiny_overrides(tiny_root), "train.epochs=3", "regularization=dropout"]
     for _ in range(2):
-        assert run_cli(*args, cwd=tmp_path).returncode == 0
+        assert app(*args, cwd=tmp_path).returncode == 0
     c = client(tmp_path)
     a, b = c.search_runs(["1"])
     for key in ("train_loss", "valid_loss", "valid_acc", "test_acc"):
         assert history(c, a.info.run_id, key) == history(c, b.info.run_id, key)
 
 
-def test_diverging_job_fails_alone(tmp_path, tiny_root):
-    result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12",
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_diverging_job_fails_alone(app, tmp_path, tiny_root):
+    result = app("-m", *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd", "optimizer.lr=0.1,1e12",
                      cwd=tmp_path)
     assert result.returncode == 1
     out = result.stdout + result.stderr
@@ -124,11 +132,12 @@ def test_diverging_job_fails_alone(tmp_path, tiny_root):
     assert [s for s, _ in history(client(tmp_path), good["run_uuid"])] == [1, 2]
 
 
-def test_resumed_sweep_skips_finished_jobs(tmp_path, tiny_root):
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_resumed_sweep_skips_finished_jobs(app, tmp_path, tiny_root):
     args = [*tiny_overrides(tiny_root), "train.epochs=1"]
-    first = run_cli("-m", *args, "optimizer.lr=0.01,0.001", cwd=tmp_path)
+    first = app("-m", *args, "optimizer.lr=0.01,0.001", cwd=tmp_path)
     assert first.returncode == 0
-    again = run_cli("-m", *args, "optimizer.lr=0.01,0.001,0.003", "sweep.skip_finished=true", cwd=tmp_path)
+    again = app("-m", *args, "optimizer.lr=0.01,0.001,0.003", "sweep.skip_finished=true", cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-2000:]
     assert again.stdout.count("Skipped: this config already FINISHED") == 2
     runs = assert_nothing_running(tmp_path)
@@ -138,6 +147,7 @@ def test_resumed_sweep_skips_finished_jobs(tmp_path, tiny_root):
     assert len(table) == 3  # the new sweep's table covers the reused jobs too
 
 
+@pytest.mark.e2e
 def test_resumed_sweep_continues_a_killed_job(tmp_path, slow_root):
     args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=2"]
     rc, out = interrupt_after(start_cli("-m", *args, "optimizer.lr=0.001", cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
@@ -179,8 +189,9 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
         train.restore_checkpoint(tmp_path / "last.pt", sgd)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["sqlite", "server"])
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.server)])
 def test_parallel_jobs_share_one_store(tmp_path, tiny_root, store, request):
     uri = request.getfixturevalue("server_uri") if store == "server" else None
     extra = [f"tracking.uri={uri}"] if uri else []
@@ -278,14 +289,17 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,prepare,message", BAD_INPUTS, ids=[" ".join(b[0]) or b[1].__name__
-                                                                        for b in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, message):
-    if prepare:
-        prepare(tiny_root)
-    # no network: any download attempt goes to a closed local port and fails at once
-    env = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    result = run_cli(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=env, timeout=300)
+NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # a download fails at once
+# the command itself, for one bad input of each kind: a range check, Hydra's compose, the data, the store
+CLI_BAD_INPUTS = [b for b in BAD_INPUTS if b[0] in (["data.batch_size=0"], ["optimizer=rmsprop"],
+                                                    ["tracking.uri=http://127.0.0.1:9"]) or b[1] is _truncate]
+
+
+def bad_input_id(b):
+    return " ".join(b[0]) or b[1].__name__
+
+
+def assert_one_clear_line(result, message, cwd):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert message in out, out[-2000:]
@@ -294,10 +308,30 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_root, overrides, prepare, me
     assert len(errors) <= 1  # ours: exactly one line; Hydra's own compose errors log none
     line = next((l for l in out.splitlines() if message in l), "")
     assert errors == [] or line in errors
-    if (tmp_path / "mlruns" / "mlflow.db").exists():
-        assert store_runs(tmp_path) == []  # nothing half-written: no RUNNING run, no empty run
+    if (cwd / "mlruns" / "mlflow.db").exists():
+        assert store_runs(cwd) == []  # nothing half-written: no RUNNING run, no empty run
 
 
+@pytest.mark.parametrize("overrides,prepare,message", BAD_INPUTS, ids=map(bad_input_id, BAD_INPUTS))
+def test_bad_input_is_one_clear_line(app, tmp_path, tiny_root, overrides, prepare, message):
+    """Through Hydra and the app in this process: the same composing, checks and job preparation as the command."""
+    if prepare:
+        prepare(tiny_root)
+    assert_one_clear_line(app(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=NO_NETWORK), message, tmp_path)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("overrides,prepare,message", CLI_BAD_INPUTS, ids=map(bad_input_id, CLI_BAD_INPUTS))
+def test_bad_input_is_one_clear_line_from_the_command(tmp_path, tiny_root, overrides, prepare, message):
+    """The command's side of the contract: one line, no traceback, exit 1, nothing RUNNING."""
+    if prepare:
+        prepare(tiny_root)
+    result = run_cli(*tiny_overrides(tiny_root), *overrides, cwd=tmp_path, env=NO_NETWORK, timeout=300)
+    assert_one_clear_line(result, message, tmp_path)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-2000:]
+
+
+@pytest.mark.e2e
 def test_a_module_the_tracking_process_lacks_is_one_clear_line(tmp_path, tiny_root):
     """A machine without one of the tracking process's modules (tensorboardX was missing on the bare GPU machine)
     gets one line naming it, not a broken pipe, and no run half-written."""
@@ -317,6 +351,7 @@ def test_a_module_the_tracking_process_lacks_is_one_clear_line(tmp_path, tiny_ro
         assert store_runs(tmp_path) == []
 
 
+@pytest.mark.e2e
 def test_a_machine_without_git_still_tracks(tmp_path, tiny_root):
     """Without the git program (a bare container) GitPython refuses to import unless told to be quiet; MLflow
     imports it for the commit tag. The run must not fail for that."""
@@ -328,6 +363,7 @@ def test_a_machine_without_git_still_tracks(tmp_path, tiny_root):
     assert run["status"] == "FINISHED"
 
 
+@pytest.mark.e2e
 def test_a_killed_training_process_leaves_no_running_run(tmp_path, slow_root):
     """SIGKILL (the OOM killer, a scheduler's hard limit) cannot be handled: the tracking process, which outlives
     the training process, ends its run KILLED with the reason."""
@@ -344,6 +380,7 @@ def test_a_killed_training_process_leaves_no_running_run(tmp_path, slow_root):
     assert history(client(tmp_path), run["run_uuid"])[0][0] == 1  # what it was sent before is kept
 
 
+@pytest.mark.e2e
 def test_second_signal_stops_at_once_and_still_records_killed(tmp_path, slow_root):
     args = [*tiny_overrides(slow_root), "data.batch_size=16", "train.epochs=3"]
     rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/3", signal.SIGINT, times=2)
@@ -356,6 +393,7 @@ def test_second_signal_stops_at_once_and_still_records_killed(tmp_path, slow_roo
     assert "checkpoints/last.pt" in {a.path for a in c.list_artifacts(run["run_uuid"], "checkpoints")}
 
 
+@pytest.mark.e2e
 def test_signal_after_the_last_step_keeps_the_run_finished(tmp_path, tiny_root):
     args = [*tiny_overrides(tiny_root), "train.epochs=2"]
     rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Test (best checkpoint", signal.SIGTERM)
@@ -366,6 +404,7 @@ def test_signal_after_the_last_step_keeps_the_run_finished(tmp_path, tiny_root):
     assert {"test_acc", "ckpt_valid_loss"} <= set(client(tmp_path).get_run(run["run_uuid"]).data.metrics)
 
 
+@pytest.mark.e2e
 def test_resume_is_exact_with_a_schedule_and_early_stopping(tmp_path, slow_root):
     # the lr halves every epoch; min_delta=1 makes every epoch after the first stale, so early stopping ends the
     # run after epoch 3 of 4 only if the stale count survives the interruption after epoch 2
@@ -390,6 +429,7 @@ def test_resume_is_exact_with_a_schedule_and_early_stopping(tmp_path, slow_root)
            {k: want[k] for k in ("epochs_run", "best_epoch", "test_acc")}
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_checkpoint_it_cannot_continue_before_touching_the_run(tmp_path, slow_root):
     """A full checkpoint holding a CUDA generator state (how main before 2026-11-28 saved GPU runs) cannot be
     continued on the CPU: one line, and the run stays KILLED, so skip_finished can still resume it on a GPU."""
@@ -406,6 +446,7 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue_before_touching_the_run(
     assert run["status"] == "KILLED"
 
 
+@pytest.mark.e2e
 def test_resume_from_a_damaged_or_unfetchable_checkpoint_is_one_line(tmp_path, slow_root):
     """A truncated last.pt was a traceback; a store that failed to send the run's checkpoint read as 'no checkpoint',
     and the resumed run started over from epoch 1 in the same run, overwriting its metrics. Both: one line, exit 1,
@@ -453,25 +494,28 @@ def test_checkpoints_resume_on_any_device(tmp_path, tiny_root):
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), m.model.state_dict().values()))
 
 
-def test_untracked_sweep_with_a_failed_job_exits_1(tmp_path, tiny_root):
-    result = run_cli("-m", *tiny_overrides(tiny_root), "tracking.enabled=false", "train.epochs=1",
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_untracked_sweep_with_a_failed_job_exits_1(app, tmp_path, tiny_root):
+    result = app("-m", *tiny_overrides(tiny_root), "tracking.enabled=false", "train.epochs=1",
                      "optimizer.lr=0.01,-1", cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "1 of 2 jobs failed" in result.stderr and "optimizer.lr=-1.0 is invalid" in result.stderr
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_batchnorm_with_a_last_batch_of_one(tmp_path, tiny_root):
+@pytest.mark.e2e  # the whole command, in this process: it trains
+def test_batchnorm_with_a_last_batch_of_one(app, tmp_path, tiny_root):
     # 600 - 99 = 501 training examples at batch 100: the remainder of one is left out of each epoch
     args = [f"data.root={tiny_root}", f"data.system_dir={tiny_root / 'none'}", "data.download=false",
             "data.valid_size=99", "regularization=batchnorm", "train.epochs=2", "train.progress=off"]
-    result = run_cli(*args, cwd=tmp_path)
+    result = app(*args, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     assert "Training: 5 steps per epoch" in result.stdout
     (run,) = assert_nothing_running(tmp_path)
     assert run["status"] == "FINISHED"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher", ["basic", "fused"])
 def test_each_job_of_a_sweep_gets_its_own_process_settings(tmp_path, tiny_root, launcher):
     """train.threads and train.flush_denormal belong to the process, but a sweep's jobs may ask for different ones
@@ -495,6 +539,7 @@ def test_each_job_of_a_sweep_gets_its_own_process_settings(tmp_path, tiny_root, 
     assert threads == {"0": "1", "1": "2"}, threads  # jobs 0 and 1: train.threads=1 and 2
 
 
+@pytest.mark.e2e
 def test_a_denormal_flag_torch_threads_cannot_take_is_one_line(tmp_path, tiny_root):
     """torch's worker threads keep the flag they started with: a later job asking for another fails with the way
     out, rather than training with the wrong one."""
@@ -509,6 +554,7 @@ def test_a_denormal_flag_torch_threads_cannot_take_is_one_line(tmp_path, tiny_ro
     (["hydra/launcher=basic"], "#1 :", signal.SIGTERM, 143),  # between two jobs: Hydra composing the next
     (["hydra.launcher.n_jobs=1"], "Test (best checkpoint", signal.SIGINT, 130),  # between two fused groups
     (["hydra.launcher.n_jobs=2"], "Launching 4 jobs", signal.SIGINT, 130)])  # fused workers starting (importing)
+@pytest.mark.e2e
 def test_a_stop_while_no_job_trains_ends_the_sweep_like_one_during_training(tmp_path, slow_root, launcher, marker, sig,
                                                                             code):
     """Outside a job's training no handler of ours ran: SIGTERM killed the sweep silently with its parent run left
@@ -545,6 +591,7 @@ def test_a_stop_while_no_job_trains_ends_the_sweep_like_one_during_training(tmp_
     assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
 
 
+@pytest.mark.e2e
 def test_a_stop_at_the_sweeps_end_waits_for_its_table_and_runs(tmp_path, tiny_root):
     """SIGTERM while the table is printed and the winner logged killed the process there: the parent run stayed
     RUNNING for good (no handler ran; no atexit either), SIGINT left a traceback or was swallowed (exit 0)."""
@@ -559,6 +606,7 @@ def test_a_stop_at_the_sweeps_end_waits_for_its_table_and_runs(tmp_path, tiny_ro
 
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib"]], ids=["fused", "joblib"])
 def test_a_stop_once_every_job_has_trained_still_records_the_table(tmp_path, tiny_root, launcher):
     """Ctrl-C just after the last job's test line, before the table: every job FINISHED, yet the sweep was stopped,
@@ -585,6 +633,7 @@ def test_a_stop_once_every_job_has_trained_still_records_the_table(tmp_path, tin
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
     assert "fmnist.winner" in parent["tags"], parent
 
+@pytest.mark.e2e
 def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothing_running(tmp_path, slow_root):
     """A loky worker SIGKILLed with its tracking process (the OOM killer, kill -9 of its process tree) breaks
     joblib's pool: joblib kills the other worker's tree too and raises. The sweep says so in one line (before: a
@@ -594,6 +643,7 @@ def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothi
             "data.batch_size=16", "train.epochs=4", "optimizer=sgd,adam", "train.seed=0,1"]
     proc = start_cli(*args, cwd=tmp_path)
     seen = wait_for(proc, "Epoch 1/4")
+    wait_for_children(tmp_path, 2, proc)  # the other worker's job too: it may still have been starting
     workers = [p for p in _children(proc.pid) if _children(p)]  # loky workers with a job's tracking process
     assert workers, "".join(seen)[-2000:]
     for pid in [workers[0], *_children(workers[0])]:
@@ -615,6 +665,7 @@ def test_a_joblib_worker_killed_outright_ends_the_sweep_with_its_table_and_nothi
     assert len({r["name"] for r in finished}) == 4, finished
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_a_stop_under_joblib_ends_every_job_killed_and_starts_no_more(tmp_path, slow_root, sig, to_group):
     """`kill PID` (or `timeout`) reaches only the sweep's process: it ended the sweep while its joblib workers trained
@@ -630,6 +681,7 @@ def test_a_stop_under_joblib_ends_every_job_killed_and_starts_no_more(tmp_path, 
     for line in proc.stdout:
         seen.append(line)
         if "Epoch 1/4" in line:
+            wait_for_children(tmp_path, 2, proc)  # both workers' jobs started: the other may still be starting
             (os.killpg if to_group else os.kill)(proc.pid, sig)
             break
     out = "".join(seen) + proc.communicate(timeout=300)[0]
@@ -650,6 +702,7 @@ def test_a_stop_under_joblib_ends_every_job_killed_and_starts_no_more(tmp_path, 
     assert len(resumed) == 2, "the stopped runs continue (from their last checkpoint), not start over"
 
 
+@pytest.mark.e2e
 def test_a_stop_under_joblib_before_its_workers_run_starts_no_job(tmp_path, slow_root):
     """SIGTERM just after joblib starts its pool reached no worker (none existed yet): every job then trained to
     its end, and only then did the sweep stop. Now jobs that start after the signal end KILLED before they start
@@ -682,6 +735,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib"]], ids=["fused", "joblib"])
 def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, slow_root, launcher):
     """kill -9 of the sweep's process (the OOM killer, a hard limit) cannot be handled there. Its workers waited for
@@ -693,6 +747,7 @@ def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, 
             *([] if launcher else ["hydra.launcher.max_group=2"])]  # fused: two groups, a worker each
     proc = start_cli(*args, cwd=tmp_path)
     seen = wait_for(proc, "Epoch 1/4")
+    wait_for_children(tmp_path, 2 if launcher else 4, proc)  # both workers' jobs (a group of two each, fused)
     tree, todo = [], [proc.pid]
     while todo:
         tree += (found := _children(todo.pop()))
@@ -715,6 +770,7 @@ def test_a_sweep_killed_outright_leaves_no_worker_and_nothing_running(tmp_path, 
     assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
 
 
+@pytest.mark.e2e
 def test_a_sweep_to_a_server_that_is_down_is_one_line_and_starts_no_job(tmp_path, tiny_root):
     """Hydra only warns when a callback raises: the sweep went on without its parent run, and every job hit the
     same error (after minutes of MLflow's retries). Now one line, exit 1, within seconds, no job started."""
@@ -727,6 +783,7 @@ def test_a_sweep_to_a_server_that_is_down_is_one_line_and_starts_no_job(tmp_path
     assert "Launching" not in out and "Traceback" not in out and "UserWarning" not in out, out[-2000:]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, tiny_root):
     """Ctrl-C in the first second or two (Python importing torch, Hydra, MLflow) printed a 50-70 line
     KeyboardInterrupt traceback from wherever the import was."""

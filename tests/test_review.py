@@ -41,6 +41,7 @@ def sweep(tmp_path_factory):
                 children=children, sweep_dir=sweep_dir)
 
 
+@pytest.mark.e2e
 def test_table_at_the_end_of_the_sweep(sweep):
     result = sweep["result"]
     assert result.returncode == 1  # one job failed
@@ -61,6 +62,7 @@ def test_table_at_the_end_of_the_sweep(sweep):
     assert rows[0][header.index("epochs_run")] == "3"
 
 
+@pytest.mark.e2e
 def test_table_files_and_parent_artifacts(sweep):
     md, csv = sweep["sweep_dir"] / "sweep_table.md", sweep["sweep_dir"] / "sweep_table.csv"
     assert md.read_text().strip() in sweep["result"].stdout
@@ -74,6 +76,7 @@ def test_table_files_and_parent_artifacts(sweep):
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
 
 
+@pytest.mark.e2e
 def test_child_plots_dataset_and_experiment_kind(sweep):
     client = sweep["client"]
     assert sweep["exp"].tags["mlflow.experimentKind"] == "custom_model_development"
@@ -88,6 +91,7 @@ def test_child_plots_dataset_and_experiment_kind(sweep):
         assert ds.dataset.name == "fashion-mnist" and '"valid": 100' in ds.dataset.profile
 
 
+@pytest.mark.e2e
 def test_tensorboard_hparams_and_sample_grid(sweep):
     for r in (r for r in sweep["children"] if r.info.status == "FINISHED"):
         job_dir = Path(r.data.tags["fmnist.job_dir"])
@@ -110,6 +114,7 @@ def test_tensorboard_hparams_and_sample_grid(sweep):
         assert {"hparam/test_acc", "hparam/ckpt_valid_loss", "hparam/ckpt_valid_acc"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.e2e
 def test_report_command(sweep):
     cwd, parent = sweep["cwd"], sweep["parent"]
     for target in ([str(sweep["sweep_dir"])], [parent.info.run_id], []):
@@ -131,6 +136,7 @@ def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, env=cli_env(), timeout=120)
 
 
+@pytest.mark.e2e
 def test_the_report_finds_a_sweeps_store_and_says_in_one_line_what_it_cannot_read(sweep, tmp_path):
     """From another folder, a sweep dir was read against ./mlruns (a new empty store made there, '(no jobs
     recorded)', then a traceback); a server that is down took 4 minutes of retries and a traceback; a plain path
@@ -163,6 +169,7 @@ def test_the_report_finds_a_sweeps_store_and_says_in_one_line_what_it_cannot_rea
     assert result.returncode == 1 and "is a single run" in result.stderr and "not a sweep" in result.stderr
 
 
+@pytest.mark.e2e
 def test_report_by_an_option_the_sweep_chose(tmp_path, tiny_root):
     """A config group's option (regularization=batchnorm) is no column of the table: --by refused it; and
     replicates of a grid could not be averaged per grid point (one key only)."""
@@ -179,6 +186,7 @@ def test_report_by_an_option_the_sweep_chose(tmp_path, tiny_root):
     assert header[:3] == ["regularization", "optimizer", "runs"] and len(rows) == 4 and all(r[2] == "2" for r in rows)
 
 
+@pytest.mark.e2e
 def test_report_groups_replicates(tmp_path, tiny_root):
     result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd,adam", "train.seed=0,1",
                      cwd=tmp_path)
@@ -197,6 +205,7 @@ def test_report_groups_replicates(tmp_path, tiny_root):
     assert header[:2] == ["seed", "runs"] and sorted(r[0] for r in rows) == ["0", "1"]
 
 
+@pytest.mark.e2e
 def test_report_by_a_key_of_a_sweep_where_no_job_finished(tmp_path, tiny_root):
     result = run_cli("-m", *tiny_overrides(tiny_root), "train.epochs=1", "optimizer=sgd", "optimizer.lr=1e12,1e13",
                      cwd=tmp_path)  # both diverge
@@ -208,6 +217,7 @@ def test_report_by_a_key_of_a_sweep_where_no_job_finished(tmp_path, tiny_root):
         "run it without --by to see why each job stopped"]
 
 
+@pytest.mark.e2e
 def test_parent_run_describes_the_sweep(sweep):
     """What the runs list sorts and filters sweeps by: what was swept, how it was run, what every job shared, the
     winner's scores (the winner picked on validation data), job counts, the data set."""
@@ -238,6 +248,7 @@ def test_parent_run_describes_the_sweep(sweep):
     assert f"All sweeps side by side: http://127.0.0.1:5000{url} (after make ui)" in sweep["result"].stdout
 
 
+@pytest.mark.e2e
 def test_winner_is_a_servable_mlflow_model(sweep):
     import mlflow.artifacts
     import mlflow.pyfunc
@@ -258,6 +269,7 @@ def test_winner_is_a_servable_mlflow_model(sweep):
     assert "pickle" not in output.lower() and "WARNING" not in output
 
 
+@pytest.mark.e2e
 def test_winner_serves_through_mlflow_models_predict(sweep, tmp_path):
     """The README's serving command, as a user runs it, on the winner the sweep logged."""
     (tmp_path / "input.json").write_text(json.dumps({"inputs": np.zeros((4, 1, 28, 28)).tolist()}))
@@ -271,6 +283,8 @@ def test_winner_serves_through_mlflow_models_predict(sweep, tmp_path):
     assert np.asarray(predictions).shape == (4, 10)
 
 
+@pytest.mark.e2e
+@pytest.mark.server
 @pytest.mark.slow
 def test_mlflow_ui_shows_the_sweep(sweep, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -419,6 +433,7 @@ def test_a_store_that_fails_as_the_parent_run_is_made_leaves_no_parent(tmp_path,
         ["1"], run_view_type=3)] == ["deleted"]
 
 
+@pytest.mark.e2e  # the empty sweep's parent is deleted at the process's exit
 def test_a_typo_in_a_swept_value_records_no_sweep(tmp_path, tiny_root):
     """`-m optimizer=sgd,adamm`: Hydra refuses the sweep when it composes the jobs, after the parent run was made;
     that parent stayed KILLED saying to rerun with skip_finished (which cannot help), and the report's newest sweep
@@ -434,6 +449,7 @@ def test_a_typo_in_a_swept_value_records_no_sweep(tmp_path, tiny_root):
     assert report.returncode == 0 and report.stdout.count("FINISHED") == 2, report.stdout
 
 
+@pytest.mark.e2e
 def test_the_report_names_the_jobs_a_stopped_sweep_never_started(tmp_path):
     """Ctrl-C to a sweep whose later groups had not started: those jobs have no run, so the report showed only the
     started ones (and dropped the batch_size column, which no longer varied), and nothing said 2 of 4 were missing."""

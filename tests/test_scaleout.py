@@ -16,6 +16,7 @@ from conftest import cli_env, make_tiny_set, run_cli, store_runs, tiny_overrides
 LOCAL = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
 
 
+@pytest.mark.e2e
 def test_submitit_local_sweep_has_one_parent(tmp_path, tiny_root):
     result = run_cli(*LOCAL, *tiny_overrides(tiny_root), "train.epochs=2", "optimizer=sgd,adam",
                      "data.batch_size=20,50", cwd=tmp_path)
@@ -81,6 +82,7 @@ def _processes_of(cwd) -> list[int]:
     return found
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_a_stop_under_submitit_local_ends_every_job_killed(tmp_path, slow_root, sig, to_group):
     """`kill PID` left every task training unwatched (runs RUNNING, then FINISHED under a KILLED parent); a
@@ -105,6 +107,7 @@ def test_a_stop_under_submitit_local_ends_every_job_killed(tmp_path, slow_root, 
     assert sum(line.startswith("| ") and "FINISHED" in line for line in again.stdout.splitlines()) == 4
 
 
+@pytest.mark.e2e
 def test_a_submitit_local_task_killed_outright_is_recorded_and_the_sweep_ends_with_its_table(tmp_path, slow_root):
     """kill -9 of a task with its tracking process: submitit raised 'has not produced any output' (a Hydra
     traceback, no table) and the task's runs stayed RUNNING for good."""
@@ -131,6 +134,7 @@ def test_a_submitit_local_task_killed_outright_is_recorded_and_the_sweep_ends_wi
 @pytest.mark.parametrize("name,target", [("submitit_slurm", "slurm_launcher.FmnistSlurmLauncher"),
                                          ("submitit_local", "submitit_local_launcher.FmnistLocalLauncher"),
                                          ("joblib", "joblib_launcher.FmnistJoblibLauncher")])
+@pytest.mark.e2e
 def test_the_plugins_own_launcher_names_run_our_launchers(tmp_path, name, target):
     """hydra/launcher=submitit_slurm, as Hydra's docs name it, is our watched SLURM launcher with the plugin's
     defaults (the plugin's own waited forever on a cancelled job where sacct does not run), as submitit_local and

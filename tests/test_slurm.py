@@ -26,6 +26,9 @@ from slurm_cluster import SlurmUnavailable, slurm_cluster
 FITS_NODE = ["hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5"]
 
 
+pytestmark = pytest.mark.e2e  # the CLI as a user types it; `cluster` comes with the slurm fixture (conftest)
+
+
 @pytest.fixture(scope="module")
 def slurm():
     """A running one-node cluster (munged, slurmctld, slurmd) for this module's tests; stopped afterwards."""

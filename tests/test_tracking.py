@@ -167,6 +167,7 @@ print(store.experiment_id(uri, "exp"))
 """
 
 
+@pytest.mark.e2e
 def test_processes_that_open_a_new_store_at_once_all_get_it(tmp_path):
     """Several processes (a group's tracking processes, two runs started together) open a new SQLite store at the
     same moment: each gets the same experiment. Without the store's lock file, MLflow's table creation in one
