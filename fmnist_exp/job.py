@@ -4,7 +4,7 @@
 Every launcher drives this: Hydra's own (a single run, or one job of a basic / joblib / submitit sweep) through
 `__main__.task`, and the fused launcher for each job of a group. A job never exits the process; the caller turns
 its outcome into an exit code. What belongs to the process rather than to one job (torch threads, the denormal
-flag, the data set loaded once) is in `Process`.
+flag, the data set loaded once) is in `ProcessSettings`.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def read_outcomes(sweep_dir: Path) -> list[tuple[str, Outcome]]:
     return out
 
 
-class Process:
+class ProcessSettings:
     """Settings of the whole process, held here rather than by a job: torch threads, the CPU's denormal flag, each
     data set loaded once per device, and (in a launcher's worker) the stop signals between jobs and the watch on the
     launcher. Jobs of one process may ask for different settings (a sweep over train.threads under the basic
@@ -148,7 +148,7 @@ class Process:
         return self._datasets[key]
 
 
-PROCESS = Process()
+PROCESS = ProcessSettings()
 
 
 
@@ -195,7 +195,7 @@ class Job:
     the tracking process holds for the job. Its `outcome` is set once it has ended.
     """
 
-    def __init__(self, cfg: DictConfig, ctx: JobContext, process: Process = PROCESS,
+    def __init__(self, cfg: DictConfig, ctx: JobContext, process: ProcessSettings = PROCESS,
                  tracking_process: tracking.TrackingProcess | None = None, said: set[str] | None = None):
         self.cfg, self.ctx, self.process, self.tracking_process = cfg, ctx, process, tracking_process
         self.said = set() if said is None else said  # start lines already logged (a group's jobs share one set)
@@ -516,12 +516,13 @@ KNOWN_FAILURES = (config.ConfigError, data.DataError, train.TrainingDiverged, tr
                   tracking.TrackingError, step.CaptureFailed)
 
 
-def run(cfg: DictConfig, ctx: JobContext, stop: stopping.StopOnSignal, process: Process = PROCESS) -> Outcome:
+def run(cfg: DictConfig, ctx: JobContext, stop: stopping.StopOnSignal, process: ProcessSettings = PROCESS) -> Outcome:
     """One job, start to end: a group of one."""
     return run_group([(cfg, ctx)], stop, process)[0]
 
 
-def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopOnSignal, process: Process = PROCESS,
+def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopOnSignal,
+              process: ProcessSettings = PROCESS,
               epochs_done: Callable[[int], None] | None = None) -> list[Outcome]:
     """Jobs that share a training step (fusion.fusion_key), trained together as one stacked model; one Outcome per
     job, in order. A job's failure is its own; a signal stops them all, each KILLED with its own last checkpoint.

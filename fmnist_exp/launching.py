@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +28,7 @@ FROM_JOB = {"JobContext", "Outcome", "read_outcome", "read_outcomes", "record_ki
 
 
 def __getattr__(name: str):
+    """`launching.Outcome` and the other FROM_JOB names, from job.py on first use."""
     if name in FROM_JOB:
         from fmnist_exp import job
         return getattr(job, name)

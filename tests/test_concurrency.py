@@ -30,7 +30,7 @@ def released_together(barrier, root: Path, uri: str, parents: list[dict], job_di
     warm = tracking.Tracker(uri, "warm", job_dir / "warm")
     tracking.TRACKING_PROCESS.call(warm._id, "sync")
     warm.close()
-    process = job.Process()
+    process = job.ProcessSettings()
     for rep, parent in enumerate(parents):
         cfg = compose_cfg(*tiny_overrides(root), "train.epochs=2", f"train.seed={index}", f"tracking.uri={uri}",
                           f"tracking.experiment={parent['experiment']}")

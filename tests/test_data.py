@@ -139,7 +139,7 @@ def test_split_depends_on_split_seed_not_train_seed(tiny_root):
     from fmnist_exp import job
     def valid_labels(*overrides):
         cfg = compose_cfg(*tiny_overrides(tiny_root), *overrides)
-        return job.Process().dataset(cfg, CPU).valid_y.tolist()  # a fresh process: nothing cached
+        return job.ProcessSettings().dataset(cfg, CPU).valid_y.tolist()  # a fresh process: nothing cached
     assert valid_labels("train.seed=0") == valid_labels("train.seed=7")
     assert valid_labels("data.split_seed=0") != valid_labels("data.split_seed=1")
 

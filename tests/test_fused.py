@@ -149,7 +149,7 @@ def test_a_job_trained_in_a_group_matches_the_job_trained_alone(tmp_path, tiny_r
             for v in variants]
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(3)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(3)]
-    process = job.Process()
+    process = job.ProcessSettings()
     outcomes = job.run_group(list(zip(cfgs, fused)), stopping.StopOnSignal(), process)
     assert [o.status for o in outcomes] == ["FINISHED"] * 3
     for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):
@@ -173,7 +173,7 @@ def test_a_group_counts_each_epoch_and_the_epochs_its_leavers_skip(tmp_path, tin
             for v in variants]
     ctxs = [job.JobContext(tmp_path / f"job{i}", f"job{i}") for i in range(3)]
     counts = []
-    outcomes = job.run_group(list(zip(cfgs, ctxs)), stopping.StopOnSignal(), job.Process(), epochs_done=counts.append)
+    outcomes = job.run_group(list(zip(cfgs, ctxs)), stopping.StopOnSignal(), job.ProcessSettings(), epochs_done=counts.append)
     assert [o.status for o in outcomes] == ["FINISHED", "FAILED", "FINISHED"]
     assert counts == [1 + (1 + 3) + 1, 1 + (1 + 2), 1, 1] and sum(counts) == 3 * 4
 
@@ -219,7 +219,7 @@ def test_at_one_thread_a_job_in_a_group_is_bitwise_the_job_alone(tmp_path, tiny_
     assert fusion.shares_batches(cfgs) == (len({c.train.seed for c in cfgs}) == 1)
     fused = [job.JobContext(tmp_path / f"fused{i}", f"job{i}") for i in range(4)]
     alone = [job.JobContext(tmp_path / f"alone{i}", f"job{i}") for i in range(4)]
-    process = job.Process()
+    process = job.ProcessSettings()
     outcomes = job.run_group(list(zip(cfgs, fused)), stopping.StopOnSignal(), process)
     assert [o.status for o in outcomes] == ["FINISHED"] * len(cfgs)
     for cfg, ctx_f, ctx_a in zip(cfgs, fused, alone):

@@ -14,7 +14,7 @@ def run_job(tmp_path, tiny_root, name: str, *overrides: str, process=None):
     cfg = compose_cfg(*tiny_overrides(tiny_root), "train.epochs=2",
                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides)
     ctx = job.JobContext(job_dir=tmp_path / name, run_name=name, overrides=list(overrides))
-    return job.run(cfg, ctx, stopping.StopOnSignal(), process or job.Process())
+    return job.run(cfg, ctx, stopping.StopOnSignal(), process or job.ProcessSettings())
 
 
 @pytest.mark.parametrize("monitor,metric", [("valid_loss", "ckpt_valid_loss"), ("valid_acc", "ckpt_valid_acc")])
@@ -35,7 +35,7 @@ def test_a_failed_job_returns_its_outcome_instead_of_exiting(tmp_path, tiny_root
 
 
 def test_finished_jobs_release_their_trackers(tmp_path, tiny_root):
-    process = job.Process()  # one process, several jobs (the basic launcher)
+    process = job.ProcessSettings()  # one process, several jobs (the basic launcher)
     before = dict(tracking.TRACKING_PROCESS.trackers)  # other tests' trackers, if any ran in this process
     for i in range(3):
         assert run_job(tmp_path, tiny_root, f"job{i}", f"train.seed={i}", process=process).status == "FINISHED"

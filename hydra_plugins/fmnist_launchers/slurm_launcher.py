@@ -125,7 +125,7 @@ class FmnistSlurmLauncher(SlurmLauncher):
         from . import _core
         Singleton.set_state(singleton_state)
         setup_globals()
-        if sharing:  # tasks started at once on this machine: torch's threads share its cores (job.Process reads it)
+        if sharing:  # tasks started at once on this machine: torch's threads share its cores
             app.share_cores(sharing)
         task_id = submitit.JobEnvironment().job_id
         configs = [_core.job_config(self.hydra_context, self.config, overrides, idx, job_id=task_id)
