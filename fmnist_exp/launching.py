@@ -67,9 +67,9 @@ WORKER_BYTES = 3 << 29  # 1.5 GB of free memory per worker process
 
 
 def pick_workers(cfgs: list[DictConfig]) -> int:
-    """Worker processes for these jobs when the user sets none: one per CPU core (each torch thread a core: on a CPU,
-    a process per core beats threads on ops this small, benchmarks/RESULTS.md), as memory allows, and one on a GPU,
-    which a single process keeps busy."""
+    """Worker processes for these jobs (their composed configs, as the launcher has them) when the user sets none:
+    one per CPU core (each torch thread a core: on a CPU, a process per core beats threads on ops this small,
+    benchmarks/RESULTS.md), as memory allows, and one on a GPU, which a single process keeps busy."""
     from fmnist_exp import fusion, machine
     if any(fusion.on_gpu(c) for c in cfgs):
         return 1

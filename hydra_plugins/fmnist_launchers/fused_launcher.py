@@ -44,8 +44,7 @@ class FusedLauncher(Launcher):
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = _core.load_configs(self, job_overrides, initial_job_idx)
-        workers = self.n_jobs or (app.pick_workers([_core.task_config(c) for c in configs])
-                                  if all(app.is_job(c) for c in configs) else 1)
+        workers = self.n_jobs or (app.pick_workers(configs) if all(app.is_job(c) for c in configs) else 1)
         groups, workers = _core.plan(configs, self.max_group, int(workers), required=bool(self.n_jobs))
         if groups is None:
             return [_core.run_one(self, c) for c in configs]
