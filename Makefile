@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser cluster sweep notebook test ui tensorboard disk
+.PHONY: setup data browser cluster sweep notebook test ui dashboard tensorboard disk
 
 setup: $(VENV)/.installed data
 
@@ -54,6 +54,9 @@ test: setup browser cluster
 ui:  ## MLflow UI on this store, bound to 127.0.0.1
 	@echo "Runs: http://127.0.0.1:5000/#/experiments/1/runs (the experiment 'fmnist'; its plain page opens MLflow's GenAI overview)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+dashboard:  ## optuna-dashboard on the searches' studies (hydra/sweeper=search), bound to 127.0.0.1
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port 8080 sqlite:///mlruns/optuna.db
 
 tensorboard:
 	$(VENV)/bin/tensorboard --logdir_spec sweeps:multirun,runs:outputs --host 127.0.0.1 --port 6006  # sweeps' jobs and single runs

@@ -152,6 +152,7 @@ class TrackingConfig:
 @dataclass
 class SweepConfig:
     skip_finished: bool = False  # re-running a sweep: reuse jobs whose config FINISHED, resume KILLED ones
+    trial: Optional[int] = None  # set by the search sweeper (hydra/sweeper=search): the job's Optuna trial number
 
 
 @dataclass

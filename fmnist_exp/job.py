@@ -221,6 +221,8 @@ class Job:
         config_hash = store.config_hash(self.params, config.where_how_keys())
         tags = {"fmnist.job_dir": str(ctx.job_dir.resolve()), "fmnist.overrides": ctx.run_name,
                 "fmnist.config_hash": config_hash}
+        if cfg.sweep.trial is not None:  # a search's trial (hydra/sweeper=search)
+            tags["fmnist.trial"] = str(cfg.sweep.trial)
         resume_id = cfg.train.resume
         if resume_id and not cfg.tracking.enabled:
             raise config.ConfigError("train.resume needs tracking.enabled=true: checkpoints are found via MLflow")

@@ -66,8 +66,12 @@ def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFram
         row.update({m: r.data.metrics.get(m) for m in METRICS})
         row["error"] = r.data.tags.get("error", "")
         row["name"] = r.data.tags.get("fmnist.overrides", r.info.run_name)
+        row["trial"] = int(r.data.tags["fmnist.trial"]) if "fmnist.trial" in r.data.tags else None
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", *columns.values(), "status", *METRICS, "error", "name"])
+    trial = ["trial"] if any(row["trial"] is not None for row in rows) else []  # a search's runs
+    table = pd.DataFrame(rows, columns=["run_id", *trial, *columns.values(), "status", *METRICS, "error", "name"])
+    if trial:
+        table["trial"] = table["trial"].astype("Int64")
     for col in ("epochs_run", "best_epoch"):
         table[col] = table[col].astype("Int64")
     by, ascending = ranking({r.data.params.get("train.monitor", "valid_loss") for r in runs})
@@ -99,7 +103,7 @@ def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
         known = key in table.columns or key in table.attrs.get("columns", {})  # train.seed: the seed column
         if not known and len({c.get(key) for c in chosen}) > 1:
             table[key] = [c.get(key) for c in chosen]
-    options = [c for c in table.columns if c not in ("best", "run_id", "status", "error", "name", *METRICS)]
+    options = [c for c in table.columns if c not in ("best", "run_id", "trial", "status", "error", "name", *METRICS)]
     keys = [table.attrs.get("columns", {}).get(k, k) if k not in table.columns else k
             for k in by.split(",") if k]  # train.seed -> seed
     shown = ",".join(keys)

@@ -232,6 +232,15 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
+def log_metric_steps(uri: str, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Metrics with steps (a search's best_so_far by trial number), in batches of MLflow's limit."""
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(step)) for k, points in series.items() for step, v in points]
+    for i in range(0, len(metrics), 1000):
+        client(uri).log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
 def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
     client(uri).log_artifact(run_id, str(path), artifact_path)
 

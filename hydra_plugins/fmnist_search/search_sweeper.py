@@ -1,0 +1,157 @@
+"""A Hydra sweeper that searches with Optuna 5 (hydra/sweeper=search): it asks the study for n_jobs trials at a
+time and hands them to the launcher as one batch (the fused launcher trains them together), then tells the study
+each trial's value. The space, the study and the records are fmnist_exp.search's."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist_exp import search
+
+log = logging.getLogger(__name__)
+_ABSENT = object()
+
+
+class SearchSweeper(Sweeper):
+    def __init__(self, sampler: Any, direction: Optional[str], storage: Optional[str], study_name: Optional[str],
+                 n_trials: int, n_jobs: int, params: Optional[DictConfig]) -> None:
+        self.sampler, self.direction, self.storage, self.study_name = sampler, direction, storage, study_name
+        self.n_trials, self.n_jobs, self.params = n_trials, n_jobs, params
+        self.config: Optional[DictConfig] = None
+        self.loader = self.launcher = None
+        self._composed: dict[tuple, DictConfig] = {}
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.loader = hydra_context.config_loader  # before a launcher wraps it
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
+                                                                task_function=task_function)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        try:
+            return self._search(arguments)
+        except search.SearchError as e:  # before anything trained: the sweep's parent recorded nothing
+            log.error("%s", e)
+            search.discard_parent(Path(str(self.config.hydra.sweep.dir)))
+            sys.exit(1)
+
+    # --- the space, checked before anything trains -------------------------------------------------------------
+    def _space(self, arguments: list[str]) -> search.Space:
+        if self.n_trials is None or self.n_trials < 1:
+            raise search.SearchError(f"hydra.sweeper.n_trials={self.n_trials}: it must be at least 1 (the trials "
+                                     "the study should have); pass e.g. hydra.sweeper.n_trials=20")
+        if self.n_jobs is None or self.n_jobs < 1:
+            raise search.SearchError(f"hydra.sweeper.n_jobs={self.n_jobs}: it must be at least 1 (trials trained "
+                                     "at once); pass e.g. hydra.sweeper.n_jobs=8")
+        params = [f"{k}={v}" for k, v in (self.params or {}).items()]
+        groups = set(self.loader.list_groups(""))
+        space = search.parse_space(params + list(arguments), groups)
+        if not space.distributions:
+            raise search.SearchError("nothing to search: give a space, e.g. 'optimizer.lr=tag(log,interval(1e-4,"
+                                     "0.1))' optimizer=sgd,adam, or +experiment=search_mlp")
+        if "train.monitor" in space.distributions:
+            raise search.SearchError("train.monitor is what a search optimises: fix it (train.monitor=valid_acc), "
+                                     "do not search it")
+        search.check_keys(space, self._has_key(space))
+        return space
+
+    def _has_key(self, space: search.Space):
+        """has_key(choices)(key): whether `key` is in the config composed with the space's fixed overrides and these
+        config-group choices (one composition per set of choices)."""
+        def has_key(choices: dict[str, str]):
+            overrides = tuple(space.fixed) + tuple(f"{g}={o}" for g, o in sorted(choices.items()))
+            if overrides not in self._composed:
+                self._composed[overrides] = self.loader.load_sweep_config(self.config, list(overrides))
+            cfg = self._composed[overrides]
+            return lambda key: OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+        return has_key
+
+    def _direction(self) -> str:
+        monitor = self.config.train.monitor
+        wanted = search.DIRECTIONS.get(monitor, "minimize")
+        if self.direction is not None and str(self.direction).lower() != wanted:
+            raise search.SearchError(f"hydra.sweeper.direction={self.direction}, but a trial's value is its best "
+                                     f"checkpoint's {monitor} (train.monitor), which is {wanted}d: leave direction "
+                                     f"out, or set train.monitor=" + ("valid_acc" if wanted == "minimize" else
+                                                                      "valid_loss"))
+        return wanted
+
+    def _sampler(self, space: search.Space):
+        sampler = self.sampler
+        if isinstance(sampler, functools.partial):  # the grid sampler: its points are the space's
+            grid = search.grid_space(space)
+            sampler = sampler(grid)
+            size = 1
+            for values in grid.values():
+                size *= len(values)
+            if self.n_trials > size:
+                log.info("The grid has %d points: n_trials %d -> %d", size, self.n_trials, size)
+                self.n_trials = size
+        return sampler
+
+    # --- the search --------------------------------------------------------------------------------------------
+    def _search(self, arguments: list[str]) -> None:
+        search.quiet_optuna()
+        cfg = self.config
+        space = self._space(arguments)
+        direction = self._direction()
+        sampler = self._sampler(space)
+        url = self.storage or search.default_storage(cfg.tracking.uri, cfg.tracking.enabled)
+        storage = search.open_storage(url)
+        name = self.study_name or search.default_study_name(cfg.tracking.experiment, space, direction)
+        study = search.open_study(storage, name, sampler, direction, space)
+        lost = search.recover(study)
+        sweep_dir = Path(str(cfg.hydra.sweep.dir))
+        parent = search.read_parent(sweep_dir)
+        search.record_start(parent, study, url, type(sampler).__name__, self.n_trials, self.n_jobs, space)
+        done = search.counted(study)
+        log.info("Study '%s' in %s: %s, %d trials, %d at a time, %s %s", name, search.redact(url),
+                 type(sampler).__name__, self.n_trials, self.n_jobs, direction,
+                 search.selection_metric(cfg.train.monitor))
+        log.info("Space: %s", space.describe())
+        if done or lost or search.waiting(study):
+            log.info("Continuing the study: %d trial(s) finished before%s", done,
+                     f"; trials {', '.join(map(str, lost))} were left running and are asked again" if lost else "")
+        if done >= self.n_trials:
+            log.info("The study has its %d trials already: raise hydra.sweeper.n_trials to search on", done)
+        logged: set[int] = set()
+        search.record_progress(parent, study, logged)
+        job_idx = 0
+        while done < self.n_trials:
+            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
+            batch = [self._overrides(t, space) for t in trials]
+            try:
+                returns = self.launcher.launch(batch, initial_job_idx=job_idx)
+            except BaseException:  # a stop (exit 128+N) or a launcher's error: unfinished trials are asked again
+                search.end_batch(study, trials, batch, sweep_dir, job_idx)
+                raise
+            for trial, overrides, ret in zip(trials, batch, returns):
+                outcome = search.outcome_of(ret, sweep_dir)
+                history = search.monitored_history(parent, outcome, cfg.train.monitor)
+                search.tell(study, trial, overrides, outcome, history)
+            job_idx += len(returns)
+            done = search.counted(study)
+            search.record_progress(parent, study, logged)
+            self._log_best(study, done)
+        search.record_end(parent, study, sweep_dir)
+
+    def _overrides(self, trial, space: search.Space) -> list[str]:
+        overrides = search.suggest(trial, space, self._has_key(space)) + [f"sweep.trial={trial.number}"]
+        # a stopped trial asked again: it continues from its last checkpoint (found in MLflow by its config)
+        if search.RESUMES in trial.user_attrs and not any(o.startswith("sweep.skip_finished=") for o in overrides):
+            overrides.append("sweep.skip_finished=true")
+        return overrides
+
+    def _log_best(self, study, done: int) -> None:
+        points = search.best_so_far(study)
+        if points:
+            log.info("%d of %d trials done; best so far %.4f (trial %d)", done, self.n_trials, points[-1][2],
+                     study.best_trial.number)

@@ -1,0 +1,299 @@
+"""hydra/sweeper=search: Optuna 5 searches, its trials trained by our launchers, the study beside the MLflow store.
+
+Searches run in this process (the `app` fixture) on tiny data; Ctrl-C, the dashboard and the cluster are the
+process-boundary tests (marked)."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_set, store_runs, tiny_overrides
+
+SEARCH = ["-m", "hydra/sweeper=search", "train.epochs=2", "tracking.processes=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_tiny_set(root, n_train=300, n_test=100)
+    return root
+
+
+def study(cwd: Path, name: str | None = None):
+    import optuna
+    storage = f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    return optuna.load_study(study_name=name or names[-1], storage=storage)
+
+
+def parent_run(cwd: Path):
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    runs = [r for r in store_runs(cwd) if "mlflow.parentRunId" not in r["tags"]]
+    return client.get_run(runs[-1]["run_uuid"]), client
+
+
+def active_runs(cwd: Path) -> list:
+    if not (cwd / "mlruns" / "mlflow.db").exists():
+        return []
+    con = sqlite3.connect(cwd / "mlruns" / "mlflow.db")
+    try:
+        return con.execute("select run_uuid, status from runs where lifecycle_stage = 'active'").fetchall()
+    finally:
+        con.close()
+
+
+# --- the space: Hydra's override grammar, as hydra-optuna-sweeper reads it --------------------------------------
+def test_each_override_form_is_the_distribution_hydra_optuna_sweeper_makes():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from fmnist_exp.search import parse_space
+    space = parse_space(["optimizer=sgd,adam", "optimizer.lr=tag(log, interval(1e-4, 0.1))",
+                         "optimizer.momentum=interval(0, 0.9)", "data.batch_size=choice(16, 100)",
+                         "model.hidden=choice([128,64],[256])", "train.epochs=range(1, 5)",
+                         "optimizer.weight_decay=range(0.0, 0.01, 0.005)", "train.seed=int(interval(1, 9))",
+                         "schedule=shuffle(range(1, 3))", "train.epochs=3", "+experiment=notebook", "~foo"],
+                        groups={"optimizer", "schedule", "model"})
+    d = space.distributions
+    assert d["optimizer"] == CategoricalDistribution(["sgd", "adam"])
+    assert d["optimizer.lr"] == FloatDistribution(1e-4, 0.1, log=True)
+    assert d["optimizer.momentum"] == FloatDistribution(0.0, 0.9)
+    assert d["data.batch_size"] == CategoricalDistribution([16, 100])
+    assert d["model.hidden"] == CategoricalDistribution(["[128,64]", "[256]"])
+    assert d["optimizer.weight_decay"] == FloatDistribution(0.0, 0.01, step=0.005)
+    assert d["train.seed"] == IntDistribution(1, 9)
+    assert sorted(d["schedule"].choices) == [1, 2]  # shuffled: categorical, as that plugin reads it
+    assert "train.epochs" not in d, "a later plain value fixes a key the space searched"
+    assert space.fixed == ["train.epochs=3", "+experiment=notebook", "~foo"]
+    assert space.groups == {"optimizer", "schedule"}
+    assert parse_space(["train.epochs=range(1,5)"]).distributions["train.epochs"] == IntDistribution(1, 5)
+    assert parse_space(["+model.extra=interval(0,1)"]).prefixes["model.extra"] == "+"
+
+
+@pytest.mark.parametrize("argument, says", [
+    ("optimizer.lr=tag(log, interval(0, 0.1))", "a log interval needs bounds above 0"),
+    ("optimizer.lr=interval(0.1, 0.01)", "is not below its high bound"),
+    ("optimizer.lr=interval(0.1", "does not parse"),
+    ("optimizer=choice(sgd,sgd)", "listed twice"),
+    ("train.epochs=range(5, 1)", "is empty"),
+])
+def test_a_space_optuna_cannot_search_is_one_line(argument, says):
+    from fmnist_exp.search import SearchError, parse_space
+    with pytest.raises(SearchError, match=says) as e:
+        parse_space([argument])
+    assert "\n" not in str(e.value)
+
+
+# --- searches, in this process ------------------------------------------------------------------------------------
+def test_a_search_trains_its_trials_fused_and_records_them_in_mlflow_and_the_study(app, tiny, tmp_path):
+    r = app(*SEARCH, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=1",
+            "optimizer.lr=tag(log,interval(1e-3,1e-1))", "optimizer=sgd,adam", "optimizer.momentum=interval(0,0.9)",
+            *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "Launching 2 jobs as 1 fused group(s)" in out, "each batch of trials trains as one stacked group"
+    # the study: 4 trials, each with its MLflow run; a trial's value is its best checkpoint's validation loss
+    s = study(tmp_path)
+    trials = s.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    parent, client = parent_run(tmp_path)
+    children = {c.data.tags["fmnist.trial"]: c for c in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert sorted(children) == ["0", "1", "2", "3"]
+    for t in trials:
+        child = children[str(t.number)]
+        assert t.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert t.value == pytest.approx(child.data.metrics["ckpt_valid_loss"])  # validation, never test
+        assert t.value != pytest.approx(child.data.metrics["test_loss"])
+        assert float(child.data.params["optimizer.lr"]) == pytest.approx(t.params["optimizer.lr"], rel=1e-5)
+        # SGD's momentum is asked of SGD trials only (Adam has none)
+        assert ("optimizer.momentum" in t.params) == (t.params["optimizer"] == "sgd")
+    # the parent: the search's settings, the best trial, best_so_far by trial number, Optuna's plots
+    p = parent.data.params
+    assert p["search.sampler"] == "TPESampler" and p["search.n_trials"] == "4" and p["search.direction"] == "minimize"
+    assert p["search.study_name"] == s.study_name and p["search.storage"].endswith("mlruns/optuna.db")
+    assert p["sweep.optimizer.lr"] == "tag(log,interval(1e-3,1e-1))"
+    best = s.best_trial
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert p["best.optimizer"] == best.params["optimizer"]
+    assert parent.data.metrics["winner_valid_loss"] == pytest.approx(best.value)
+    history = client.get_metric_history(parent.info.run_id, "best_so_far")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(
+        [min(t.value for t in trials[:n + 1]) for n in range(4)])
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optuna_optimization_history.png", "plots/optuna_parallel_coordinate.png",
+            "plots/optuna_slice.png", "plots/optuna_param_importances.png"} <= plots
+    assert parent.data.tags["fmnist.study"] == s.study_name
+    assert parent.info.run_id in s.user_attrs["mlflow.parent_run_ids"]
+    # the table has a trial column, best first
+    table = [line for line in r.stdout.splitlines() if line.startswith("|")]
+    assert table[0].split("|")[2].strip() == "trial"
+    assert table[2].split("|")[2].strip() == str(best.number)
+
+
+@pytest.mark.e2e  # a few searches each: the fast tier keeps one
+def test_rerunning_the_same_command_continues_the_study_and_n_trials_counts_what_it_has(app, tiny, tmp_path):
+    args = [*SEARCH, "hydra.sweeper.n_jobs=2", "optimizer.lr=tag(log,interval(1e-3,1e-1))", *tiny_overrides(tiny)]
+    assert app(*args, "hydra.sweeper.n_trials=2", cwd=tmp_path).returncode == 0
+    r = app(*args, "hydra.sweeper.n_trials=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Continuing the study: 2 trial(s) finished before" in r.stdout + r.stderr
+    assert [t.number for t in study(tmp_path).get_trials()] == [0, 1, 2]
+    assert len(store_runs(tmp_path)) == 2 + 3  # two parents, three trials
+
+
+def test_a_trial_that_fails_its_config_check_fails_in_optuna_and_the_search_goes_on(app, tiny, tmp_path):
+    r = app(*SEARCH, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_jobs=2", "optimizer.lr=choice(0.01,-1.0)",
+            *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 1  # as a grid sweep with a failed job
+    trials = {t.params["optimizer.lr"]: t for t in study(tmp_path).get_trials()}
+    assert trials[0.01].state.name == "COMPLETE"
+    assert trials[-1.0].state.name == "FAIL"
+    assert "optimizer.lr" in trials[-1.0].user_attrs["error"] and "\n" not in trials[-1.0].user_attrs["error"]
+    assert f"Trial {trials[-1.0].number} failed: " in r.stdout + r.stderr
+
+
+@pytest.mark.e2e  # a few searches each: the fast tier keeps one
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes", "random", "qmc", "grid"])
+def test_each_sampler_runs_a_seeded_reproducible_search(app, tiny, tmp_path, sampler):
+    args = [*SEARCH, f"hydra/sweeper/sampler={sampler}", "hydra.sweeper.sampler.seed=7", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=1", "tracking.enabled=false", "train.epochs=1", *tiny_overrides(tiny),
+            "optimizer.lr=range(0.01,0.05,0.01)" if sampler == "grid" else "optimizer.lr=tag(log,interval(1e-3,1e-1))"]
+    runs = []
+    for name in ("a", "b"):
+        r = app(*args, f"hydra.sweeper.study_name={name}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append([(t.params, t.value) for t in study(tmp_path, name).get_trials()])
+    assert len(runs[0]) == 2 and runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0: it must be at least 1"),
+    (["optimizer.lr=tag(log,interval(0,1))"], "a log interval needs bounds above 0"),
+    (["hydra.sweeper.direction=maximize"], "hydra.sweeper.direction=maximize, but a trial's value is"),
+    (["optimizer.lrr=interval(0.1,0.2)"], "optimizer.lrr is not a key of this config"),
+    (["hydra.sweeper.storage=sqlite:////proc/nope/optuna.db"], "hydra.sweeper.storage=sqlite:////proc/nope"),
+    (["hydra/sweeper/sampler=grid"], "the grid sampler needs discrete values"),
+])
+def test_bad_input_is_one_line_before_anything_trains_and_leaves_no_run(app, tiny, tmp_path, args, says):
+    r = app(*SEARCH, "optimizer.lr=tag(log,interval(1e-3,1e-1))", *args, *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert len([line for line in out.splitlines() if says in line]) == 1, out
+    assert "Traceback" not in out and "Epoch" not in out
+    assert active_runs(tmp_path) == []
+
+
+@pytest.mark.e2e  # a few searches each: the fast tier keeps one
+def test_a_study_name_taken_by_another_space_or_direction_is_refused(app, tiny, tmp_path):
+    base = [*SEARCH, "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=mine", "tracking.enabled=false",
+            "train.epochs=1", *tiny_overrides(tiny)]
+    assert app(*base, "optimizer.lr=interval(0.01,0.1)", cwd=tmp_path).returncode == 0
+    r = app(*base, "optimizer.lr=interval(0.01,0.2)", cwd=tmp_path)
+    assert r.returncode == 1 and "study 'mine' exists with another space" in r.stdout + r.stderr
+    r = app(*base, "optimizer.lr=interval(0.01,0.1)", "train.monitor=valid_acc", cwd=tmp_path)
+    assert r.returncode == 1 and "study 'mine' exists and minimizes its value" in r.stdout + r.stderr
+
+
+def test_an_unknown_sampler_is_hydras_one_line(app, tiny, tmp_path):
+    r = app(*SEARCH, "hydra/sweeper/sampler=tpee", "optimizer.lr=interval(0.01,0.1)", *tiny_overrides(tiny),
+            cwd=tmp_path)
+    assert r.returncode == 1
+    assert "hydra/sweeper/sampler" in r.stderr and "tpe" in r.stderr
+
+
+def test_the_storage_url_is_recorded_and_printed_without_its_password():
+    from fmnist_exp.search import redact
+    assert redact("postgresql://me:s3cret@127.0.0.1:5432/optuna") == "postgresql://me:***@127.0.0.1:5432/optuna"
+    assert redact("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
+
+
+# --- across processes ---------------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_ctrl_c_stops_a_search_and_rerunning_it_continues_each_stopped_trial_from_its_checkpoint(tmp_path):
+    import signal
+
+    from test_reliability import interrupt_after, start_cli
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)  # epochs long enough to stop one midway
+    args = ["-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.sampler.seed=3", "hydra.launcher.n_jobs=1", *tiny_overrides(root), "data.batch_size=16",
+            "train.epochs=2", "optimizer.lr=tag(log,interval(1e-3,1e-2))"]
+    rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
+    assert rc == 130, out[-3000:]
+    assert "Traceback" not in out
+    runs = store_runs(tmp_path)
+    assert sorted(r["status"] for r in runs) == ["KILLED"] * 3  # both trials, each with its checkpoint, and the parent
+    s = study(tmp_path)
+    stopped = s.get_trials()
+    assert [t.state.name for t in stopped] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert all(t.user_attrs.get("fmnist.killed") for t in stopped[:2])
+
+    again = run_search(args, tmp_path)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stdout.count("Resuming after epoch 1 of 2") == 2
+    trials = study(tmp_path).get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 3 and len(trials) == 5  # 2 stopped (FAIL, not counted), 2 continued, 1 new
+    for t in complete[:2]:  # a continued trial is the stopped one's config and MLflow run, trained on
+        first = trials[t.user_attrs["fmnist.resumes"]]
+        assert t.params == first.params
+        assert t.user_attrs["mlflow_run_id"] == first.user_attrs["mlflow_run_id"]
+    assert len({t.user_attrs["mlflow_run_id"] for t in complete}) == 3
+    children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 3 and {r["status"] for r in children} == {"FINISHED"}
+
+
+def run_search(args: list[str], cwd: Path):
+    from conftest import run_cli
+    return run_cli(*args, cwd=cwd)
+
+
+@pytest.mark.e2e
+@pytest.mark.server
+def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_values(app, tiny, tmp_path):
+    """`make dashboard` (optuna-dashboard on the study's storage, bound to 127.0.0.1) in headless Chromium."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import cli_env, free_port
+    r = app(*SEARCH, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "train.epochs=3",
+            "optimizer.lr=tag(log,interval(1e-3,1e-1))", *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = study(tmp_path)
+    assert [len(t.intermediate_values) for t in s.get_trials()] == [3, 3]  # valid_loss per epoch, from MLflow
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium is not installed: make test installs it (apt-get install -y chromium)")
+    port = free_port()
+    dashboard = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), "--host", "127.0.0.1",
+                                  "--port", str(port), f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"],
+                                 cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and dashboard.poll() is None, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                              "--window-size=1600,1000", "--virtual-time-budget=15000",
+                              "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                              "--disable-extensions", f"--user-data-dir={tmp_path / 'chrome'}",
+                              f"http://127.0.0.1:{port}/dashboard/studies/{s._study_id}"],
+                             capture_output=True, text=True, timeout=180).stdout
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    assert s.study_name in dom
+    plot = dom[dom.index('id="intermediate-values"' if 'id="intermediate-values"' in dom else "intermediate-values"):]
+    assert re.findall(r'class="legendtext"[^>]*>([^<]*)<', plot)[:2] == ["trial #0 ", "trial #1 "]
+    assert plot[:40000].count('class="point"') == 6  # two trials x three epochs
