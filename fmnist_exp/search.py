@@ -223,8 +223,12 @@ def redact(url: str) -> str:
 
 def default_study_name(experiment: str, space: Space, direction: str) -> str:
     """The same command (same space, same fixed overrides, same direction) names the same study: rerunning it
-    continues the search. n_trials and the sampler may change between runs."""
-    digest = hashlib.sha256(json.dumps([space.to_json(), sorted(space.fixed), direction]).encode()).hexdigest()[:8]
+    continues the search. n_trials, the sampler and where/how keys (sweep.skip_finished, tracking.*, paths:
+    config.where_how_keys) may change between runs."""
+    from fmnist_exp import config
+    where_how = config.where_how_keys()
+    fixed = sorted(o for o in space.fixed if o.split("=", 1)[0].lstrip("+~") not in where_how)
+    digest = hashlib.sha256(json.dumps([space.to_json(), fixed, direction]).encode()).hexdigest()[:8]
     return f"{experiment}-search-{digest}"
 
 

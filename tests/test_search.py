@@ -131,6 +131,15 @@ def test_a_search_trains_its_trials_fused_and_records_them_in_mlflow_and_the_stu
     table = [line for line in r.stdout.splitlines() if line.startswith("|")]
     assert table[0].split("|")[2].strip() == "trial"
     assert table[2].split("|")[2].strip() == str(best.number)
+    # python -m fmnist_exp.report on the search's dir: the same table
+    import contextlib
+    import io
+
+    from fmnist_exp import report
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report.main([parent.data.tags["fmnist.sweep_dir"]])
+    assert [line for line in printed.getvalue().splitlines() if line.startswith("|")] == table
 
 
 @pytest.mark.e2e  # a few searches each: the fast tier keeps one
@@ -153,6 +162,22 @@ def test_a_trial_that_fails_its_config_check_fails_in_optuna_and_the_search_goes
     assert trials[-1.0].state.name == "FAIL"
     assert "optimizer.lr" in trials[-1.0].user_attrs["error"] and "\n" not in trials[-1.0].user_attrs["error"]
     assert f"Trial {trials[-1.0].number} failed: " in r.stdout + r.stderr
+
+
+@pytest.mark.e2e
+def test_the_search_mlp_experiment_searches_its_space_with_momentum_for_sgd_alone(app, tiny, tmp_path):
+    r = app("+experiment=search_mlp", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=4",
+            "hydra.sweeper.sampler.seed=2", "train.epochs=1", "tracking.enabled=false", *tiny_overrides(tiny),
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    trials = study(tmp_path).get_trials()
+    assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
+    assert {"optimizer", "optimizer.lr", "optimizer.weight_decay", "model.dropout", "schedule"} <= set(
+        trials[0].distributions)
+    assert "sgd" in {t.params["optimizer"] for t in trials} and len({t.params["optimizer"] for t in trials}) > 1
+    for t in trials:
+        assert ("optimizer.momentum" in t.params) == (t.params["optimizer"] == "sgd")
+    assert "Launching 4 jobs as 1 fused group(s)" in r.stdout + r.stderr  # mixed optimizers train as one group
 
 
 @pytest.mark.e2e  # a few searches each: the fast tier keeps one
@@ -297,3 +322,36 @@ def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_valu
     plot = dom[dom.index('id="intermediate-values"' if 'id="intermediate-values"' in dom else "intermediate-values"):]
     assert re.findall(r'class="legendtext"[^>]*>([^<]*)<', plot)[:2] == ["trial #0 ", "trial #1 "]
     assert plot[:40000].count('class="point"') == 6  # two trials x three epochs
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The one-node SLURM cluster (tests/slurm_cluster.py) for this module's cluster test."""
+    from slurm_cluster import SlurmUnavailable, slurm_cluster
+    try:
+        with slurm_cluster() as cluster:
+            yield cluster
+    except SlurmUnavailable as e:
+        pytest.skip(f"no SLURM cluster: {e}")
+
+
+@pytest.mark.e2e
+def test_a_search_on_the_slurm_cluster_runs_each_batch_of_trials_as_array_tasks(slurm, tiny, tmp_path):
+    from conftest import run_cli
+    from test_slurm import FITS_NODE
+    r = run_cli("-m", "hydra/sweeper=search", "hydra/launcher=slurm", *FITS_NODE, "hydra.sweeper.n_trials=3",
+                "hydra.sweeper.n_jobs=2", "train.epochs=1", "optimizer=sgd,adam",
+                "optimizer.lr=tag(log,interval(1e-3,1e-1))", *tiny_overrides(tiny), cwd=tmp_path, timeout=600,
+                env=slurm.env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"{out[-3000:]}\n{slurm.jobs()}\n{slurm.log_tails()}"
+    assert out.count("SLURM job ") >= 2  # a submission per batch (2 trials, then 1)
+    trials = study(tmp_path).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    children = {r["run_uuid"]: r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]}
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == set(children)
+    assert {c["status"] for c in children.values()} == {"FINISHED"}
+    assert sorted(c["tags"]["fmnist.trial"] for c in children.values()) == ["0", "1", "2"]
+    parent, _ = parent_run(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_value"] == pytest.approx(
+        study(tmp_path).best_value)

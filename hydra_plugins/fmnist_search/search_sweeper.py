@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,6 +100,7 @@ class SearchSweeper(Sweeper):
 
     # --- the search --------------------------------------------------------------------------------------------
     def _search(self, arguments: list[str]) -> None:
+        started, launched = time.perf_counter(), 0.0
         search.quiet_optuna()
         cfg = self.config
         space = self._space(arguments)
@@ -129,7 +131,9 @@ class SearchSweeper(Sweeper):
             trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
             batch = [self._overrides(t, space) for t in trials]
             try:
+                t0 = time.perf_counter()
                 returns = self.launcher.launch(batch, initial_job_idx=job_idx)
+                launched += time.perf_counter() - t0
             except BaseException:  # a stop (exit 128+N) or a launcher's error: unfinished trials are asked again
                 search.end_batch(study, trials, batch, sweep_dir, job_idx)
                 raise
@@ -142,6 +146,9 @@ class SearchSweeper(Sweeper):
             search.record_progress(parent, study, logged)
             self._log_best(study, done)
         search.record_end(parent, study, sweep_dir)
+        total = time.perf_counter() - started
+        log.info("Search: %.1f s, of which %.1f s the launcher's (training) and %.1f s the search's own (space, "
+                 "sampler, study, records)", total, launched, total - launched)
 
     def _overrides(self, trial, space: search.Space) -> list[str]:
         overrides = search.suggest(trial, space, self._has_key(space)) + [f"sweep.trial={trial.number}"]

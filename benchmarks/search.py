@@ -1,0 +1,121 @@
+"""Benchmark of the search sweeper (issue 29's targets), side by side in one run, tracking on, the real data.
+
+    .venv/bin/python benchmarks/search.py [--trials 64] [--epochs 17] [--batch 16 100] [--repeat 1]
+
+For each batch size, in a fresh working dir (its own mlruns/):
+  search  `+experiment=search_mlp` (TPE, seed 0, n_jobs trials at a time, fused launcher): what a user runs;
+  basic   the same trials (their params enqueued in a new study) one at a time through hydra/launcher=basic:
+          what a Hydra user gets today;
+  grid    the same trials as one batch through the fused launcher (every config known up front, no sampling:
+          a fused grid of those configs).
+Then the notebook grid (`+experiment=notebook`, same epochs) for the best-checkpoint valid loss to beat.
+With --repeat N the three sides alternate N times and each keeps its best wall (the machine is noisy).
+Targets: search <= 0.5 x basic at batch 16, <= 0.8 x at batch 100; search <= 1.05 x grid; the search's best valid
+loss below every notebook-grid job's. Prints a markdown table for benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+OWN_LINE = re.compile(r"Search: ([\d.]+) s, of which ([\d.]+) s the launcher's")
+
+
+def run(args: list[str], cwd: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run([PY, "-m", "fmnist_exp", *args], cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(args)}\n{out[-3000:]}")
+    return wall, out
+
+
+def enqueue_copy(cwd: Path, source: str, name: str) -> int:
+    """A new study `name` with the source study's trials' params enqueued (same configs, asked in order)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}"
+    src = optuna.load_study(study_name=source, storage=storage)
+    dst = optuna.create_study(study_name=name, storage=storage, direction=src.direction.name.lower())
+    trials = [t for t in src.get_trials() if t.state.is_finished()]
+    for t in trials:
+        dst.enqueue_trial(t.params)
+    return len(trials)
+
+
+def best_valid_losses(cwd: Path, parent_name_like: str | None = None) -> list[float]:
+    """ckpt_valid_loss of every FINISHED child run in cwd's store."""
+    con = sqlite3.connect(cwd / "mlruns" / "mlflow.db")
+    try:
+        return [v for (v,) in con.execute(
+            "select m.value from latest_metrics m join runs r on r.run_uuid = m.run_uuid "
+            "where m.key = 'ckpt_valid_loss' and r.status = 'FINISHED'")]
+    finally:
+        con.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=17)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 100])
+    ap.add_argument("--n-jobs", type=int, default=16, help="trials asked at once (hydra.sweeper.n_jobs)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--no-notebook", action="store_true")
+    a = ap.parse_args()
+    rows = []
+    for batch in a.batch:
+        common = ["+experiment=search_mlp", f"hydra.sweeper.n_trials={a.trials}", f"train.epochs={a.epochs}",
+                  f"data.batch_size={batch}", "hydra.sweeper.sampler.seed=0", "train.progress=off"]
+        best = {"search": None, "basic": None, "grid": None}
+        own = None
+        search_best = None
+        for rep in range(a.repeat):
+            cwd = Path(tempfile.mkdtemp(prefix=f"search-bench-{batch}-"))
+            wall, out = run([*common, f"hydra.sweeper.n_jobs={a.n_jobs}", "hydra.sweeper.study_name=search"], cwd)
+            m = OWN_LINE.search(out)
+            own_s = float(m.group(1)) - float(m.group(2)) if m else float("nan")
+            if best["search"] is None or wall < best["search"]:
+                best["search"], own = wall, own_s
+            search_best = min(best_valid_losses(cwd))
+            n = enqueue_copy(cwd, "search", "basic")
+            wall, _ = run([*common, "hydra/launcher=basic", "hydra.sweeper.n_jobs=1", "hydra.sweeper.study_name=basic"],
+                          cwd)
+            best["basic"] = wall if best["basic"] is None else min(best["basic"], wall)
+            enqueue_copy(cwd, "search", "grid")
+            wall, _ = run([*common, f"hydra.sweeper.n_jobs={n}", "hydra.sweeper.study_name=grid"], cwd)
+            best["grid"] = wall if best["grid"] is None else min(best["grid"], wall)
+            print(f"batch {batch} rep {rep + 1}: search {best['search']:.0f} s, basic {best['basic']:.0f} s, "
+                  f"grid {best['grid']:.0f} s (best so far); search's own {own:.1f} s", flush=True)
+        rows.append((batch, best, own, search_best))
+    notebook = None
+    if not a.no_notebook:
+        cwd = Path(tempfile.mkdtemp(prefix="search-bench-notebook-"))
+        wall, _ = run(["+experiment=notebook", f"train.epochs={a.epochs}", "train.progress=off"], cwd)
+        losses = best_valid_losses(cwd)
+        notebook = (wall, min(losses), len(losses))
+    print(f"\n{a.trials} trials x {a.epochs} epochs, +experiment=search_mlp (TPE seed 0, {a.n_jobs} at a time), "
+          f"tracking on, best of {a.repeat}\n")
+    print("| batch | search (fused) | same trials, basic launcher | search / basic | same trials as one fused batch "
+          "| search / grid | search's own time | search's best ckpt_valid_loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, best, own, search_best in rows:
+        print(f"| {batch} | {best['search']:.0f} s | {best['basic']:.0f} s | {best['search'] / best['basic']:.2f} | "
+              f"{best['grid']:.0f} s | {best['search'] / best['grid']:.2f} | {own:.1f} s "
+              f"({own / best['search']:.1%}) | {search_best:.4f} |")
+    if notebook:
+        print(f"\nNotebook grid (+experiment=notebook, {a.epochs} epochs): {notebook[0]:.0f} s, best "
+              f"ckpt_valid_loss {notebook[1]:.4f} of {notebook[2]} jobs")
+
+
+if __name__ == "__main__":
+    main()
