@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_exp import config, data, machine, models, step, stopping, store, tracking, train
+from fmnist_exp import config, data, machine, models, step, stopping, store, tracking, train, trials
 
 log = logging.getLogger("fmnist_exp")
 
@@ -70,6 +70,7 @@ class Outcome:
     error: str | None = None
     signum: int | None = None  # the signal that stopped it (or arrived after it finished)
     run_id: str | None = None
+    pruned_at: int | None = None  # a search's pruner stopped it after this epoch (it is FINISHED, tested)
 
     def write(self, job_dir: Path) -> None:
         (job_dir / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
@@ -204,6 +205,8 @@ class Job:
         self.member: train.Member | None = None  # what the training loop trains
         self.dataset: data.FashionMNIST | None = None
         self.outcome: Outcome | None = None  # how it ended (end)
+        self.trial: trials.TrialLink | None = None  # a search's trial: reports each epoch, may be pruned
+        self.pruned_at: int | None = None
 
     # --- prepare ------------------------------------------------------------------------------------------------
     def prepare(self) -> Outcome | None:
@@ -269,6 +272,8 @@ class Job:
             self.tracker.log_artifact(ctx.job_dir / "config.yaml")
         if ctx.group:
             self.tracker.set_tag("fmnist.group", ctx.group)
+        if ctx.multirun:
+            self.trial = trials.TrialLink.open(cfg.sweep.trial, ctx.sweep_dir)
         self._log_start()
         return None  # the run is being created in the tracking process: `ready` waits for it
 
@@ -339,6 +344,20 @@ class Job:
             self.member.error = e
             raise
 
+    def report(self, metrics: dict) -> bool:
+        """A search's trial: report this epoch's monitored score to the study; True if its pruner stops the job
+        now (it is then tested on its best checkpoint and ends FINISHED, tagged fmnist.pruned_at_epoch)."""
+        if self.trial is None:
+            return False
+        epoch = self.member.state.epoch
+        if not self.trial.report(epoch, metrics[self.cfg.train.monitor]) or not self.member.running:
+            return False
+        self.pruned_at = epoch
+        self.tracker.set_tag("fmnist.pruned_at_epoch", str(epoch))
+        log.info("%sPruned after epoch %d of %d (trial %d): its validation score trails the study's", self.member.label,
+                 epoch, self.member.settings.epochs, self.trial.number)
+        return True
+
     def submit_results(self, final: dict) -> None:
         """Log the final scores, the best checkpoint, plots and (single runs) the model, handed to the tracker's
         thread, which writes them while the caller goes on; `end_run` then waits and ends the run FINISHED."""
@@ -364,7 +383,8 @@ class Job:
                          "of %s (%s)", self.ctx.job_dir, tracker.run_id, tracker.experiment, uri, ui)
             else:
                 log.info("Results: %s (best_model.pt, config.yaml, the log; untracked: no plots)", self.ctx.job_dir)
-        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=tracker.run_id)
+        return Outcome("FINISHED", value=final[selection_metric(self.cfg.train.monitor)], run_id=tracker.run_id,
+                       pruned_at=self.pruned_at)
 
     def _log_plots(self, final: dict) -> None:
         """Once at the end: learning curves, test confusion matrix, the 4x8 sample grid; hparams for TensorBoard."""
@@ -534,9 +554,10 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
     A job's lifecycle, in order:
     1. prepare every job (Job.prepare: validate, build, skip or resume, start its run), then wait for every run
        (Job.ready); a job stopped before it starts, skipped, or failing here ends at once;
-    2. each epoch: the group trains (train.Group.epoch), each job logs its epoch (Job.log_epoch), and the jobs that
-       left the stack (finished, stopped early, diverged) end while the rest train on (end_trained); between epochs
-       is where a search would prune jobs (Group.remove, then end them) or have new ones join;
+    2. each epoch: the group trains (train.Group.epoch), each job logs its epoch (Job.log_epoch) and, in a
+       search, reports it to the study (Job.report); the jobs that left the stack (finished, stopped early,
+       diverged) and those the search's pruner stopped (Group.remove, then tested) end while the rest train on
+       (end_trained); between epochs is also where new trials would join;
     3. a signal or an error that stops the group ends each job still in it, KILLED or FAILED (end_failed);
     4. close: every job has its outcome and has released its tracker; a signal that came after the last step is
        noted on each outcome.
@@ -580,9 +601,13 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
                 epoch = group.epoch()
                 for m, metrics in epoch.metrics.items():
                     job_of[m].log_epoch(metrics)
+                pruned = [m for m, metrics in epoch.metrics.items() if job_of[m].report(metrics)]  # a search's
+                group.remove(pruned)  # pruned trials leave the stack: the rest train on without them
+                for m in pruned:
+                    train.finish(m, group.data)  # tested on its best checkpoint, as a job stopped early
                 if epochs_done is not None:
-                    epochs_done(epoch.job_epochs)
-                end_trained([job_of[m] for m in epoch.left], stop)  # their runs end now, not with the group's
+                    epochs_done(epoch.job_epochs + sum(m.settings.epochs - m.state.epoch for m in pruned))
+                end_trained([job_of[m] for m in epoch.left + pruned], stop)  # their runs end now, not the group's
         except Exception as e:  # 3. the whole group stopped: a signal (KILLED) or a bug
             for job in group_jobs:
                 if job.member.running:

@@ -67,11 +67,15 @@ def sweep_table(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFram
         row["error"] = r.data.tags.get("error", "")
         row["name"] = r.data.tags.get("fmnist.overrides", r.info.run_name)
         row["trial"] = int(r.data.tags["fmnist.trial"]) if "fmnist.trial" in r.data.tags else None
+        pruned = r.data.tags.get("fmnist.pruned_at_epoch")
+        row["pruned_at"] = int(pruned) if pruned else None
         rows.append(row)
     trial = ["trial"] if any(row["trial"] is not None for row in rows) else []  # a search's runs
-    table = pd.DataFrame(rows, columns=["run_id", *trial, *columns.values(), "status", *METRICS, "error", "name"])
-    if trial:
-        table["trial"] = table["trial"].astype("Int64")
+    pruned = ["pruned_at"] if any(row["pruned_at"] is not None for row in rows) else []  # its pruner stopped some
+    table = pd.DataFrame(rows, columns=["run_id", *trial, *columns.values(), "status", *pruned, *METRICS, "error",
+                                        "name"])
+    for col in trial + pruned:
+        table[col] = table[col].astype("Int64")
     for col in ("epochs_run", "best_epoch"):
         table[col] = table[col].astype("Int64")
     by, ascending = ranking({r.data.params.get("train.monitor", "valid_loss") for r in runs})
@@ -103,7 +107,8 @@ def grouped(table: pd.DataFrame, by: str) -> pd.DataFrame:
         known = key in table.columns or key in table.attrs.get("columns", {})  # train.seed: the seed column
         if not known and len({c.get(key) for c in chosen}) > 1:
             table[key] = [c.get(key) for c in chosen]
-    options = [c for c in table.columns if c not in ("best", "run_id", "trial", "status", "error", "name", *METRICS)]
+    options = [c for c in table.columns
+               if c not in ("best", "run_id", "trial", "pruned_at", "status", "error", "name", *METRICS)]
     keys = [table.attrs.get("columns", {}).get(k, k) if k not in table.columns else k
             for k in by.split(",") if k]  # train.seed -> seed
     shown = ",".join(keys)

@@ -257,12 +257,12 @@ def open_storage(url: str):
                           "sqlite:///path/optuna.db or a database URL Optuna reads (postgresql://...)") from None
 
 
-def open_study(storage, name: str, sampler, direction: str, space: Space):
+def open_study(storage, name: str, sampler, direction: str, space: Space, pruner=None):
     """The study `name`: made, or loaded to continue it. One that searches another space, or the other direction,
     is a SearchError (a new name, or the same command, continues cleanly)."""
     import optuna
     try:
-        existing = optuna.study.load_study(study_name=name, storage=storage, sampler=sampler)
+        existing = optuna.study.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         existing = None
     if existing is not None:
@@ -273,8 +273,8 @@ def open_study(storage, name: str, sampler, direction: str, space: Space):
             raise SearchError(f"study '{name}' exists with another space ({existing.user_attrs[SPACE_ATTR]}): pass "
                               "hydra.sweeper.study_name=<a new name>, or search that study's space")
         return existing
-    study = optuna.create_study(storage=storage, sampler=sampler, study_name=name, direction=direction,
-                                load_if_exists=True)
+    study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=name,
+                                direction=direction, load_if_exists=True)
     study.set_user_attr(SPACE_ATTR, space.to_json())
     study.set_user_attr(FIXED_ATTR, space.fixed)
     return study
@@ -311,10 +311,15 @@ def tell(study, trial, overrides: list[str], outcome, history: list[tuple[int, f
     from optuna.trial import TrialState
     if outcome is not None and outcome.run_id:
         trial.set_user_attr("mlflow_run_id", outcome.run_id)
+    reported = study._storage.get_trial(trial._trial_id).intermediate_values  # by the job, each epoch
     for step, value in history:
-        if math.isfinite(value):
+        if math.isfinite(value) and step not in reported:
             trial.report(value, step)
     trial.set_user_attr("overrides", " ".join(overrides))
+    if outcome is not None and outcome.status == "FINISHED" and outcome.pruned_at is not None:
+        trial.set_user_attr("pruned_at_epoch", outcome.pruned_at)
+        study.tell(trial, state=TrialState.PRUNED)  # its value: the last epoch it reported
+        return "PRUNED"
     if outcome is not None and outcome.status in ("FINISHED", "SKIPPED") and outcome.value is not None \
             and math.isfinite(outcome.value):
         study.tell(trial, outcome.value)
@@ -413,8 +418,17 @@ def end_batch(study, trials: list, batch: list[list[str]], sweep_dir: Path, firs
 
 
 # --- records on the search's parent run ---------------------------------------------------------------------------
-def record_start(parent: dict | None, study, storage_url: str, sampler_name: str, n_trials: int, n_jobs: int,
-                 space: Space) -> None:
+def write_search_file(sweep_dir: Path, storage_url: str, study_name: str, pruner: dict) -> None:
+    """Where each trial's job finds its study and pruner (trials.TrialLink), in the sweep dir."""
+    from fmnist_exp import trials
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / trials.SEARCH_FILE
+    path.write_text(json.dumps({"storage": storage_url, "study_name": study_name, "pruner": pruner}))
+    path.chmod(0o600)  # a database URL may hold a password
+
+
+def record_start(parent: dict | None, study, storage_url: str, sampler_name: str, pruner_name: str, n_trials: int,
+                 n_jobs: int, space: Space) -> None:
     """The search's settings on its parent run (params search.*, tag fmnist.study) and the parent's id on the
     study (mlflow.parent_run_ids: one per command that searched it)."""
     runs = list(study.user_attrs.get("mlflow.parent_run_ids", []))
@@ -424,7 +438,8 @@ def record_start(parent: dict | None, study, storage_url: str, sampler_name: str
     study.set_user_attr("mlflow.experiment_id", parent["experiment_id"])
     store.log_params(parent["uri"], parent["run_id"], {
         "search.study_name": study.study_name, "search.storage": redact(storage_url),
-        "search.sampler": sampler_name, "search.n_trials": str(n_trials), "search.n_jobs": str(n_jobs),
+        "search.sampler": sampler_name, "search.pruner": pruner_name, "search.n_trials": str(n_trials),
+        "search.n_jobs": str(n_jobs),
         "search.direction": study.direction.name.lower(), "search.space": space.describe()[:6000],
         "search.finished_before": str(counted(study))})
     store.set_tags(parent["uri"], parent["run_id"], {"fmnist.study": study.study_name,

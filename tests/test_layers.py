@@ -27,7 +27,7 @@ LAYERS = [  # top first
     {"step"},
     {"stacked"},
     {"stopping"},
-    {"models", "data", "plots", "config", "machine", "tracking", "tracking_process", "store", "__init__"},
+    {"models", "data", "plots", "config", "machine", "tracking", "tracking_process", "store", "trials", "__init__"},
 ]
 RANK = {f"{APP}.{name}": rank for rank, layer in enumerate(LAYERS) for name in layer}
 MLFLOW_MODULES = {f"{APP}.store", f"{APP}.tracking", f"{APP}.tracking_process"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_set, store_runs, tiny_overrides
 
-SEARCH = ["-m", "hydra/sweeper=search", "train.epochs=2", "tracking.processes=1"]
+SEARCH = ["-m", "hydra/sweeper=search", "hydra/sweeper/pruner=none", "train.epochs=2", "tracking.processes=1"]
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +229,109 @@ def test_an_unknown_sampler_is_hydras_one_line(app, tiny, tmp_path):
     assert "hydra/sweeper/sampler" in r.stderr and "tpe" in r.stderr
 
 
+def test_trials_a_killed_search_left_running_fail_and_are_asked_again_with_their_params(tmp_path):
+    """kill -9 of a search leaves its trials RUNNING in the study: the next run of the command (recover) fails them,
+    marked killed (not counted toward n_trials), and enqueues their params to continue them."""
+    import optuna
+
+    from fmnist_exp import search
+    s = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="x")
+    done = s.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1)})
+    s.tell(done, 0.5)
+    lost = s.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1)})
+    assert search.recover(s) == [lost.number]
+    trials = s.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert trials[1].user_attrs[search.KILLED] and trials[2].user_attrs[search.RESUMES] == lost.number
+    assert search.counted(s) == 1
+    again = s.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1)})
+    assert again.params == trials[1].params  # asked again with the same config
+
+
+def test_a_studys_default_name_is_its_space_and_what_it_fixes_not_where_or_how_it_runs():
+    from fmnist_exp.search import default_study_name, parse_space
+    name = default_study_name("fmnist", parse_space(["optimizer.lr=interval(0.01,0.1)", "train.epochs=3"]),
+                              "minimize")
+    assert name == default_study_name("fmnist", parse_space(["optimizer.lr=interval(0.01,0.1)", "train.epochs=3",
+                                                             "sweep.skip_finished=true", "train.progress=off"]),
+                                      "minimize")
+    assert name != default_study_name("fmnist", parse_space(["optimizer.lr=interval(0.01,0.1)", "train.epochs=4"]),
+                                      "minimize")
+    assert name != default_study_name("fmnist", parse_space(["optimizer.lr=interval(0.01,0.2)", "train.epochs=3"]),
+                                      "minimize")
+
+
 def test_the_storage_url_is_recorded_and_printed_without_its_password():
     from fmnist_exp.search import redact
     assert redact("postgresql://me:s3cret@127.0.0.1:5432/optuna") == "postgresql://me:***@127.0.0.1:5432/optuna"
     assert redact("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
+
+
+# --- pruning: a trial leaves its fused group after an epoch ------------------------------------------------------
+def enqueued(cwd: Path, name: str, configs: list[dict]) -> None:
+    """A study `name` whose first trials are these configs, in order (asked before the sampler proposes any)."""
+    import optuna
+    s = optuna.create_study(storage=f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}", study_name=name)
+    for params in configs:
+        s.enqueue_trial(params)
+
+
+def valid_losses(cwd: Path, run_id: str) -> list[float]:
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    return [m.value for m in sorted(client.get_metric_history(run_id, "valid_loss"), key=lambda m: m.step)]
+
+
+def test_a_pruned_trial_leaves_its_group_after_epoch_1_and_the_others_train_on_as_if_it_had_not(app, tiny, tmp_path):
+    """Successive halving at epoch 1: of two trials in one group, the one that trails is pruned; it is tested on its
+    best checkpoint and recorded as pruned; the other's training is what it is in the same search unpruned."""
+    (tmp_path / "mlruns").mkdir()
+    good, bad = {"optimizer.lr": 0.02}, {"optimizer.lr": 1e-5}
+    args = [*SEARCH, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "train.epochs=3",
+            "optimizer.lr=tag(log,interval(1e-5,0.1))", *tiny_overrides(tiny)]
+    enqueued(tmp_path, "pruned", [good, bad])
+    r = app(*args, "hydra/sweeper/pruner=successive_halving", "hydra.sweeper.study_name=pruned", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "Launching 2 jobs as 1 fused group(s)" in out and "Pruned after epoch 1 of 3 (trial 1)" in out
+    kept, pruned = study(tmp_path, "pruned").get_trials()
+    assert (kept.state.name, pruned.state.name) == ("COMPLETE", "PRUNED")
+    assert pruned.user_attrs["pruned_at_epoch"] == 1 and list(pruned.intermediate_values) == [1]
+    assert list(kept.intermediate_values) == [1, 2, 3]  # reported by its job, each epoch
+    _, client = parent_run(tmp_path)
+    run = client.get_run(pruned.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["fmnist.pruned_at_epoch"] == "1"
+    assert "test_acc" in run.data.metrics and run.data.metrics["epochs_run"] == 1  # tested on its best checkpoint
+    header = [c.strip() for c in next(line for line in r.stdout.splitlines() if line.startswith("|")).split("|")]
+    table = {row[header.index("trial")].strip(): row
+             for row in (line.split("|") for line in r.stdout.splitlines() if line.startswith("|"))}
+    assert table["1"][header.index("pruned_at")].strip() == "1"
+    assert table["1"][header.index("epochs_run")].strip() == "1"
+    assert table["0"][header.index("pruned_at")].strip() == ""
+    # the same two configs unpruned: the kept trial trained exactly the same
+    enqueued(tmp_path, "unpruned", [good, bad])
+    assert app(*args, "hydra.sweeper.study_name=unpruned", cwd=tmp_path).returncode == 0
+    alone, _ = study(tmp_path, "unpruned").get_trials()
+    assert valid_losses(tmp_path, kept.user_attrs["mlflow_run_id"]) == pytest.approx(
+        valid_losses(tmp_path, alone.user_attrs["mlflow_run_id"]), abs=1e-6)
+    assert kept.value == pytest.approx(alone.value, abs=1e-6)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pruner, knobs", [("median", ["hydra.sweeper.pruner.n_startup_trials=1"]),
+                                            ("hyperband", []), ("patient", ["hydra.sweeper.pruner.patience=0"])])
+def test_each_pruner_runs_on_tiny_data(app, tiny, tmp_path, pruner, knobs):
+    (tmp_path / "mlruns").mkdir()
+    enqueued(tmp_path, "p", [{"optimizer.lr": 0.02}, {"optimizer.lr": 1e-5}, {"optimizer.lr": 0.01}])
+    r = app(*SEARCH, f"hydra/sweeper/pruner={pruner}", *knobs, "hydra.sweeper.study_name=p", "hydra.sweeper.n_jobs=1",
+            "hydra.sweeper.n_trials=3", "train.epochs=3", "optimizer.lr=tag(log,interval(1e-5,0.1))",
+            *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study(tmp_path, "p").get_trials()
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"} and trials[0].state.name == "COMPLETE"
+    assert all(t.intermediate_values for t in trials)
+    if pruner == "median":  # 1e-5 trails the median of the completed trial at epoch 1
+        assert trials[1].state.name == "PRUNED"
 
 
 # --- across processes ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The search sweeper's knobs (hydra/sweeper=search) and its samplers (hydra/sweeper/sampler=tpe|gp|cmaes|random|
-qmc|grid), named as hydra-optuna-sweeper names them where they mean the same; each sampler's defaults are Optuna
-5's."""
+"""The search sweeper's knobs (hydra/sweeper=search), its samplers (hydra/sweeper/sampler=tpe|gp|cmaes|random|
+qmc|grid) and pruners (hydra/sweeper/pruner=successive_halving|hyperband|median|patient|none), named as
+hydra-optuna-sweeper names them where they mean the same; each sampler's and pruner's defaults are Optuna 5's."""
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -59,10 +59,50 @@ class GridSamplerConf:  # its points come from the space (search.grid_space): ma
 
 
 @dataclass
+class SuccessiveHalvingPrunerConf:  # asynchronous successive halving (ASHA): keeps the best 1/3 at each rung
+    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
+    min_resource: Any = 1  # epochs before the first rung
+    reduction_factor: int = 3
+    min_early_stopping_rate: int = 0
+
+
+@dataclass
+class HyperbandPrunerConf:
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1
+    max_resource: Any = "auto"  # the epochs of the first trial that completes
+    reduction_factor: int = 3
+
+
+@dataclass
+class MedianPrunerConf:  # below the median of completed trials at the same epoch
+    _target_: str = "optuna.pruners.MedianPruner"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+
+
+@dataclass
+class PatientPrunerConf:  # epochs without improvement, as early stopping across the study's view
+    _target_: str = "optuna.pruners.PatientPruner"
+    wrapped_pruner: Optional[Any] = None
+    patience: int = 2
+    min_delta: float = 0.0
+
+
+@dataclass
+class NopPrunerConf:
+    _target_: str = "optuna.pruners.NopPruner"
+
+
+@dataclass
 class SearchSweeperConf:
     _target_: str = "hydra_plugins.fmnist_search.search_sweeper.SearchSweeper"
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "successive_halving"}])
+    _recursive_: bool = False  # the sweeper builds the sampler; the pruner is built where each trial trains
     sampler: Any = MISSING
+    # each trial reports its monitored score every epoch; the pruner may stop it (it leaves its fused group)
+    pruner: Any = MISSING
     # minimize | maximize; null = as train.monitor says (valid_loss: minimize, valid_acc: maximize)
     direction: Optional[str] = None
     # an Optuna storage URL; null = optuna.db beside the MLflow store (mlruns/optuna.db)
@@ -79,3 +119,6 @@ cs.store(group="hydra/sweeper", name="search", node=SearchSweeperConf, provider=
 for name, node in (("tpe", TPESamplerConf), ("gp", GPSamplerConf), ("cmaes", CmaEsSamplerConf),
                    ("random", RandomSamplerConf), ("qmc", QMCSamplerConf), ("grid", GridSamplerConf)):
     cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="fmnist_search")
+for name, node in (("successive_halving", SuccessiveHalvingPrunerConf), ("hyperband", HyperbandPrunerConf),
+                   ("median", MedianPrunerConf), ("patient", PatientPrunerConf), ("none", NopPrunerConf)):
+    cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="fmnist_search")

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_exp import search
@@ -22,9 +23,10 @@ _ABSENT = object()
 
 
 class SearchSweeper(Sweeper):
-    def __init__(self, sampler: Any, direction: Optional[str], storage: Optional[str], study_name: Optional[str],
-                 n_trials: int, n_jobs: int, params: Optional[DictConfig]) -> None:
+    def __init__(self, sampler: DictConfig, pruner: DictConfig, direction: Optional[str], storage: Optional[str],
+                 study_name: Optional[str], n_trials: int, n_jobs: int, params: Optional[DictConfig]) -> None:
         self.sampler, self.direction, self.storage, self.study_name = sampler, direction, storage, study_name
+        self.pruner = OmegaConf.to_container(pruner, resolve=True)  # built where each trial trains (trials.py)
         self.n_trials, self.n_jobs, self.params = n_trials, n_jobs, params
         self.config: Optional[DictConfig] = None
         self.loader = self.launcher = None
@@ -86,7 +88,7 @@ class SearchSweeper(Sweeper):
         return wanted
 
     def _sampler(self, space: search.Space):
-        sampler = self.sampler
+        sampler = instantiate(self.sampler)
         if isinstance(sampler, functools.partial):  # the grid sampler: its points are the space's
             grid = search.grid_space(space)
             sampler = sampler(grid)
@@ -109,14 +111,17 @@ class SearchSweeper(Sweeper):
         url = self.storage or search.default_storage(cfg.tracking.uri, cfg.tracking.enabled)
         storage = search.open_storage(url)
         name = self.study_name or search.default_study_name(cfg.tracking.experiment, space, direction)
-        study = search.open_study(storage, name, sampler, direction, space)
+        pruner = instantiate(self.pruner)
+        study = search.open_study(storage, name, sampler, direction, space, pruner)
         lost = search.recover(study)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         parent = search.read_parent(sweep_dir)
-        search.record_start(parent, study, url, type(sampler).__name__, self.n_trials, self.n_jobs, space)
+        search.record_start(parent, study, url, type(sampler).__name__, type(pruner).__name__, self.n_trials,
+                            self.n_jobs, space)
+        search.write_search_file(sweep_dir, url, name, self.pruner)
         done = search.counted(study)
-        log.info("Study '%s' in %s: %s, %d trials, %d at a time, %s %s", name, search.redact(url),
-                 type(sampler).__name__, self.n_trials, self.n_jobs, direction,
+        log.info("Study '%s' in %s: %s, %s, %d trials, %d at a time, %s %s", name, search.redact(url),
+                 type(sampler).__name__, type(pruner).__name__, self.n_trials, self.n_jobs, direction,
                  search.selection_metric(cfg.train.monitor))
         log.info("Space: %s", space.describe())
         if done or lost or search.waiting(study):

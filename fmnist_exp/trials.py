@@ -1,0 +1,57 @@
+"""A search's trial as its job sees it: each epoch the job reports its monitored validation score to the study and
+asks the pruner whether to stop (job.run_group takes a pruned job out of its group).
+
+The search sweeper writes where its study is (storage, name, pruner) to search.json in the sweep dir before it
+launches any trial (search.write_search_file); a job with sweep.trial set finds it there, in whichever process or
+node it trains.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.json"  # in a search's sweep dir: {"storage", "study_name", "pruner"}
+
+
+class TrialLink:
+    """One trial of the study, for the job that trains it: `report(epoch, value)` -> whether to prune it now."""
+
+    def __init__(self, trial, number: int):
+        self.trial, self.number = trial, number
+
+    @classmethod
+    def open(cls, trial_number: int | None, sweep_dir: Path) -> "TrialLink | None":
+        """The link of trial `trial_number` of the search whose sweep dir this is; None outside a search. A study
+        that cannot be reached is one warning: the job trains on, unpruned (the sweeper records its result)."""
+        path = sweep_dir / SEARCH_FILE
+        if trial_number is None or not path.is_file():
+            return None
+        try:
+            import optuna
+            from hydra.utils import instantiate
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            spec = json.loads(path.read_text())
+            pruner = instantiate(spec["pruner"]) if spec.get("pruner") else optuna.pruners.NopPruner()
+            study = optuna.load_study(study_name=spec["study_name"], storage=spec["storage"], pruner=pruner)
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+            return cls(optuna.trial.Trial(study, trial_id), trial_number)
+        except Exception as e:
+            log.warning("trial %s: its study could not be reached (%s); it trains unpruned", trial_number,
+                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            return None
+
+    def report(self, epoch: int, value: float) -> bool:
+        """Report this epoch's value (the study's intermediate value) and return the pruner's verdict."""
+        if not math.isfinite(value):
+            return False
+        try:
+            self.trial.report(value, epoch)
+            return self.trial.should_prune()
+        except Exception as e:  # the study's store hiccuped: this trial trains on
+            log.warning("trial %d: epoch %d not reported to its study (%s)", self.number, epoch,
+                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            return False
