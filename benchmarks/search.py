@@ -8,7 +8,9 @@ For each batch size, in a fresh working dir (its own mlruns/):
           what a Hydra user gets today;
   grid    the same trials as one batch through the fused launcher (every config known up front, no sampling:
           a fused grid of those configs).
-Then the notebook grid (`+experiment=notebook`, same epochs) for the best-checkpoint valid loss to beat.
+--pruning adds the same search with successive halving (the default pruner; the three sides above run with
+hydra/sweeper/pruner=none: issue 29's targets are without pruning). Then the notebook grid (`+experiment=notebook`,
+same epochs) for the best-checkpoint valid loss to beat.
 With --repeat N the three sides alternate N times and each keeps its best wall (the machine is noisy).
 Targets: search <= 0.5 x basic at batch 16, <= 0.8 x at batch 100; search <= 1.05 x grid; the search's best valid
 loss below every notebook-grid job's. Prints a markdown table for benchmarks/RESULTS.md.
@@ -71,11 +73,13 @@ def main() -> None:
     ap.add_argument("--n-jobs", type=int, default=16, help="trials asked at once (hydra.sweeper.n_jobs)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-notebook", action="store_true")
+    ap.add_argument("--pruning", action="store_true", help="also the search with successive halving")
     a = ap.parse_args()
     rows = []
     for batch in a.batch:
         common = ["+experiment=search_mlp", f"hydra.sweeper.n_trials={a.trials}", f"train.epochs={a.epochs}",
-                  f"data.batch_size={batch}", "hydra.sweeper.sampler.seed=0", "train.progress=off"]
+                  f"data.batch_size={batch}", "hydra.sweeper.sampler.seed=0", "train.progress=off",
+                  "hydra/sweeper/pruner=none"]
         best = {"search": None, "basic": None, "grid": None}
         own = None
         search_best = None
@@ -96,7 +100,13 @@ def main() -> None:
             best["grid"] = wall if best["grid"] is None else min(best["grid"], wall)
             print(f"batch {batch} rep {rep + 1}: search {best['search']:.0f} s, basic {best['basic']:.0f} s, "
                   f"grid {best['grid']:.0f} s (best so far); search's own {own:.1f} s", flush=True)
-        rows.append((batch, best, own, search_best))
+        pruned = None
+        if a.pruning:
+            cwd = Path(tempfile.mkdtemp(prefix=f"search-bench-sh-{batch}-"))
+            wall, _ = run([*common[:-1], f"hydra.sweeper.n_jobs={a.n_jobs}", "hydra.sweeper.study_name=sh"], cwd)
+            pruned = (wall, min(best_valid_losses(cwd)))
+            print(f"batch {batch}: search with successive halving {wall:.0f} s, best {pruned[1]:.4f}", flush=True)
+        rows.append((batch, best, own, search_best, pruned))
     notebook = None
     if not a.no_notebook:
         cwd = Path(tempfile.mkdtemp(prefix="search-bench-notebook-"))
@@ -108,10 +118,15 @@ def main() -> None:
     print("| batch | search (fused) | same trials, basic launcher | search / basic | same trials as one fused batch "
           "| search / grid | search's own time | search's best ckpt_valid_loss |")
     print("|---|---|---|---|---|---|---|---|")
-    for batch, best, own, search_best in rows:
+    for batch, best, own, search_best, _ in rows:
         print(f"| {batch} | {best['search']:.0f} s | {best['basic']:.0f} s | {best['search'] / best['basic']:.2f} | "
               f"{best['grid']:.0f} s | {best['search'] / best['grid']:.2f} | {own:.1f} s "
               f"({own / best['search']:.1%}) | {search_best:.4f} |")
+    for batch, best, _, search_best, pruned in rows:
+        if pruned:
+            print(f"\nBatch {batch} with successive halving: {pruned[0]:.0f} s ({pruned[0] / best['basic']:.2f} x "
+                  f"basic, {pruned[0] / best['search']:.2f} x unpruned search), best ckpt_valid_loss {pruned[1]:.4f} "
+                  f"(unpruned {search_best:.4f})")
     if notebook:
         print(f"\nNotebook grid (+experiment=notebook, {a.epochs} epochs): {notebook[0]:.0f} s, best "
               f"ckpt_valid_loss {notebook[1]:.4f} of {notebook[2]} jobs")
