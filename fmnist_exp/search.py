@@ -143,6 +143,9 @@ def check_keys(space: Space, has_key: Callable[[dict[str, str]], Callable[[str],
     refuse a key that exists under none. `has_key(choices)`: whether a key exists in the config composed with those
     group choices (config group -> option)."""
     from optuna.distributions import CategoricalDistribution
+    for group in space.groups:  # every option composes (a typo in one is said now, not when a trial draws it)
+        for option in space.distributions[group].choices:
+            has_key({group: str(option)})
     values = [k for k in space.distributions if k not in space.groups and not space.prefixes.get(k)]
     base = has_key({})
     for key in values:

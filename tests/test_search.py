@@ -201,6 +201,7 @@ def test_each_sampler_runs_a_seeded_reproducible_search(app, tiny, tmp_path, sam
     (["optimizer.lrr=interval(0.1,0.2)"], "optimizer.lrr is not a key of this config"),
     (["hydra.sweeper.storage=sqlite:////proc/nope/optuna.db"], "hydra.sweeper.storage=sqlite:////proc/nope"),
     (["hydra/sweeper/sampler=grid"], "the grid sampler needs discrete values"),
+    (["optimizer=sgd,adamm"], "optimizer=adamm does not compose: In 'config': Could not find 'optimizer/adamm'"),
 ])
 def test_bad_input_is_one_line_before_anything_trains_and_leaves_no_run(app, tiny, tmp_path, args, says):
     r = app(*SEARCH, "optimizer.lr=tag(log,interval(1e-3,1e-1))", *args, *tiny_overrides(tiny), cwd=tmp_path)

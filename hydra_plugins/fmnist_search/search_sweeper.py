@@ -72,7 +72,11 @@ class SearchSweeper(Sweeper):
         def has_key(choices: dict[str, str]):
             overrides = tuple(space.fixed) + tuple(f"{g}={o}" for g, o in sorted(choices.items()))
             if overrides not in self._composed:
-                self._composed[overrides] = self.loader.load_sweep_config(self.config, list(overrides))
+                try:
+                    self._composed[overrides] = self.loader.load_sweep_config(self.config, list(overrides))
+                except Exception as e:  # Hydra's own words: "Could not find 'optimizer/adamm'" and the options
+                    raise search.SearchError(f"the search space's {' '.join(overrides[len(space.fixed):])} does "
+                                             f"not compose: {str(e).splitlines()[0]}") from None
             cfg = self._composed[overrides]
             return lambda key: OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
         return has_key
