@@ -243,21 +243,33 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+def absolute_storage(url: str) -> str:
+    """A SQLite or journal file's URL with an absolute path (a trial's job may run in another dir or on another
+    node): sqlite:///runs/optuna.db -> sqlite:////<cwd>/runs/optuna.db."""
+    from fmnist_exp import trials
+    for scheme in ("sqlite:///", trials.JOURNAL):
+        if url.startswith(scheme) and not url.startswith(scheme + "/"):
+            return f"{scheme}{Path.cwd() / url.removeprefix(scheme)}"
+    return url
+
+
 def open_storage(url: str):
-    """Optuna's storage for `url` (a SQLite file's folder is made), or a SearchError saying what to pass."""
-    import optuna
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
+    """Optuna's storage for `url` (trials.open_storage; a SQLite or journal file's folder is made), or a SearchError
+    saying what to pass."""
+    from fmnist_exp import trials
+    if url.startswith(("sqlite:///", trials.JOURNAL)):
+        path = Path(url.removeprefix("sqlite:///").removeprefix(trials.JOURNAL))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SearchError(f"hydra.sweeper.storage={redact(url)}: cannot create {path.parent} ({e.strerror}); "
                               "pass a storage in a folder you can write to") from None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if "sqlite" not in url else {})
+        return trials.open_storage(url)
     except Exception as e:
         raise SearchError(f"hydra.sweeper.storage={redact(url)} cannot be opened ({store.first_line(e, 200)}); pass "
-                          "sqlite:///path/optuna.db or a database URL Optuna reads (postgresql://...)") from None
+                          "sqlite:///path/optuna.db, journal:///path/optuna.log or a database URL Optuna reads "
+                          "(postgresql://...)") from None
 
 
 def open_study(storage, name: str, sampler, direction: str, space: Space, pruner=None):

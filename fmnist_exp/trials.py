@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"  # in a search's sweep dir: {"storage", "study_name", "pruner"}
 
 
+JOURNAL = "journal:///"  # journal:///path/optuna.log: Optuna's journal file storage (a filesystem is all it needs)
+
+
+def open_storage(url: str):
+    """Optuna's storage for a URL: a database URL (sqlite:///..., postgresql://...) as Optuna reads it, or
+    journal:///<path> for its journal file storage (workers that share only a filesystem)."""
+    import optuna
+    if url.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix(JOURNAL)))
+    return optuna.storages.RDBStorage(url)
+
+
 class TrialLink:
     """One trial of the study, for the job that trains it: `report(epoch, value)` -> whether to prune it now."""
 
@@ -36,7 +49,8 @@ class TrialLink:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             spec = json.loads(path.read_text())
             pruner = instantiate(spec["pruner"]) if spec.get("pruner") else optuna.pruners.NopPruner()
-            study = optuna.load_study(study_name=spec["study_name"], storage=spec["storage"], pruner=pruner)
+            study = optuna.load_study(study_name=spec["study_name"], storage=open_storage(spec["storage"]),
+                                      pruner=pruner)
             trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
             return cls(optuna.trial.Trial(study, trial_id), trial_number)
         except Exception as e:

@@ -318,6 +318,21 @@ def test_a_pruned_trial_leaves_its_group_after_epoch_1_and_the_others_train_on_a
     assert kept.value == pytest.approx(alone.value, abs=1e-6)
 
 
+def test_a_journal_file_storage_holds_the_study_and_each_trials_epochs(app, tiny, tmp_path):
+    """journal:///<path>: Optuna's journal file storage (workers that share only a filesystem); the jobs report
+    their epochs to it."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    r = app(*SEARCH, "hydra.sweeper.storage=journal:///studies/optuna.log", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2", "tracking.enabled=false", "optimizer.lr=tag(log,interval(1e-3,1e-1))",
+            *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "studies" / "optuna.log")))
+    s = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    assert [(t.state.name, list(t.intermediate_values)) for t in s.get_trials()] == [("COMPLETE", [1, 2])] * 2
+    assert "journal:////" in r.stdout + r.stderr  # made absolute: trials may train in another dir
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("pruner, knobs", [("median", ["hydra.sweeper.pruner.n_startup_trials=1"]),
                                             ("hyperband", []), ("patient", ["hydra.sweeper.pruner.patience=0"])])

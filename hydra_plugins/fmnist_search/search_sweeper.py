@@ -112,7 +112,7 @@ class SearchSweeper(Sweeper):
         space = self._space(arguments)
         direction = self._direction()
         sampler = self._sampler(space)
-        url = self.storage or search.default_storage(cfg.tracking.uri, cfg.tracking.enabled)
+        url = search.absolute_storage(self.storage or search.default_storage(cfg.tracking.uri, cfg.tracking.enabled))
         storage = search.open_storage(url)
         name = self.study_name or search.default_study_name(cfg.tracking.experiment, space, direction)
         pruner = instantiate(self.pruner)
