@@ -47,9 +47,11 @@ cluster:
 	  $(SUDO) apt-get install -y slurm-wlm munge || { $(SUDO) apt-get update && $(SUDO) apt-get install -y slurm-wlm munge; } || \
 	  echo "SLURM could not be installed: tests/test_slurm.py will say so and skip"; fi
 
-# every tier (pyproject.toml's markers; `pytest` alone runs the fast one), the 15 slowest tests listed at the end
+# every tier (pyproject.toml's markers; `pytest` alone runs the fast one), the 15 slowest tests listed at the end;
+# in TEST_WORKERS pytest-xdist workers (0: in this process), tests sharing a module's fixture in one (loadgroup)
+TEST_WORKERS ?= 2
 test: setup browser cluster
-	$(PY) -m pytest -m "" --durations=15
+	$(PY) -m pytest -m "" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ui:  ## MLflow UI on this store, bound to 127.0.0.1
 	@echo "Runs: http://127.0.0.1:5000/#/experiments/1/runs (the experiment 'fmnist'; its plain page opens MLflow's GenAI overview)"

@@ -22,6 +22,9 @@ from conftest import cli_env, free_port, mlflow_server, run_cli, table_rows, tin
 from fmnist_exp import report, store
 
 
+pytestmark = pytest.mark.xdist_group("review")  # under pytest-xdist (make test) one worker runs the module: one sweep
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """optimizer.lr=0.01,0.00001,-1 on tiny data: two jobs finish (one barely learns), one fails its config check."""

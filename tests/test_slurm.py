@@ -26,7 +26,9 @@ from slurm_cluster import SlurmUnavailable, slurm_cluster
 FITS_NODE = ["hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5"]
 
 
-pytestmark = pytest.mark.e2e  # the CLI as a user types it; `cluster` comes with the slurm fixture (conftest)
+# the CLI as a user types it; `cluster` comes with the slurm fixture (conftest); under pytest-xdist (make test) the
+# module runs in one worker, so its cluster starts once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")
