@@ -37,12 +37,12 @@ class TrialLink:
         self.trial, self.number = trial, number
 
     @classmethod
-    def open(cls, trial_number: int | None, sweep_dir: Path) -> "TrialLink | None":
+    def open(cls, trial_number: int | None, sweep_dir: Path | None) -> "TrialLink | None":
         """The link of trial `trial_number` of the search whose sweep dir this is; None outside a search. A study
         that cannot be reached is one warning: the job trains on, unpruned (the sweeper records its result)."""
-        path = sweep_dir / SEARCH_FILE
-        if trial_number is None or not path.is_file():
+        if trial_number is None or sweep_dir is None or not (sweep_dir / SEARCH_FILE).is_file():
             return None
+        path = sweep_dir / SEARCH_FILE
         try:
             import optuna
             from hydra.utils import instantiate

@@ -358,9 +358,9 @@ def test_ctrl_c_stops_a_search_and_rerunning_it_continues_each_stopped_trial_fro
     from test_reliability import interrupt_after, start_cli
     root = tmp_path / "slowdata"
     make_tiny_set(root, n_train=16000, n_test=500)  # epochs long enough to stop one midway
-    args = ["-m", "hydra/sweeper=search", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
-            "hydra.sweeper.sampler.seed=3", "hydra.launcher.n_jobs=1", *tiny_overrides(root), "data.batch_size=16",
-            "train.epochs=2", "optimizer.lr=tag(log,interval(1e-3,1e-2))"]
+    args = ["-m", "hydra/sweeper=search", "hydra/sweeper/pruner=none", "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=3", "hydra.launcher.n_jobs=1", *tiny_overrides(root),
+            "data.batch_size=16", "train.epochs=2", "optimizer.lr=tag(log,interval(1e-3,1e-2))"]
     rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 1/2", signal.SIGINT)
     assert rc == 130, out[-3000:]
     assert "Traceback" not in out
@@ -416,7 +416,7 @@ def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_valu
                                   "--port", str(port), f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"],
                                  cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240  # its first start compiles its bytecode; a busy machine takes a while
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2)
