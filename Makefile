@@ -58,7 +58,7 @@ ui:  ## MLflow UI on this store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 dashboard:  ## optuna-dashboard on the searches' studies (hydra/sweeper=search), bound to 127.0.0.1
-	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port 8080 sqlite:///mlruns/optuna.db
+	$(VENV)/bin/optuna-dashboard --server wsgiref --host 127.0.0.1 --port 8080 sqlite:///mlruns/optuna.db
 
 tensorboard:
 	$(VENV)/bin/tensorboard --logdir_spec sweeps:multirun,runs:outputs --host 127.0.0.1 --port 6006  # sweeps' jobs and single runs

@@ -400,6 +400,7 @@ def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_valu
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     from conftest import cli_env, free_port
@@ -411,19 +412,32 @@ def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_valu
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("chromium is not installed: make test installs it (apt-get install -y chromium)")
-    port = free_port()
-    dashboard = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), "--host", "127.0.0.1",
-                                  "--port", str(port), f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"],
-                                 cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240  # its first start compiles its bytecode; a busy machine takes a while
-        while True:
+    def start():  # as `make dashboard` starts it (wsgiref: one process, no gunicorn master, workers or control socket)
+        port = free_port()
+        log = open(tmp_path / f"dashboard-{port}.log", "w")
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), "--server", "wsgiref",
+                                 "--host", "127.0.0.1", "--port", str(port),
+                                 f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"],
+                                cwd=tmp_path, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2)
-                break
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5)
+                return proc, port
+            except urllib.error.HTTPError:  # it answers: up
+                return proc, port
             except OSError:
-                assert time.monotonic() < deadline and dashboard.poll() is None, "optuna-dashboard did not start"
                 time.sleep(0.5)
+        proc.terminate()
+        proc.wait(timeout=30)
+        return None, (tmp_path / f"dashboard-{port}.log").read_text()[-2000:]
+
+    dashboard, port = start()
+    if dashboard is None:  # once more on another port (another test's server may have taken the free one)
+        dashboard, port = start()
+    assert dashboard is not None, f"optuna-dashboard did not start: {port}"
+    try:
         dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                               "--window-size=1600,1000", "--virtual-time-budget=15000",
                               "--disable-background-networking", "--disable-component-update", "--no-first-run",
