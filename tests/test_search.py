@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_set, store_runs, tiny_overrides
+from test_slurm import FITS_NODE, slurm  # noqa: F401  (slurm: the one-node cluster fixture, this module's own)
 
 SEARCH = ["-m", "hydra/sweeper=search", "hydra/sweeper/pruner=none", "train.epochs=2", "tracking.processes=1"]
 
@@ -453,21 +454,9 @@ def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_valu
     assert plot[:40000].count('class="point"') == 6  # two trials x three epochs
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    """The one-node SLURM cluster (tests/slurm_cluster.py) for this module's cluster test."""
-    from slurm_cluster import SlurmUnavailable, slurm_cluster
-    try:
-        with slurm_cluster() as cluster:
-            yield cluster
-    except SlurmUnavailable as e:
-        pytest.skip(f"no SLURM cluster: {e}")
-
-
 @pytest.mark.e2e
-def test_a_search_on_the_slurm_cluster_runs_each_batch_of_trials_as_array_tasks(slurm, tiny, tmp_path):
+def test_a_search_on_the_slurm_cluster_runs_each_batch_of_trials_as_array_tasks(slurm, tiny, tmp_path):  # noqa: F811
     from conftest import run_cli
-    from test_slurm import FITS_NODE
     r = run_cli("-m", "hydra/sweeper=search", "hydra/launcher=slurm", *FITS_NODE, "hydra.sweeper.n_trials=3",
                 "hydra.sweeper.n_jobs=2", "train.epochs=1", "optimizer=sgd,adam",
                 "optimizer.lr=tag(log,interval(1e-3,1e-1))", *tiny_overrides(tiny), cwd=tmp_path, timeout=600,
