@@ -92,8 +92,8 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
     import urllib.request
     if uri in _ANSWERED:
         return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+    try:  # an opener of its own: urlopen's global one keeps the proxies of its first call (a download's, maybe)
+        with urllib.request.build_opener().open(f"{uri.rstrip('/')}/health", timeout=timeout_s):
             pass
     except urllib.error.HTTPError:
         pass  # something answers (a server without /health, or behind a proxy): MLflow will say what it is

@@ -424,7 +424,10 @@ def test_optuna_dashboard_shows_the_study_its_trials_and_their_intermediate_valu
         deadline = time.monotonic() + 90
         while proc.poll() is None and time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5)
+                # no proxy: urlopen's global opener keeps the proxies of this worker's first call, and an earlier
+                # test's download ran under http_proxy=127.0.0.1:9 (this test failed in every full run for that)
+                urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"http://127.0.0.1:{port}/api/studies", timeout=5)
                 return proc, port
             except urllib.error.HTTPError:  # it answers: up
                 return proc, port

@@ -183,3 +183,25 @@ def test_processes_that_open_a_new_store_at_once_all_get_it(tmp_path):
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * len(procs), [err.strip().splitlines()[-1:] for _, err in results]
     assert len({out.strip() for out, _ in results}) == 1
+
+
+def test_a_server_check_uses_the_proxies_of_now_not_those_of_the_first_download(tmp_path, monkeypatch):
+    """urlopen's global opener keeps the proxies it saw first: a download tried under a dead proxy (the bad-input
+    tests' NO_NETWORK) made every later check of a server on 127.0.0.1 in that process say that nothing answers."""
+    import http.server
+    import threading
+    import urllib.error
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    with monkeypatch.context() as m:
+        m.setenv("http_proxy", "http://127.0.0.1:9")
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen("http://fashion-mnist.invalid/train-images-idx3-ubyte.gz", timeout=5)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store.check_server(f"http://127.0.0.1:{server.server_port}")  # answers 501: something is there
+    finally:
+        server.shutdown()
+        server.server_close()
+        store._ANSWERED.clear()
