@@ -274,6 +274,8 @@ class Job:
             self.tracker.set_tag("fmnist.group", ctx.group)
         if ctx.multirun:
             self.trial = trials.TrialLink.open(cfg.sweep.trial, ctx.sweep_dir)
+            if self.trial is not None:
+                self.trial.replay(self.member.state.history, cfg.train.monitor)
         self._log_start()
         return None  # the run is being created in the tracking process: `ready` waits for it
 
@@ -543,9 +545,12 @@ def run(cfg: DictConfig, ctx: JobContext, stop: stopping.StopOnSignal, process: 
     return run_group([(cfg, ctx)], stop, process)[0]
 
 
+Join = Callable[[int], list[tuple[DictConfig, JobContext]]]  # up to n more jobs that fit the group
+
+
 def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopOnSignal,
               process: ProcessSettings = PROCESS,
-              epochs_done: Callable[[int], None] | None = None) -> list[Outcome]:
+              epochs_done: Callable[[int], None] | None = None, join: Join | None = None) -> list[Outcome]:
     """Jobs that share a training step (fusion.fusion_key), trained together as one stacked model; one Outcome per
     job, in order. A job's failure is its own; a signal stops them all, each KILLED with its own last checkpoint.
     `epochs_done(n)`, if given, counts the job-epochs done for a progress bar drawn elsewhere (the fused launcher's
@@ -557,7 +562,8 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
     2. each epoch: the group trains (train.Group.epoch), each job logs its epoch (Job.log_epoch) and, in a
        search, reports it to the study (Job.report); the jobs that left the stack (finished, stopped early,
        diverged) and those the search's pruner stopped (Group.remove, then tested) end while the rest train on
-       (end_trained); between epochs is also where new trials would join;
+       (end_trained); then, in a search, new trials take the free places (`join(free)` gives up to `free` more
+       jobs that fit the group (fusion.fusion_key): each is prepared as in 1. and joins the stack at its epoch 1);
     3. a signal or an error that stops the group ends each job still in it, KILLED or FAILED (end_failed);
     4. close: every job has its outcome and has released its tracker; a signal that came after the last step is
        noted on each outcome.
@@ -568,36 +574,33 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
     if n > 1:
         log.info("Tracking: the writes of %d jobs spread over %d tracking processes", len(members), n)
     said: set[str] = set()
-    jobs = [Job(cfg, ctx, process, tracking.pick_process(i, n), said) for i, (cfg, ctx) in enumerate(members)]
     # 1. prepare
-    for job in jobs:
-        try:
-            stopped = stop.signum or stopping.sweep_stopped(job.ctx.sweep_dir)
-            if stopped is not None:
-                raise stopping.Interrupted(stopped, started=False)
-            skipped = job.prepare()
-            if skipped is not None:
-                end(job, stop, lambda: skipped)
-        except Exception as e:
-            end_failed(job, e, stop)
-    # all prepared first, then waited for: the jobs' runs are created (and their tracking processes start) at once
-    for job in jobs:
-        if job.outcome is None:
-            try:
-                job.ready()
-            except Exception as e:
-                end_failed(job, e, stop)
-    # 2. train: jobs resumed from different epochs cannot share steps, so each starting epoch trains as its own group
+    jobs = start(members, process, said, stop, n)
+    # 2. train: jobs resumed from different epochs train as their own groups (each group's members start together)
     by_start: dict[int, list[Job]] = {}
     for job in jobs:
         if job.outcome is None:
             by_start.setdefault(job.member.state.epoch, []).append(job)
+    if join is not None and not by_start:  # a search's group whose every trial ended before training: new ones
+        by_start[0] = []
     for group_jobs in by_start.values():
         job_of = {job.member: job for job in group_jobs}
+        size = max(len(group_jobs), len(members))  # the places a search keeps filled
         try:
-            progress = group_jobs[0].member.settings.progress and epochs_done is None
-            group = train.Group(list(job_of), group_jobs[0].dataset, stop, progress)
-            while group.members:
+            progress = bool(group_jobs) and group_jobs[0].member.settings.progress and epochs_done is None
+            group = train.Group(list(job_of), group_jobs[0].dataset if group_jobs else None, stop, progress)
+            while True:
+                if join is not None and len(group.members) < size and stop.signum is None:
+                    joined = start(join(size - len(group.members)), process, said, stop, n)
+                    jobs += joined
+                    fresh = [job for job in joined if job.outcome is None]
+                    group_jobs += fresh
+                    job_of.update({job.member: job for job in fresh})
+                    if fresh and group.data is None:
+                        group.data = fresh[0].dataset
+                    group.add([job.member for job in fresh])
+                if not group.members:
+                    break
                 epoch = group.epoch()
                 for m, metrics in epoch.metrics.items():
                     job_of[m].log_epoch(metrics)
@@ -624,6 +627,31 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
             log.error("interrupted by %s after %s finished", signal.Signals(stop.signum).name,
                       "; ".join(done) if first_ctx.multirun else "this run")
     return outcomes
+
+
+def start(members: list[tuple[DictConfig, JobContext]], process: ProcessSettings, said: set[str],
+          stop: stopping.StopOnSignal, processes: int) -> list[Job]:
+    """A group's jobs (or those joining it: a search's new trials), each prepared (its run started over
+    `processes` tracking processes), then all waited for; one that is stopped, skipped or fails here ends at once."""
+    jobs = [Job(cfg, ctx, process, tracking.pick_process(i, processes), said) for i, (cfg, ctx) in enumerate(members)]
+    for job in jobs:
+        try:
+            stopped = stop.signum or stopping.sweep_stopped(job.ctx.sweep_dir)
+            if stopped is not None:
+                raise stopping.Interrupted(stopped, started=False)
+            skipped = job.prepare()
+            if skipped is not None:
+                end(job, stop, lambda: skipped)
+        except Exception as e:
+            end_failed(job, e, stop)
+    # all prepared first, then waited for: the jobs' runs are created (and their tracking processes start) at once
+    for job in jobs:
+        if job.outcome is None:
+            try:
+                job.ready()
+            except Exception as e:
+                end_failed(job, e, stop)
+    return jobs
 
 
 def end_trained(jobs: list[Job], stop: stopping.StopOnSignal) -> None:
@@ -677,3 +705,5 @@ def end(job: Job, stop: stopping.StopOnSignal, make) -> None:
     finally:
         stop.recording = False
         job.close()
+    if job.trial is not None:  # a search's trial: the study hears of its end now, before trials that join after it
+        job.trial.end(job.outcome, job.ctx.overrides)

@@ -2,7 +2,8 @@
 
 A launcher composes each job's config and does what Hydra does around a job (output dir, callbacks, JobReturn);
 it asks this module to tell our jobs from others (`is_job`), group them (`plan`, `pick_workers`), set up a worker
-process (`start_worker`, `share_cores`), train a group to its outcomes (`run_group`, then `settle`), record jobs
+process (`start_worker`, `share_cores`), train a group to its outcomes (`run_group`, then `settle`; in a search,
+new trials from a `TrialSource` join a running group when they `fits` it), record jobs
 that never reported (`record_killed`, `record_lost`), and stop (`Forward` and the rest of stopping.py).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -100,13 +101,37 @@ def discard_tracking_process() -> None:
     tracking.TRACKING_PROCESS.discard_unused()
 
 
-def run_group(members: list[tuple[DictConfig, JobContext]], epochs_done=None) -> list[Outcome]:
+class TrialSource(Protocol):
+    """A search's trials, for a launcher that can start them inside a running group (the search sweeper sets it
+    as `launcher.trials`): when jobs leave a group, `take(n)` gives up to n more trials' overrides (none once the
+    search has asked all its trials); the launcher composes each, gives back the ones that do not fit the group
+    (`give_back`: the sweeper launches them in its next batch), and says which job each one that joins became
+    (`started`, before it trains) and how it ended (`ended`, its JobReturn)."""
+
+    def take(self, n: int) -> list[list[str]]: ...
+
+    def give_back(self, overrides: list[str]) -> None: ...
+
+    def started(self, overrides: list[str], num: int) -> None: ...
+
+    def ended(self, overrides: list[str], ret) -> None: ...
+
+
+def fits(config: DictConfig, group_config: DictConfig) -> bool:
+    """Whether a job (task config) can train in the group of `group_config` (the same fusion.fusion_key)."""
+    from fmnist_exp import fusion
+    return fusion.fusion_key(config) == fusion.fusion_key(group_config)
+
+
+def run_group(members: list[tuple[DictConfig, JobContext]], epochs_done=None, join=None) -> list[Outcome]:
     """Train a group's jobs (each its task config and context) together, stopping on a signal (each KILLED with
     its checkpoint); one Outcome per job. `epochs_done(n)` hears each epoch's job-epochs, for a progress bar drawn
-    by the launcher. The caller then calls `settle`."""
+    by the launcher. `join(free)`, in a search, gives up to `free` more jobs (task config, context) to take the
+    places of those that left: their Outcomes follow the members', in the order they joined. The caller then calls
+    `settle`."""
     from fmnist_exp import job
     with StopOnSignal() as stop:
-        return job.run_group(members, stop, epochs_done=epochs_done)
+        return job.run_group(members, stop, epochs_done=epochs_done, join=join)
 
 
 def record_lost(members: list[tuple[DictConfig, JobContext]], error: str, wait_s: float) -> list[Outcome]:

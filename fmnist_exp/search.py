@@ -320,31 +320,56 @@ def kill(study, trial_id: int, number: int, params: dict, reason: str) -> None:
 
 
 def tell(study, trial, overrides: list[str], outcome, history: list[tuple[int, float]] = ()) -> str:
-    """Record a trial's job in the study: COMPLETE with its value, else FAIL with the job's one-line reason (the
-    search goes on). `outcome`: the job's Outcome, None if it never recorded one; `history`: its monitored metric
-    per epoch (the study's intermediate values). Returns the trial's state."""
-    from optuna.trial import TrialState
-    if outcome is not None and outcome.run_id:
-        trial.set_user_attr("mlflow_run_id", outcome.run_id)
-    reported = study._storage.get_trial(trial._trial_id).intermediate_values  # by the job, each epoch
+    """Record a trial's job in the study (trials.tell), unless the job has told it itself as it ended. `history`:
+    its monitored metric per epoch from MLflow, for the epochs its job could not report (intermediate values).
+    Returns the trial's state."""
+    from fmnist_exp import trials
+    frozen = study._storage.get_trial(trial._trial_id)
+    if frozen.state.is_finished():
+        return frozen.state.name
+    reported = frozen.intermediate_values  # by the job, each epoch
     for step, value in history:
         if math.isfinite(value) and step not in reported:
             trial.report(value, step)
-    trial.set_user_attr("overrides", " ".join(overrides))
-    if outcome is not None and outcome.status == "FINISHED" and outcome.pruned_at is not None:
-        trial.set_user_attr("pruned_at_epoch", outcome.pruned_at)
-        study.tell(trial, state=TrialState.PRUNED)  # its value: the last epoch it reported
-        return "PRUNED"
-    if outcome is not None and outcome.status in ("FINISHED", "SKIPPED") and outcome.value is not None \
-            and math.isfinite(outcome.value):
-        study.tell(trial, outcome.value)
-        return "COMPLETE"
-    reason = (outcome.error if outcome is not None and outcome.error
-              else f"its job ended {outcome.status if outcome else 'without an outcome'}")
-    trial.set_user_attr("error", reason[:1000])
-    study.tell(trial, state=TrialState.FAIL)
-    log.warning("Trial %d failed: %s; the search goes on", trial.number, reason)
-    return "FAIL"
+    return trials.tell(study, trial, overrides, outcome)
+
+
+def trial_number(overrides: list[str]) -> int:
+    """The trial a job's overrides are (its sweep.trial=N)."""
+    return next(int(o.split("=", 1)[1]) for o in overrides if o.startswith("sweep.trial="))
+
+
+class Joining:
+    """The trials of one launch that are not in its batch (launching.TrialSource, for the launcher): asked when a
+    running group has free places, up to `budget` (what n_trials leaves after the batch). Trials that did not fit
+    the group they were asked for are `leftover` (the next batch); those that joined one are `joined`, each
+    (trial, overrides, job number, JobReturn or None until it ended)."""
+
+    def __init__(self, study, budget: int, overrides_of: Callable):
+        self.study, self.budget, self.overrides_of = study, budget, overrides_of
+        self.asked: dict[int, tuple] = {}  # trial number -> (trial, overrides)
+        self.leftover: list[tuple] = []
+        self.joined: dict[int, list] = {}  # trial number -> [trial, overrides, num, ret]
+
+    def take(self, n: int) -> list[list[str]]:
+        out = []
+        while len(out) < n and self.budget > 0:
+            trial = self.study.ask()
+            self.budget -= 1
+            overrides = self.overrides_of(trial)
+            self.asked[trial.number] = (trial, overrides)
+            out.append(overrides)
+        return out
+
+    def give_back(self, overrides: list[str]) -> None:
+        self.leftover.append(self.asked[trial_number(overrides)])
+
+    def started(self, overrides: list[str], num: int) -> None:
+        trial, mine = self.asked[trial_number(overrides)]
+        self.joined[trial.number] = [trial, mine, num, None]
+
+    def ended(self, overrides: list[str], ret) -> None:
+        self.joined[trial_number(overrides)][3] = ret
 
 
 def waiting(study) -> int:
@@ -404,10 +429,10 @@ def outcome_of(ret, sweep_dir: Path):
     return outcome
 
 
-def end_batch(study, trials: list, batch: list[list[str]], sweep_dir: Path, first_num: int) -> None:
+def end_batch(study, trials: list, batch: list[list[str]], sweep_dir: Path, nums: list[int | None]) -> None:
     """A batch the launcher did not return (the user stopped the search, or the launcher failed): each trial whose
-    job ended is told as it ended; the others FAIL in Optuna, marked killed, and are asked again by the next run
-    of the same command (continuing from their last checkpoint)."""
+    job (number `nums[i]`; None: it never started) ended is told as it ended; the others FAIL in Optuna, marked
+    killed, and are asked again by the next run of the same command (continuing from their last checkpoint)."""
     from optuna.trial import TrialState
 
     from fmnist_exp import launching
@@ -420,7 +445,7 @@ def end_batch(study, trials: list, batch: list[list[str]], sweep_dir: Path, firs
         try:
             if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
                 continue
-            outcome = by_num.get(first_num + i)
+            outcome = by_num.get(nums[i]) if nums[i] is not None else None
             if outcome is not None and outcome.status in ("FINISHED", "SKIPPED", "FAILED"):
                 tell(study, trial, overrides, outcome)
             else:

@@ -184,6 +184,21 @@ class Group:
         self.remove(left)
         return Epoch(metrics, done + left, job_epochs)
 
+    def add(self, members: list[Member]) -> None:
+        """New members join the stack between epochs (a search's trials taking the places of those that left),
+        each from its own state: a fresh one trains its epoch 1 next, beside the others' later epochs. The stack is
+        rebuilt from every member's own weights and optimizer state, so the members already in it train on exactly
+        as they would have."""
+        members = [m for m in members if m.running]
+        if not members:
+            return
+        for k, m in enumerate(self.members):  # the stack's state back into each member, which the rebuild reads
+            m.model.load_state_dict(self.model.job_state_dict(k))
+            m.optimizer_state = self.optimizer.job_state(k)
+        for m in members:
+            m.label = m.label or f"[{m.name}] "
+        self.__init__(self.members + members, self.data, self.stop, self.progress)
+
     def remove(self, members: list[Member]) -> None:
         """Take `members` out of the stack; the rest train on without them."""
         keep = [k for k, m in enumerate(self.members) if m not in members]

@@ -319,6 +319,50 @@ def test_a_pruned_trial_leaves_its_group_after_epoch_1_and_the_others_train_on_a
     assert kept.value == pytest.approx(alone.value, abs=1e-6)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_trial_that_joins_a_running_group_trains_as_it_would_alone_and_so_do_the_others(app, tiny, tmp_path,
+                                                                                           workers):
+    """Two trials; the one that trails is pruned after epoch 1 and a third trial takes its place at that epoch
+    boundary: in one process, beside the kept trial's epoch 2 (workers=1); or in the worker process whose group
+    it left, asked of the launcher (workers=2: a group each). Each trial trains exactly as it would alone."""
+    (tmp_path / "mlruns").mkdir()
+    lrs = [0.02, 1e-5, 0.01]
+    enqueued(tmp_path, "joins", [{"optimizer.lr": lr} for lr in lrs])
+    r = app(*SEARCH, "hydra/sweeper/pruner=successive_halving", "hydra.sweeper.study_name=joins",
+            "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", f"hydra.launcher.n_jobs={workers}",
+            "train.epochs=3", "optimizer.lr=tag(log,interval(1e-5,0.1))", *tiny_overrides(tiny), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert out.count("Launching ") == 1  # one launch: the third trial joined a group, no second batch
+    assert "#2 : optimizer.lr=0.01 " in out and "sweep.trial=2 (joins group " in out
+    trials = study(tmp_path, "joins").get_trials()
+    if workers == 1:  # the two reports at epoch 1 come in order: the second trails and is pruned
+        assert "Launching 2 jobs as 1 fused group(s)" in out and "Pruned after epoch 1 of 3 (trial 1)" in out
+        assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+        assert [list(t.intermediate_values) for t in trials] == [[1, 2, 3], [1], [1, 2, 3]]
+    assert trials[2].state.name == "COMPLETE" and list(trials[2].intermediate_values) == [1, 2, 3]
+    runs = {t.number: t.user_attrs["mlflow_run_id"] for t in trials}
+    _, client = parent_run(tmp_path)
+    joined = client.get_run(runs[2])
+    assert joined.data.tags["fmnist.trial"] == "2" and joined.data.metrics["epochs_run"] == 3
+    assert "test_acc" in joined.data.metrics
+    header = [c.strip() for c in next(line for line in r.stdout.splitlines() if line.startswith("|")).split("|")]
+    table = {row[header.index("trial")].strip() for row in (line.split("|") for line in r.stdout.splitlines()
+                                                           if line.startswith("|"))}
+    assert table >= {"0", "1", "2"}  # the joined trial is in the sweep's table
+    # the same configs, each alone (a group of one): per-epoch valid loss equal within 1e-4
+    alone = app("-m", "hydra.launcher.max_group=1", "hydra.launcher.n_jobs=1", "train.epochs=3",
+                "tracking.processes=1", "optimizer.lr=" + ",".join(map(str, lrs)), *tiny_overrides(tiny), cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    sweep, _ = parent_run(tmp_path)
+    by_lr = {float(run.data.params["optimizer.lr"]): run.info.run_id
+             for run in client.search_runs([sweep.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")}
+    for t in trials:
+        mine, theirs = valid_losses(tmp_path, runs[t.number]), valid_losses(tmp_path, by_lr[lrs[t.number]])
+        assert mine == pytest.approx(theirs[:len(mine)], abs=1e-4), t.number
+
+
 def test_a_journal_file_storage_holds_the_study_and_each_trials_epochs(app, tiny, tmp_path):
     """journal:///<path>: Optuna's journal file storage (workers that share only a filesystem); the jobs report
     their epochs to it."""
@@ -383,6 +427,46 @@ def test_ctrl_c_stops_a_search_and_rerunning_it_continues_each_stopped_trial_fro
         assert t.params == first.params
         assert t.user_attrs["mlflow_run_id"] == first.user_attrs["mlflow_run_id"]
     assert len({t.user_attrs["mlflow_run_id"] for t in complete}) == 3
+    children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert len(children) == 3 and {r["status"] for r in children} == {"FINISHED"}
+
+
+@pytest.mark.e2e
+def test_ctrl_c_after_a_trial_joined_a_group_then_rerunning_continues_every_stopped_trial(tmp_path):
+    """A trial pruned after epoch 1, a new one joined in its place; Ctrl-C during the next epoch. The kept trial
+    and the one that joined late are KILLED with their checkpoints (FAIL, marked killed, in Optuna); the rerun
+    continues each from its own epoch, in its own MLflow run."""
+    import signal
+
+    from test_reliability import interrupt_after, start_cli
+    root = tmp_path / "slowdata"
+    make_tiny_set(root, n_train=16000, n_test=500)  # epochs long enough to stop one midway
+    (tmp_path / "mlruns").mkdir()
+    # plain SGD: 1e-5 trails 1e-3 after epoch 1 (pruned), 0.05 leads both (kept on)
+    enqueued(tmp_path, "late", [{"optimizer.lr": lr} for lr in (1e-3, 1e-5, 0.05)])
+    args = ["-m", "hydra/sweeper=search", "hydra/sweeper/pruner=successive_halving", "hydra.sweeper.study_name=late",
+            "optimizer=sgd",
+            "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", "hydra.launcher.n_jobs=1", *tiny_overrides(root),
+            "data.batch_size=16", "train.epochs=3", "optimizer.lr=tag(log,interval(1e-5,0.1))"]
+    rc, out = interrupt_after(start_cli(*args, cwd=tmp_path), "Epoch 2/3", signal.SIGINT)
+    assert rc == 130, out[-3000:]
+    assert "Traceback" not in out and "sweep.trial=2 (joins group 1)" in out
+    stopped = study(tmp_path, "late").get_trials()
+    assert [t.state.name for t in stopped] == ["FAIL", "PRUNED", "FAIL", "WAITING", "WAITING"]
+    assert stopped[0].user_attrs.get("fmnist.killed") and stopped[2].user_attrs.get("fmnist.killed")
+    runs = {r["run_uuid"]: r["status"] for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]}
+    assert sorted(runs.values()) == ["FINISHED", "KILLED", "KILLED"]  # the pruned one ended; the others stopped
+
+    again = run_search(args, tmp_path)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "Resuming after epoch 2 of 3" in out and "Resuming after epoch 1 of 3" in out
+    trials = study(tmp_path, "late").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "PRUNED", "FAIL", "COMPLETE", "COMPLETE"]
+    for t in trials[3:]:  # each continued trial: the stopped one's params and MLflow run, trained to its end
+        first = trials[t.user_attrs["fmnist.resumes"]]
+        assert t.params == first.params and t.user_attrs["mlflow_run_id"] == first.user_attrs["mlflow_run_id"]
+        assert sorted(t.intermediate_values) == [1, 2, 3]
     children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
     assert len(children) == 3 and {r["status"] for r in children} == {"FINISHED"}
 

@@ -8,6 +8,7 @@ fmnist_exp, and anything that cannot fuse, run one by one exactly as Hydra's bas
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -124,18 +125,68 @@ def job_dir(config: DictConfig) -> Path:
 
 def run_group(launcher, configs: list[DictConfig], group_name: str) -> list[JobReturn]:
     """Train `configs` together in this process (fmnist_exp.job.run_group); each job gets its JobReturn and
-    callbacks."""
+    callbacks. In a search (`launcher.trials`), new trials join the group as its jobs leave (Joiner)."""
     members, hydra_cfgs = start_jobs(launcher, configs, group_name)
+    joiner = Joiner(launcher, configs[0], group_name) if getattr(launcher, "trials", None) is not None else None
     configure_log(job_console(launcher.config.hydra), launcher.config.hydra.verbose)
     try:
-        outcomes = train_group(members)
+        outcomes = train_group(members, join=joiner)
     finally:
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    if joiner is not None:
+        configs, hydra_cfgs, members = (configs + joiner.configs, hydra_cfgs + joiner.hydra_cfgs,
+                                        members + joiner.members)
     results = end_jobs(launcher, configs, hydra_cfgs, members, outcomes)
     stopped = app.settle(outcomes, members)
+    if joiner is not None:
+        joiner.ended(results[len(results) - len(joiner.configs):])
+        results = results[:len(results) - len(joiner.configs)]
     if stopped is not None:  # the user stopped the sweep: no other group starts, the sweep ends 128 + N
         app.stop_sweep(members[0][1].parent, stopped)
     return results
+
+
+class Joiner:
+    """A search's new trials for a group training in this process: `joiner(free)` takes up to `free` trials from
+    the sweeper (launcher.trials, an app.TrialSource), composes each as Hydra composes a sweep's job (numbered after
+    the launched batch: launcher.next_num), gives back those that do not fit the group, and starts the rest as a
+    group's jobs (start_jobs). It keeps their configs for the JobReturns made when the group ends."""
+
+    def __init__(self, launcher, group_config: DictConfig, group_name: str, parallel_jobs: int | None = None):
+        self.launcher, self.group_name, self.parallel_jobs = launcher, group_name, parallel_jobs
+        self.group_config = task_config(group_config)
+        self.group_log = job_dir(group_config) / "group.log"
+        self.configs, self.hydra_cfgs, self.members = [], [], []
+
+    def __call__(self, free: int) -> list:
+        launcher, source, fitting = self.launcher, self.launcher.trials, []
+        for overrides in source.take(free):
+            config = job_config(launcher.hydra_context, launcher.config, overrides, -1)
+            if not app.fits(task_config(config), self.group_config):
+                source.give_back(overrides)
+                continue
+            num = launcher.next_num
+            launcher.next_num += 1
+            with open_dict(config.hydra.job):
+                config.hydra.job.num = config.hydra.job.id = num
+            log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))} (joins group {self.group_name})")
+            source.started(overrides, num)
+            fitting.append(config)
+        if not fitting:
+            return []
+        members, hydra_cfgs = start_jobs(launcher, fitting, self.group_name, self.parallel_jobs)
+        for _, ctx in members:  # the group's log, as its first jobs have it
+            with contextlib.suppress(OSError):
+                if not (ctx.job_dir / "group.log").exists():
+                    os.link(self.group_log, ctx.job_dir / "group.log")
+        self.configs += fitting
+        self.hydra_cfgs += hydra_cfgs
+        self.members += members
+        return members
+
+    def ended(self, results: list[JobReturn]) -> None:
+        for config, ret in zip(self.configs, results):
+            self.launcher.trials.ended(list(config.hydra.overrides.task), ret)
 
 
 def start_jobs(launcher, configs: list[DictConfig], group_name: str, parallel_jobs: int | None = None):
@@ -170,7 +221,7 @@ def job_console(hydra: DictConfig) -> DictConfig | None:
     return OmegaConf.create(conf)
 
 
-def train_group(members: list, epochs_done=None) -> list:
+def train_group(members: list, epochs_done=None, join=None) -> list:
     """The jobs of one group trained together (fmnist_exp.job.run_group), their log lines also in each job dir's
     group.log; a signal stops them all, each KILLED with its checkpoint. Returns each job's Outcome. `epochs_done(n)`
     counts the job-epochs trained, for a sweep's bar drawn elsewhere (_workers.py)."""
@@ -180,7 +231,7 @@ def train_group(members: list, epochs_done=None) -> list:
         h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(h)
     try:
-        return app.run_group(members, epochs_done)
+        return app.run_group(members, epochs_done, join)
     finally:
         for h in handlers:
             root.removeHandler(h)

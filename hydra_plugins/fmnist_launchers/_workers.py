@@ -51,9 +51,13 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
     pending = list(enumerate(groups, start=1))
     running: dict = {}
     free_slots = list(range(workers))
+    searching = getattr(launcher, "trials", None) is not None  # a search: new trials join running groups
+    joiners: dict[str, _core.Joiner] = {}  # by group name
+    asks = multiprocessing.get_context("spawn").Queue() if searching else None  # workers' (slot, group, free)
+    answers = [multiprocessing.get_context("spawn").Queue() for _ in range(workers)] if searching else None
     signals = app.Forward(Path(str(hydra.sweep.dir)))  # a worker that gets the signal before its group's handlers are
     # in place (unpickling, logging set up) would ignore it: its jobs then find the sweep's stop mark and end KILLED
-    outcomes_seen = []
+    outcomes_seen, expected = [], len(configs)
     pools: list[ProcessPoolExecutor | None] = [None] * workers  # a slot's worker, started with its first group
     # the sweep's bar where a run would draw one
     feed = _Feed(sum(int(c.train.epochs) for c in configs)) if app.shows_progress(configs[0]) else None
@@ -66,14 +70,24 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                     group_configs = [configs[i] for i in ids]
                     members, hydra_cfgs = _core.start_jobs(launcher, group_configs, str(n), parallel_jobs=workers)
                     slot = free_slots.pop(0)
-                    future = _submit(pools, slot, members, logging_cfg, feed and feed.queue)
+                    if searching:
+                        joiners[str(n)] = _core.Joiner(launcher, group_configs[0], str(n), parallel_jobs=workers)
+                    future = _submit(pools, slot, members, logging_cfg, feed and feed.queue,
+                                     (asks, answers[slot], slot) if searching else None)
                     running[future] = (ids, group_configs, hydra_cfgs, members, slot)
                 if not running:
                     break
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=0.1 if searching else 0.5, return_when=FIRST_COMPLETED)
+                if searching:
+                    _answer(asks, answers, joiners, feed, stopped=signals.signum is not None)
                 for future in done:
                     ids, group_configs, hydra_cfgs, members, slot = running.pop(future)
                     free_slots.append(slot)
+                    joiner = joiners.pop(members[0][1].group, None)
+                    if joiner is not None:  # the trials that joined this group: their jobs follow the group's
+                        expected += len(joiner.configs)
+                        group_configs = group_configs + joiner.configs
+                        hydra_cfgs, members = hydra_cfgs + joiner.hydra_cfgs, members + joiner.members
                     try:
                         outcomes = future.result()
                     except Exception as e:  # the worker died (killed, out of memory) or could not send its results
@@ -86,24 +100,46 @@ def launch(launcher, configs: list[DictConfig], groups: list[list[int]], workers
                     outcomes_seen += outcomes
                     if feed is not None:
                         feed.group_done(members)
-                    for i, ret in zip(ids, _core.end_jobs(launcher, group_configs, hydra_cfgs, members, outcomes)):
+                    rets = _core.end_jobs(launcher, group_configs, hydra_cfgs, members, outcomes)
+                    for i, ret in zip(ids, rets):
                         results[i] = ret
+                    if joiner is not None:
+                        joiner.ended(rets[len(ids):])
         finally:
             for pool in pools:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
     configure_log(hydra.hydra_logging, hydra.verbose)  # after the bar's logging redirect has put its handlers back
-    signals.end_sweep(Path(str(hydra.sweep.dir)), outcomes_seen, len(configs))
+    signals.end_sweep(Path(str(hydra.sweep.dir)), outcomes_seen, expected)
     return results
 
 
-def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queue) -> Future:
+def _answer(asks, answers: list, joiners: dict, feed, stopped: bool) -> None:
+    """Workers' asks for trials to fill their groups' free places: each answered with the jobs (task config,
+    context) that join, composed and started here (_core.Joiner); none once the sweep is stopping."""
+    import queue
+    while True:
+        try:
+            slot, group, free = asks.get_nowait()
+        except queue.Empty:
+            return
+        joiner = joiners.get(group)
+        members = [] if stopped or joiner is None else joiner(free)
+        if feed is not None and members:
+            feed.add(sum(int(cfg.train.epochs) for cfg, _ in members))
+        answers[slot].put(members)
+
+
+JOIN_WAIT_S = 120.0  # how long a worker waits for the launcher's answer before its group trains on without new trials
+
+
+def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queue, joining=None) -> Future:
     """Hand a group to the worker of `slot` (a pool of one process), starting one where the slot has none, or has
     one that died while idle (its pool is then broken)."""
     for _ in range(2):
         if pools[slot] is None:
             pools[slot] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_init_worker, initargs=(feed_queue,))
+                                              initializer=_init_worker, initargs=(feed_queue, joining))
         # a worker starts (spawned in submit) with the stop signals blocked: one that reaches it while it imports
         # waits for _init_worker, which records it, rather than a KeyboardInterrupt killing it mid-import
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, app.STOP_SIGNALS)
@@ -121,7 +157,8 @@ def _submit(pools: list, slot: int, members: list, logging_cfg: tuple, feed_queu
 
 
 def train_in_worker(members: list, logging_cfg: tuple) -> list:
-    """In a worker: one group's jobs trained together, each outcome written to its job dir; returns the outcomes."""
+    """In a worker: one group's jobs trained together, each outcome written to its job dir; returns the outcomes
+    (in a search, those of the trials that joined the group follow the group's: asked of the launcher's _answer)."""
     configure_log(*logging_cfg)
     if _STOPPED is not None:  # stopped while this worker started: its jobs never begin (no runs), the sweep stops
         outcomes = [app.Outcome("KILLED", error=app.stopped_before_start(_STOPPED), signum=_STOPPED)
@@ -136,22 +173,40 @@ def train_in_worker(members: list, logging_cfg: tuple) -> list:
         root.addHandler(logging.handlers.QueueHandler(_FEED))
         group = members[0][1].group
         epochs_done = lambda n: _FEED.put(("epochs", group, n))
-    outcomes = _core.train_group(members, epochs_done)
-    app.settle(outcomes, members, ends_sweep=False)
+    joined: list = []
+    join = None
+    if _JOINING is not None:
+        asks, answers, slot = _JOINING
+        group = members[0][1].group
+
+        def join(free: int) -> list:
+            import queue
+            asks.put((slot, group, free))
+            try:
+                new = answers.get(timeout=JOIN_WAIT_S)
+            except queue.Empty:
+                log.warning("group %s: no answer from the launcher in %.0f s; it trains on without new trials",
+                            group, JOIN_WAIT_S)
+                return []
+            joined.extend(new)
+            return new
+    outcomes = _core.train_group(members, epochs_done, join)
+    app.settle(outcomes, members + joined, ends_sweep=False)
     return outcomes
 
 
 _FEED = None  # in a worker: the launcher's _Feed queue, when it draws the sweep's progress bar
 _STOPPED = None  # in a worker: the stop signal that came while it started, if any
+_JOINING = None  # in a worker of a search: (asks, answers, slot), its queues to the launcher's _answer
 
 
-def _init_worker(feed_queue=None) -> None:
+def _init_worker(feed_queue=None, joining=None) -> None:
     """A worker's process-wide set-up: its own process group (a terminal's Ctrl-C reaches the launcher, which
     forwards it once), signals ignored between groups (app.run_group handles them during one), a watch on the
     launcher (one that dies stops the worker's jobs, and the worker ends: app.start_worker), and the launcher's
-    feed, if any."""
-    global _FEED, _STOPPED
-    _FEED = feed_queue
+    feed and, in a search, its queues for trials that join a group, if any."""
+    global _FEED, _STOPPED, _JOINING
+    _FEED, _JOINING = feed_queue, joining
     os.setpgid(0, 0)
     pending = signal.sigpending()  # blocked since the launcher spawned us (_submit)
     _STOPPED = next((sig for sig in app.STOP_SIGNALS if sig in pending), None)
@@ -199,6 +254,13 @@ class _Feed:
                 if group not in self.ended:  # a late count of a group already counted whole is dropped
                     self.running[group] = self.running.get(group, 0) + n
                     self._show()
+
+    def add(self, epochs: int) -> None:
+        """Jobs that joined a running group (a search's trials): their epochs to train."""
+        with self._lock:
+            self.total += epochs
+            self.bar.total = self.total
+            self._show()
 
     def group_done(self, members: list) -> None:
         with self._lock:

@@ -29,6 +29,8 @@ class FusedLauncher(Launcher):
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
+        self.trials: Optional[app.TrialSource] = None  # a search's, set by its sweeper: new trials join groups
+        self.next_num = 0  # the number of the next job that joins a group (after the launched batch)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -44,6 +46,7 @@ class FusedLauncher(Launcher):
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = _core.load_configs(self, job_overrides, initial_job_idx)
+        self.next_num = initial_job_idx + len(configs)
         workers = self.n_jobs or (app.pick_workers(configs) if all(app.is_job(c) for c in configs) else 1)
         groups, workers = _core.plan(configs, self.max_group, int(workers), required=bool(self.n_jobs))
         if groups is None:

@@ -135,22 +135,35 @@ class SearchSweeper(Sweeper):
             log.info("The study has its %d trials already: raise hydra.sweeper.n_trials to search on", done)
         logged: set[int] = set()
         search.record_progress(parent, study, logged)
-        job_idx = 0
+        job_idx, leftover = 0, []  # leftover: trials asked for a running group they did not fit
         while done < self.n_trials:
-            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
-            batch = [self._overrides(t, space) for t in trials]
+            room = self.n_trials - done - len(leftover)
+            asked = [study.ask() for _ in range(max(0, min(self.n_jobs - len(leftover), room)))]
+            trials = [t for t, _ in leftover] + asked
+            batch = [o for _, o in leftover] + [self._overrides(t, space) for t in asked]
+            # more trials join the launcher's running groups as their jobs leave (pruned or done), up to n_trials
+            joining = search.Joining(study, room - len(asked), lambda t: self._overrides(t, space))
+            self.launcher.trials = joining
             try:
                 t0 = time.perf_counter()
                 returns = self.launcher.launch(batch, initial_job_idx=job_idx)
                 launched += time.perf_counter() - t0
             except BaseException:  # a stop (exit 128+N) or a launcher's error: unfinished trials are asked again
-                search.end_batch(study, trials, batch, sweep_dir, job_idx)
+                joined = list(joining.joined.values())
+                search.end_batch(study, trials + [j[0] for j in joined] + [t for t, _ in joining.leftover],
+                                 batch + [j[1] for j in joined] + [o for _, o in joining.leftover], sweep_dir,
+                                 [job_idx + i for i in range(len(batch))] + [j[2] for j in joined]
+                                 + [None] * len(joining.leftover))
                 raise
-            for trial, overrides, ret in zip(trials, batch, returns):
-                outcome = search.outcome_of(ret, sweep_dir)
+            finally:
+                self.launcher.trials = None
+            ended = list(zip(trials, batch, returns)) + [(t, o, ret) for t, o, _, ret in joining.joined.values()]
+            for trial, overrides, ret in ended:
+                outcome = search.outcome_of(ret, sweep_dir) if ret is not None else None
                 history = search.monitored_history(parent, outcome, cfg.train.monitor)
                 search.tell(study, trial, overrides, outcome, history)
-            job_idx += len(returns)
+            job_idx += len(returns) + len(joining.joined)
+            leftover = joining.leftover
             done = search.counted(study)
             search.record_progress(parent, study, logged)
             self._log_best(study, done)
