@@ -586,12 +586,15 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
     for group_jobs in by_start.values():
         job_of = {job.member: job for job in group_jobs}
         size = max(len(group_jobs), len(members))  # the places a search keeps filled
+        filled, asking = [], join is not None  # members per epoch, and whether the search still had trials then
         try:
             progress = bool(group_jobs) and group_jobs[0].member.settings.progress and epochs_done is None
             group = train.Group(list(job_of), group_jobs[0].dataset if group_jobs else None, stop, progress)
             while True:
-                if join is not None and len(group.members) < size and stop.signum is None:
-                    joined = start(join(size - len(group.members)), process, said, stop, n)
+                if asking and len(group.members) < size and stop.signum is None:
+                    wanted = join(size - len(group.members))
+                    asking = len(wanted) == size - len(group.members)  # fewer: the search has asked them all
+                    joined = start(wanted, process, said, stop, n)
                     jobs += joined
                     fresh = [job for job in joined if job.outcome is None]
                     group_jobs += fresh
@@ -601,6 +604,7 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
                     group.add([job.member for job in fresh])
                 if not group.members:
                     break
+                filled.append((len(group.members), asking))
                 epoch = group.epoch()
                 for m, metrics in epoch.metrics.items():
                     job_of[m].log_epoch(metrics)
@@ -616,6 +620,8 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
                 if job.member.running:
                     job.member.error = e
             end_trained([job for job in group_jobs if job.outcome is None], stop)
+        if join is not None and filled:
+            log_occupancy(filled, size)
     # 4. close
     outcomes = [job.outcome for job in jobs]
     if stop.signum is not None:  # the signal came after the last step (testing, plots): the runs are complete
@@ -627,6 +633,15 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
             log.error("interrupted by %s after %s finished", signal.Signals(stop.signum).name,
                       "; ".join(done) if first_ctx.multirun else "this run")
     return outcomes
+
+
+def log_occupancy(filled: list[tuple[int, bool]], size: int) -> None:
+    """How full a search's group stayed: its members per epoch, while the search still had trials to give (the
+    last trials' epochs leave places empty: nothing is left to join) and over all its epochs."""
+    early = [k for k, asking in filled if asking]
+    log.info("Group occupancy: %.1f of %d places per epoch while trials were left to join (%d epochs), %.1f over "
+             "all %d epochs", sum(early) / len(early) if early else float("nan"), size, len(early),
+             sum(k for k, _ in filled) / len(filled), len(filled))
 
 
 def start(members: list[tuple[DictConfig, JobContext]], process: ProcessSettings, said: set[str],
