@@ -594,7 +594,7 @@ def run_group(members: list[tuple[DictConfig, JobContext]], stop: stopping.StopO
                 if asking and len(group.members) < size and stop.signum is None:
                     wanted = join(size - len(group.members))
                     asking = len(wanted) == size - len(group.members)  # fewer: the search has asked them all
-                    joined = start(wanted, process, said, stop, n)
+                    joined = start(wanted, process, said, stop, n, first=len(jobs))
                     jobs += joined
                     fresh = [job for job in joined if job.outcome is None]
                     group_jobs += fresh
@@ -645,10 +645,12 @@ def log_occupancy(filled: list[tuple[int, bool]], size: int) -> None:
 
 
 def start(members: list[tuple[DictConfig, JobContext]], process: ProcessSettings, said: set[str],
-          stop: stopping.StopOnSignal, processes: int) -> list[Job]:
-    """A group's jobs (or those joining it: a search's new trials), each prepared (its run started over
-    `processes` tracking processes), then all waited for; one that is stopped, skipped or fails here ends at once."""
-    jobs = [Job(cfg, ctx, process, tracking.pick_process(i, processes), said) for i, (cfg, ctx) in enumerate(members)]
+          stop: stopping.StopOnSignal, processes: int, first: int = 0) -> list[Job]:
+    """A group's jobs (or those joining it: a search's new trials, numbered from `first`), each prepared (its run
+    started, the jobs spread over `processes` tracking processes), then all waited for; one that is stopped,
+    skipped or fails here ends at once."""
+    jobs = [Job(cfg, ctx, process, tracking.pick_process(first + i, processes), said)
+            for i, (cfg, ctx) in enumerate(members)]
     for job in jobs:
         try:
             stopped = stop.signum or stopping.sweep_stopped(job.ctx.sweep_dir)

@@ -270,10 +270,10 @@ def test_the_storage_url_is_recorded_and_printed_without_its_password():
 
 
 # --- pruning: a trial leaves its fused group after an epoch ------------------------------------------------------
-def enqueued(cwd: Path, name: str, configs: list[dict]) -> None:
+def enqueued(cwd: Path, name: str, configs: list[dict], storage=None) -> None:
     """A study `name` whose first trials are these configs, in order (asked before the sampler proposes any)."""
     import optuna
-    s = optuna.create_study(storage=f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}", study_name=name)
+    s = optuna.create_study(storage=storage or f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}", study_name=name)
     for params in configs:
         s.enqueue_trial(params)
 
@@ -320,29 +320,41 @@ def test_a_pruned_trial_leaves_its_group_after_epoch_1_and_the_others_train_on_a
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers, storage", [(1, "sqlite"), (2, "sqlite"), (2, "journal")])
 def test_a_trial_that_joins_a_running_group_trains_as_it_would_alone_and_so_do_the_others(app, tiny, tmp_path,
-                                                                                           workers):
+                                                                                           workers, storage):
     """Two trials; the one that trails is pruned after epoch 1 and a third trial takes its place at that epoch
     boundary: in one process, beside the kept trial's epoch 2 (workers=1); or in the worker process whose group
-    it left, asked of the launcher (workers=2: a group each). Each trial trains exactly as it would alone."""
+    it left, asked of the launcher (workers=2: a group each; the two workers report to and tell the one study at
+    once, in SQLite or in Optuna's journal file). Each trial trains exactly as it would alone; none runs twice."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
     (tmp_path / "mlruns").mkdir()
     lrs = [0.02, 1e-5, 0.01]
-    enqueued(tmp_path, "joins", [{"optimizer.lr": lr} for lr in lrs])
+    url, opened = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", None
+    if storage == "journal":
+        url = f"journal:///{tmp_path / 'optuna.log'}"
+        opened = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.log")))
+    enqueued(tmp_path, "joins", [{"optimizer.lr": lr} for lr in lrs], opened)
     r = app(*SEARCH, "hydra/sweeper/pruner=successive_halving", "hydra.sweeper.study_name=joins",
-            "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", f"hydra.launcher.n_jobs={workers}",
-            "train.epochs=3", "optimizer.lr=tag(log,interval(1e-5,0.1))", *tiny_overrides(tiny), cwd=tmp_path)
+            f"hydra.sweeper.storage={url}", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
+            f"hydra.launcher.n_jobs={workers}", "train.epochs=3", "optimizer.lr=tag(log,interval(1e-5,0.1))",
+            *tiny_overrides(tiny), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert out.count("Launching ") == 1  # one launch: the third trial joined a group, no second batch
     assert "#2 : optimizer.lr=0.01 " in out and "sweep.trial=2 (joins group " in out
-    trials = study(tmp_path, "joins").get_trials()
+    trials = optuna.load_study(study_name="joins", storage=opened or url).get_trials()
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
     if workers == 1:  # the two reports at epoch 1 come in order: the second trails and is pruned
         assert "Launching 2 jobs as 1 fused group(s)" in out and "Pruned after epoch 1 of 3 (trial 1)" in out
         assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
         assert [list(t.intermediate_values) for t in trials] == [[1, 2, 3], [1], [1, 2, 3]]
     assert trials[2].state.name == "COMPLETE" and list(trials[2].intermediate_values) == [1, 2, 3]
     runs = {t.number: t.user_attrs["mlflow_run_id"] for t in trials}
+    children = [r for r in store_runs(tmp_path) if "mlflow.parentRunId" in r["tags"]]
+    assert sorted(r["tags"]["fmnist.trial"] for r in children) == ["0", "1", "2"]  # each trial once, none lost
+    assert {r["run_uuid"] for r in children} == set(runs.values())
     _, client = parent_run(tmp_path)
     joined = client.get_run(runs[2])
     assert joined.data.tags["fmnist.trial"] == "2" and joined.data.metrics["epochs_run"] == 3
