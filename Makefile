@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser cluster sweep notebook test ui dashboard tensorboard disk
+.PHONY: setup data browser cluster postgres sweep notebook test ui dashboard tensorboard disk
 
 setup: $(VENV)/.installed data
 
@@ -47,10 +47,16 @@ cluster:
 	  $(SUDO) apt-get install -y slurm-wlm munge || { $(SUDO) apt-get update && $(SUDO) apt-get install -y slurm-wlm munge; } || \
 	  echo "SLURM could not be installed: tests/test_slurm.py will say so and skip"; fi
 
+# a PostgreSQL server for the search's shared-storage test (tests/postgres_server.py starts its own on 127.0.0.1)
+postgres:
+	@if [ ! -d /usr/lib/postgresql ] && command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y postgresql || { $(SUDO) apt-get update && $(SUDO) apt-get install -y postgresql; } || \
+	  echo "PostgreSQL could not be installed: tests/test_search.py will say so"; fi
+
 # every tier (pyproject.toml's markers; `pytest` alone runs the fast one), the 15 slowest tests listed at the end;
 # in TEST_WORKERS pytest-xdist workers (0: in this process), tests sharing a module's fixture in one (loadgroup)
 TEST_WORKERS ?= 2
-test: setup browser cluster
+test: setup browser cluster postgres
 	$(PY) -m pytest -m "" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ui:  ## MLflow UI on this store, bound to 127.0.0.1

@@ -319,19 +319,37 @@ def test_a_pruned_trial_leaves_its_group_after_epoch_1_and_the_others_train_on_a
     assert kept.value == pytest.approx(alone.value, abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 (tests/postgres_server.py) for this module; its URL."""
+    import os
+
+    from postgres_server import PostgresUnavailable, postgres_server
+    try:
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{e}: make test must install it", pytrace=False)
+        pytest.skip(str(e))
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("workers, storage", [(1, "sqlite"), (2, "sqlite"), (2, "journal")])
+@pytest.mark.parametrize("workers, storage", [(1, "sqlite"), (2, "sqlite"), (2, "journal"), (2, "postgresql")])
 def test_a_trial_that_joins_a_running_group_trains_as_it_would_alone_and_so_do_the_others(app, tiny, tmp_path,
-                                                                                           workers, storage):
+                                                                                           workers, storage, request):
     """Two trials; the one that trails is pruned after epoch 1 and a third trial takes its place at that epoch
     boundary: in one process, beside the kept trial's epoch 2 (workers=1); or in the worker process whose group
     it left, asked of the launcher (workers=2: a group each; the two workers report to and tell the one study at
-    once, in SQLite or in Optuna's journal file). Each trial trains exactly as it would alone; none runs twice."""
+    once, in SQLite, Optuna's journal file or a PostgreSQL server). Each trial trains exactly as it would alone;
+    none runs twice, none is lost."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
     (tmp_path / "mlruns").mkdir()
     lrs = [0.02, 1e-5, 0.01]
     url, opened = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", None
+    if storage == "postgresql":
+        url = opened = request.getfixturevalue("postgres")
     if storage == "journal":
         url = f"journal:///{tmp_path / 'optuna.log'}"
         opened = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.log")))
