@@ -354,7 +354,12 @@ class Joining:
     def take(self, n: int) -> list[list[str]]:
         out = []
         while len(out) < n and self.budget > 0:
-            trial = self.study.ask()
+            try:
+                trial = self.study.ask()
+            except Exception:
+                if out:  # the ones asked so far join; the rest may be asked at the next free place
+                    break
+                raise
             self.budget -= 1
             overrides = self.overrides_of(trial)
             self.asked[trial.number] = (trial, overrides)

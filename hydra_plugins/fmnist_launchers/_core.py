@@ -160,9 +160,21 @@ class Joiner:
 
     def __call__(self, free: int) -> list:
         launcher, source, fitting = self.launcher, self.launcher.trials, []
-        for overrides in source.take(free):
-            config = job_config(launcher.hydra_context, launcher.config, overrides, -1)
-            if not app.fits(task_config(config), self.group_config):
+        try:
+            taken = source.take(free)
+        except Exception as e:  # the study's store hiccuped: the group trains on without new trials this time
+            log.warning("group %s: no new trials (%s)", self.group_name, str(e).splitlines()[0][:200] if str(e)
+                        else type(e).__name__)
+            return []
+        for overrides in taken:
+            try:
+                config = job_config(launcher.hydra_context, launcher.config, overrides, -1)
+                fits = app.fits(task_config(config), self.group_config)
+            except Exception as e:  # it waits for the next batch, whose launch says what is wrong with it
+                log.warning("a new trial could not join group %s: %s", self.group_name,
+                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                fits = False
+            if not fits:
                 source.give_back(overrides)
                 continue
             num = launcher.next_num

@@ -1,6 +1,8 @@
 """A Hydra sweeper that searches with Optuna 5 (hydra/sweeper=search): it asks the study for n_jobs trials at a
-time and hands them to the launcher as one batch (the fused launcher trains them together), then tells the study
-each trial's value. The space, the study and the records are fmnist_exp.search's."""
+time and hands them to the launcher as one batch (the fused launcher trains them together); a launcher that can
+(the fused one) asks for more as trials leave its groups (`launcher.trials`, a search.Joining), until n_trials
+have been asked. Each trial's job tells the study how it ended; the sweeper tells those that could not. The
+space, the study and the records are fmnist_exp.search's."""
 from __future__ import annotations
 
 import functools
