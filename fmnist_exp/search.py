@@ -351,6 +351,11 @@ class Joining:
         self.leftover: list[tuple] = []
         self.joined: dict[int, list] = {}  # trial number -> [trial, overrides, num, ret]
 
+    def __getstate__(self) -> dict:
+        """A copy in another process (a SLURM task's pickled launcher) asks nothing: only the sweeper's own
+        Joining asks the study, so every trial asked is one the sweeper will launch or tell."""
+        return {**self.__dict__, "study": None, "budget": 0}
+
     def take(self, n: int) -> list[list[str]]:
         out = []
         while len(out) < n and self.budget > 0:
